@@ -1,0 +1,3 @@
+"""blkpy: a user-space Xen block backend."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,76 @@
+"""The storage interface every image format implements (raw, qcow2, ...).
+
+A Disk knows nothing of rings or grants: it takes byte offsets in the virtual disk and
+buffers (memoryviews, usually views of mapped guest pages) and moves bytes. The dispatcher
+validates every request against ``size``/``readonly`` before calling in, but a Disk still
+checks its own bounds: it is the last line before the host file.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+
+class DiskError(Exception):
+    """An operator-facing problem opening or using an image (one clear line)."""
+
+
+class CorruptImage(DiskError):
+    """The image's metadata is inconsistent or points outside the file."""
+
+
+class UnsupportedImage(DiskError):
+    """The image uses a feature blkpy refuses (encryption, unknown incompatible bits...)."""
+
+
+class Disk(abc.ABC):
+    """A virtual disk of ``size`` bytes."""
+
+    #: virtual size in bytes (a multiple of 512)
+    size: int
+    #: opened read-only: writev/discard raise PermissionError
+    readonly: bool
+    #: logical sector size advertised to the guest (512 or 4096)
+    sector_size: int = 512
+    #: whether discard() does something (else the op is not advertised)
+    can_discard: bool = False
+    #: discard granularity in bytes (advertised as discard-granularity)
+    discard_granularity: int = 4096
+
+    @property
+    def direct_fd(self) -> int | None:
+        """If not None, virtual offset X lives at offset X of this fd (raw images), so an
+        I/O engine may run preadv/pwritev on it directly, batched in C."""
+        return None
+
+    @abc.abstractmethod
+    def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Fill ``bufs`` in order with the bytes at ``offset``. Raises OSError/DiskError."""
+
+    @abc.abstractmethod
+    def writev(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Write ``bufs`` in order at ``offset``. Raises OSError/DiskError."""
+
+    @abc.abstractmethod
+    def flush(self) -> None:
+        """Make every completed write durable."""
+
+    def discard(self, offset: int, length: int) -> None:
+        """Make the range read as zeros and release its space if possible."""
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Flush metadata and release the file(s); idempotent."""
+
+    def __enter__(self) -> Disk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def check_range(self, offset: int, length: int) -> None:
+        """Raise ValueError unless [offset, offset+length) lies inside the disk."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"range {offset}+{length} outside disk of {self.size} bytes")

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs everything blkpy and its tests need on a Debian machine (run as root or with sudo):
+# the Debian peers the tests compare against, then blkpy itself with its test extras.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+DEB_PACKAGES=(
+    gcc python3-dev python3-venv   # building the cffi helper
+    qemu-utils                     # qemu-img: the qcow2 oracle and bench peer
+    fio                            # raw I/O ceiling for bench
+    xenstore-utils                 # real xenstore clients for the simulated xenstored
+)
+missing=()
+for p in "${DEB_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+PYTHON="${PYTHON:-python3}"
+"$PYTHON" -m pip install -q -e ".[test]"
