@@ -7,15 +7,27 @@ from cffi import FFI
 HERE = Path(__file__).resolve().parent
 
 ffibuilder = FFI()
-# The C declarations exposed to Python live in gntdev.h between the CDEF markers so
-# the header stays the single source of truth for both the compiler and cffi.
-_header = (HERE / "gntdev.h").read_text()
-_cdef = _header.split("/* CDEF-BEGIN */", 1)[1].split("/* CDEF-END */", 1)[0]
-ffibuilder.cdef(_cdef)
+# Each C unit has a header whose declarations between the CDEF markers are what Python
+# sees, so the header stays the single source of truth for both the compiler and cffi.
+# gntdev.c: device ioctls, barriers, batched I/O; simfront.c: the simulated frontend's
+# request generator (so the load generator is never the bottleneck of a benchmark).
+UNITS = [HERE / "gntdev", HERE.parent / "sim" / "simfront"]
+
+
+def _cdef(header: Path) -> str:
+    text = header.read_text()
+    return text.split("/* CDEF-BEGIN */", 1)[1].split("/* CDEF-END */", 1)[0]
+
+
+ffibuilder.cdef("\n".join(_cdef(u.with_suffix(".h")) for u in UNITS if u.with_suffix(".h").exists()))
 ffibuilder.set_source(
     "blkpy.gntdev._native",
-    '#include "gntdev.h"\n' + (HERE / "gntdev.c").read_text(),
-    include_dirs=[str(HERE)],
+    "\n".join(
+        f'#include "{u.name}.h"\n' + u.with_suffix(".c").read_text()
+        for u in UNITS
+        if u.with_suffix(".c").exists()
+    ),
+    include_dirs=[str(u.parent) for u in UNITS],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall"],
 )
 
