@@ -151,6 +151,13 @@ def ring_size(abi: Abi, order: int) -> int:
     return 1 << (fit.bit_length() - 1)
 
 
+def concat_slots(abi: Abi, parts: list[np.ndarray]) -> np.ndarray:
+    """Concatenate slot records of any of the ABI's layouts byte for byte (numpy's own
+    concatenate repacks structured dtypes and would lose bytes hidden in padding)."""
+    raw = np.concatenate([np.ascontiguousarray(p).view(abi.raw) for p in parts])
+    return raw.view(abi.request)
+
+
 def segments_bytes(segs: np.ndarray) -> np.ndarray:
     """Bytes covered by each segment (first/last_sect inclusive, 512-byte units)."""
     return (segs["last_sect"].astype(np.int64) - segs["first_sect"] + 1) << SECTOR_SHIFT
@@ -261,6 +268,10 @@ class BackRing(_SharedRing):
         self.req_cons = (self.req_cons + n) & _IDX_MASK
         return batch.view(self.abi.request)
 
+    def has_unconsumed(self) -> bool:
+        """Requests are waiting (a cheap peek, no re-arming of req_event)."""
+        return self._unconsumed(self._load(self._REQ_PROD)) > 0
+
     def final_check_for_requests(self) -> bool:
         """RING_FINAL_CHECK_FOR_REQUESTS: True if requests are waiting; otherwise arm
         req_event so the frontend notifies us for the next one, and check once more."""
@@ -321,13 +332,26 @@ class FrontRing(_SharedRing):
     def put_requests(self, reqs: np.ndarray) -> None:
         """Copy request records (any dtype of itemsize entry_size) into the next slots."""
         n = len(reqs)
-        if reqs.dtype.itemsize != self.abi.entry_size:
-            raise ValueError("request records must have the ABI's slot size")
+        reqs = self._as_slots(reqs)
         if n > self.free_slots():
             raise ValueError(f"{n} requests for {self.free_slots()} free slots")
         raw = np.ascontiguousarray(reqs).view(self.abi.raw)
         self._slots_raw[self._indices(self.req_prod_pvt, n)] = raw
         self.req_prod_pvt = (self.req_prod_pvt + n) & _IDX_MASK
+
+    def _as_slots(self, reqs: np.ndarray) -> np.ndarray:
+        """Records in the ABI's slot layout: numpy's concatenate repacks structured dtypes
+        (dropping the alignment holes), so match the fields by name to an ABI dtype."""
+        if reqs.dtype.itemsize == self.abi.entry_size:
+            return reqs
+        abi = self.abi
+        for dtype in (abi.request, abi.discard, abi.indirect):
+            if dtype.names == reqs.dtype.names:
+                slots = np.zeros(len(reqs), dtype=dtype)
+                for name in dtype.names:
+                    slots[name] = reqs[name]
+                return slots
+        raise ValueError("request records must be in one of the ABI's request layouts")
 
     def push_requests(self) -> bool:
         """Publish queued requests; True if the backend must be notified."""

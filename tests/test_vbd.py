@@ -1,0 +1,272 @@
+"""The dispatcher (blkpy.vbd) driven in-process by a test frontend on the sim platform:
+every operation, and every hostile field answered with an error while the device keeps
+serving."""
+
+import os
+
+import numpy as np
+import pytest
+from vbd_harness import VbdHarness
+
+from blkpy import ring
+from blkpy.ring import (
+    BLKIF_OP_DISCARD,
+    BLKIF_OP_FLUSH_DISKCACHE,
+    BLKIF_OP_INDIRECT,
+    BLKIF_OP_READ,
+    BLKIF_OP_WRITE,
+    BLKIF_OP_WRITE_BARRIER,
+    BLKIF_RSP_EOPNOTSUPP,
+    BLKIF_RSP_ERROR,
+    BLKIF_RSP_OKAY,
+)
+
+OK, ERR, NOTSUPP = BLKIF_RSP_OKAY, BLKIF_RSP_ERROR, BLKIF_RSP_EOPNOTSUPP
+
+
+@pytest.fixture(params=["map", "persistent", "copy"])
+def dev(request, raw_image):
+    mode = request.param
+    h = VbdHarness(raw_image, persistent=mode == "persistent",
+                   grant_mode="copy" if mode == "copy" else "map")
+    yield h
+    h.close()
+
+
+def _read_back(h, sector, nbytes=4096):
+    frame, g = h.data_page(0)
+    assert h.status_of(h.request(BLKIF_OP_READ, sector, [(g, 0, nbytes // 512 - 1)], rid=99)) == [OK]
+    return bytes(h.guest.page(frame)[:nbytes])
+
+
+def test_write_then_read_every_grant_mode(dev):
+    frames, segs = [], []
+    for k in range(11):
+        f, g = dev.data_page(k + 1)
+        frames.append(f)
+        segs.append((g, 0, 7))
+    assert dev.status_of(dev.request(BLKIF_OP_WRITE, 16, segs)) == [OK]
+    with open(dev.disk.path, "rb") as f:
+        f.seek(16 * 512)
+        data = f.read(11 * 4096)
+    assert data == b"".join(bytes([k + 1]) * 4096 for k in range(11))
+    assert _read_back(dev, 16 + 8 * 5) == bytes([6]) * 4096
+    # partial-page segments: sectors 2..4 of a page
+    f, g = dev.data_page(0xEE)
+    assert dev.status_of(dev.request(BLKIF_OP_WRITE, 1000, [(g, 2, 4)])) == [OK]
+    assert _read_back(dev, 1000, 1536) == b"\xee" * 1536
+
+
+def test_responses_release_grants_unless_persistent(dev):
+    f, g = dev.data_page(1)
+    assert dev.status_of(dev.request(BLKIF_OP_WRITE, 0, [(g, 0, 7)])) == [OK]
+    # blkfront revokes the grant on completion: only persistent mode may keep it mapped
+    assert dev.guest.end_access(g) is (not dev.vbd.pages.persistent)
+
+
+def test_persistent_grants_map_each_page_once(raw_image):
+    h = VbdHarness(raw_image, persistent=True)
+    try:
+        f, g = h.data_page(7)
+        for rid in range(5):
+            assert h.status_of(h.request(BLKIF_OP_WRITE, rid * 8, [(g, 0, 7)], rid=rid)) == [OK]
+        assert h.platform.stats.map_calls == 2  # the ring + one persistent grant
+        assert h.vbd.pages.persistent_grants == 1
+    finally:
+        h.close()
+
+
+def test_batch_maps_all_new_grants_in_one_call(raw_image):
+    h = VbdHarness(raw_image)
+    try:
+        reqs = []
+        for k in range(20):
+            f, g = h.data_page(k)
+            reqs.append(h.request(BLKIF_OP_WRITE, k * 8, [(g, 0, 7)], rid=k))
+        before = h.platform.stats.map_calls
+        assert h.status_of(ring.concat_slots(h.abi, reqs)) == [OK] * 20
+        assert h.platform.stats.map_calls - before == 1
+    finally:
+        h.close()
+
+
+def test_flush_barrier_and_discard(dev):
+    f, g = dev.data_page(0x55)
+    assert dev.status_of(dev.request(BLKIF_OP_FLUSH_DISKCACHE, 0, [])) == [OK]
+    assert dev.status_of(dev.request(BLKIF_OP_WRITE_BARRIER, 0, [])) == [OK]
+    assert dev.status_of(dev.request(BLKIF_OP_FLUSH_DISKCACHE, 64, [(g, 0, 7)], rid=2)) == [OK]
+    assert dev.status_of(dev.request(BLKIF_OP_WRITE_BARRIER, 72, [(g, 0, 7)], rid=3)) == [OK]
+    assert _read_back(dev, 64) == b"\x55" * 4096
+    assert _read_back(dev, 72) == b"\x55" * 4096
+    d = np.zeros(1, dtype=dev.abi.discard)
+    d["operation"], d["id"], d["sector_number"], d["nr_sectors"] = BLKIF_OP_DISCARD, 9, 64, 16
+    assert dev.status_of(d.view(dev.abi.request)) == [OK]
+    assert _read_back(dev, 64) == bytes(4096)
+    assert _read_back(dev, 72) == bytes(4096)
+
+
+def test_indirect_request_256_segments(dev):
+    n = 256
+    frames, descs = [], np.zeros(512, dtype=ring.SEGMENT_DTYPE)
+    for k in range(n):
+        f, g = dev.data_page(k & 0xFF)
+        frames.append(f)
+        descs[k] = (g, 0, 7)
+    ind_frame, ind_gref = dev.data_page(0)
+    dev.guest.page(ind_frame)[:] = descs.tobytes()
+    r = np.zeros(1, dtype=dev.abi.indirect)
+    r["operation"], r["indirect_op"], r["nr_segments"] = BLKIF_OP_INDIRECT, BLKIF_OP_WRITE, n
+    r["id"], r["sector_number"] = 5, 0
+    r["indirect_grefs"][0, 0] = ind_gref
+    rsp = dev.run(r.view(dev.abi.request))
+    assert rsp["status"].tolist() == [OK]
+    assert rsp["operation"].tolist() == [BLKIF_OP_WRITE]  # indirect answered as indirect_op
+    assert _read_back(dev, 8 * 200) == bytes([200]) * 4096
+    # and read it back through an indirect READ
+    for k in range(n):
+        dev.guest.page(frames[k])[:] = bytes(4096)
+    r["indirect_op"] = BLKIF_OP_READ
+    assert dev.status_of(r.view(dev.abi.request)) == [OK]
+    assert bytes(dev.guest.page(frames[77])[:8]) == bytes([77]) * 8
+
+
+HOSTILE = {
+    "unknown op": (lambda h, g: h.request(99, 0, [(g, 0, 7)]), NOTSUPP),
+    "reserved op 4": (lambda h, g: h.request(ring.BLKIF_OP_RESERVED_1, 0, [(g, 0, 7)]), NOTSUPP),
+    "zero segments": (lambda h, g: h.request(BLKIF_OP_READ, 0, [], nr_segments=0), ERR),
+    "12 segments": (lambda h, g: h.request(BLKIF_OP_READ, 0, [(g, 0, 7)] * 11, nr_segments=12), ERR),
+    "255 segments": (lambda h, g: h.request(BLKIF_OP_WRITE, 0, [(g, 0, 7)], nr_segments=255), ERR),
+    "first > last": (lambda h, g: h.request(BLKIF_OP_READ, 0, [(g, 5, 4)]), ERR),
+    "last > 7": (lambda h, g: h.request(BLKIF_OP_READ, 0, [(g, 0, 8)]), ERR),
+    "first 255": (lambda h, g: h.request(BLKIF_OP_WRITE, 0, [(g, 255, 255)]), ERR),
+    "past the end": (lambda h, g: h.request(BLKIF_OP_READ, (4 << 20) // 512 - 4, [(g, 0, 7)]), ERR),
+    "sector u64 wrap": (lambda h, g: h.request(BLKIF_OP_WRITE, 2**64 - 4, [(g, 0, 7)]), ERR),
+    "bad gref": (lambda h, g: h.request(BLKIF_OP_READ, 0, [(0xFFFFFFF0, 0, 7)]), ERR),
+    "reserved gref": (lambda h, g: h.request(BLKIF_OP_WRITE, 0, [(1, 0, 7)]), ERR),
+    "flush with 12 segments": (lambda h, g: h.request(BLKIF_OP_FLUSH_DISKCACHE, 0, [], nr_segments=12), ERR),
+}
+
+
+def _discard(h, sector, nsec, flag=0):
+    d = np.zeros(1, dtype=h.abi.discard)
+    d["operation"], d["id"], d["sector_number"], d["nr_sectors"], d["flag"] = (
+        BLKIF_OP_DISCARD, 1, sector, nsec, flag)
+    return d.view(h.abi.request)
+
+
+def _indirect(h, g, nseg, op=BLKIF_OP_READ, grefs=None):
+    r = np.zeros(1, dtype=h.abi.indirect)
+    r["operation"], r["indirect_op"], r["nr_segments"], r["id"] = BLKIF_OP_INDIRECT, op, nseg, 1
+    r["indirect_grefs"][0, :] = grefs if grefs is not None else g
+    return r.view(h.abi.request)
+
+
+HOSTILE.update({
+    "discard past the end": (lambda h, g: _discard(h, 8, 2**63), ERR),
+    "discard u64 wrap": (lambda h, g: _discard(h, 2**64 - 1, 2), ERR),
+    "secure discard": (lambda h, g: _discard(h, 0, 8, flag=1), NOTSUPP),
+    "indirect op flush": (lambda h, g: _indirect(h, g, 1, op=BLKIF_OP_FLUSH_DISKCACHE), ERR),
+    "indirect 0 segments": (lambda h, g: _indirect(h, g, 0), ERR),
+    "indirect 4096 segments": (lambda h, g: _indirect(h, g, 4096), ERR),
+    "indirect 257 segments": (lambda h, g: _indirect(h, g, 257), ERR),
+    "indirect bad page gref": (lambda h, g: _indirect(h, g, 3, grefs=0xDEAD), ERR),
+})
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_field_gets_error_and_device_keeps_serving(dev, case):
+    build, expected = HOSTILE[case]
+    f, g = dev.data_page(0x11)
+    before = os.path.getsize(dev.disk.path), open(dev.disk.path, "rb").read()
+    ok_frame, ok_gref = dev.data_page(0x22)
+    good = dev.request(BLKIF_OP_WRITE, 8, [(ok_gref, 0, 7)], rid=7)
+    bad = build(dev, g)
+    rsp = dev.run(ring.concat_slots(dev.abi, [bad, good]))
+    got = dict(zip(rsp["id"].tolist(), rsp["status"].tolist(), strict=True))
+    assert got[7] == OK
+    bad_id = int(bad["id"][0])
+    assert got[bad_id] == expected
+    after = open(dev.disk.path, "rb").read()
+    assert os.path.getsize(dev.disk.path) == before[0]
+    # only the good request's 4 KiB at sector 8 changed
+    assert after[:4096] == before[1][:4096] and after[8192:] == before[1][8192:]
+    assert not dev.broken
+
+
+def test_indirect_descriptors_are_validated(dev):
+    f, g = dev.data_page(0)
+    ind_frame, ind_gref = dev.data_page(0)
+    descs = np.zeros(512, dtype=ring.SEGMENT_DTYPE)
+    descs[0] = (g, 0, 7)
+    descs[1] = (g, 6, 2)  # first > last in the second descriptor
+    dev.guest.page(ind_frame)[:] = descs.tobytes()
+    assert dev.status_of(_indirect(dev, ind_gref, 2, grefs=ind_gref)) == [ERR]
+
+
+def test_read_only_disk_refuses_writes(raw_image):
+    with open(raw_image, "r+b") as f:
+        f.write(b"\x77" * 4096)
+    h = VbdHarness(raw_image, readonly=True)
+    try:
+        f, g = h.data_page(0x33)
+        assert h.status_of(h.request(BLKIF_OP_WRITE, 0, [(g, 0, 7)])) == [ERR]
+        assert h.status_of(h.request(BLKIF_OP_WRITE_BARRIER, 0, [(g, 0, 7)])) == [ERR]
+        assert h.status_of(_discard(h, 0, 8)) == [NOTSUPP]  # not advertised when read-only
+        assert _read_back(h, 0) == b"\x77" * 4096
+    finally:
+        h.close()
+    assert open(raw_image, "rb").read(4096) == b"\x77" * 4096
+
+
+def test_4k_sector_disk_refuses_misaligned_io(raw_image):
+    h = VbdHarness(raw_image, sector_size=4096)
+    try:
+        f, g = h.data_page(1)
+        assert h.status_of(h.request(BLKIF_OP_WRITE, 8, [(g, 0, 7)])) == [OK]
+        assert h.status_of(h.request(BLKIF_OP_WRITE, 4, [(g, 0, 7)])) == [ERR]
+        assert h.status_of(h.request(BLKIF_OP_WRITE, 8, [(g, 0, 3)])) == [ERR]
+        assert h.status_of(_discard(h, 8, 4)) == [ERR]
+    finally:
+        h.close()
+
+
+def test_bogus_producer_index_halts_the_ring(raw_image):
+    h = VbdHarness(raw_image)
+    try:
+        np.frombuffer(h._ring_view(), dtype="<u4", count=1)[0] = 1000
+        h.vbd.kick()
+        assert h.broken and "ahead" in h.broken[0]
+        assert h.vbd.kick() is False  # nothing more is read from a halted ring
+    finally:
+        h.close()
+
+
+def test_thread_engine_completes_and_answers(raw_image):
+    h = VbdHarness(raw_image, engine="thread")
+    try:
+        reqs = []
+        for k in range(32):
+            f, g = h.data_page(k)
+            reqs.append(h.request(BLKIF_OP_WRITE, k * 8, [(g, 0, 7)], rid=k))
+        rsp = h.run(ring.concat_slots(h.abi, reqs))
+        assert sorted(rsp["id"].tolist()) == list(range(32))
+        assert set(rsp["status"].tolist()) == {OK}
+        assert _read_back(h, 8 * 31) == bytes([31]) * 4096
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("abi", ["x86_32-abi", "arm-abi"])
+@pytest.mark.parametrize("order", [0, 2])
+def test_other_abis_and_ring_orders(raw_image, abi, order):
+    h = VbdHarness(raw_image, abi=abi, order=order)
+    try:
+        for round_ in range(3):  # wrap the ring a few times with full batches
+            reqs = []
+            for k in range(h.front.size):
+                f, g = h.data_page(k & 0xFF)
+                reqs.append(h.request(BLKIF_OP_WRITE, (k % 64) * 8, [(g, 0, 7)], rid=k))
+            assert h.status_of(ring.concat_slots(h.abi, reqs)) == [OK] * h.front.size
+            h.guest.free_pages([])  # keep the pool; grants were ended by nobody
+    finally:
+        h.close()
