@@ -1,0 +1,302 @@
+"""qcow2 images: the I/O layer around the sans-IO metadata core (blkpy.qcow2).
+
+It owns the file descriptors, moves guest data (preadv/pwritev, decompression, backing
+reads, copy-on-write composition) and runs the core's write-back plans.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zlib
+from collections.abc import Sequence
+
+from blkpy.backends.base import CorruptImage, Disk, DiskError, UnsupportedImage
+from blkpy.qcow2.header import COMPRESSION_ZSTD, MAGIC
+from blkpy.qcow2.l2 import Entry, Kind
+from blkpy.qcow2.metadata import DEFAULT_CACHE_SIZE, Metadata
+from blkpy.qcow2.plan import Op, Resize, Sync, Write
+
+MAX_BACKING_DEPTH = 64  # QEMU's limit too; a deeper chain is most likely a loop
+_ZEROS = bytes(1 << 20)
+
+
+class FileStorage:
+    """plan.Storage over a file descriptor."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:  # past the end of the file reads as zeros
+            data += bytes(length - len(data))
+        return data
+
+    def execute(self, plan: list[Op]) -> None:
+        for op in plan:
+            if isinstance(op, Write):
+                if os.pwrite(self.fd, op.data, op.offset) != len(op.data):
+                    raise OSError(f"short write at 0x{op.offset:x}")
+            elif isinstance(op, Sync):
+                os.fdatasync(self.fd)
+            elif isinstance(op, Resize) and os.fstat(self.fd).st_size < op.size:
+                os.ftruncate(self.fd, op.size)
+
+
+def _zero(views: Sequence[memoryview]) -> None:
+    for v in views:
+        for i in range(0, len(v), len(_ZEROS)):
+            n = min(len(v) - i, len(_ZEROS))
+            v[i:i + n] = _ZEROS[:n]
+
+
+def _slices(bufs: Sequence[memoryview], start: int, length: int) -> list[memoryview]:
+    """Views of bytes [start, start+length) of the concatenation of ``bufs``."""
+    out = []
+    pos = 0
+    end = start + length
+    for b in bufs:
+        blen = len(b)
+        if pos + blen > start and pos < end:
+            lo, hi = max(start - pos, 0), min(end - pos, blen)
+            out.append(b[lo:hi])
+        pos += blen
+        if pos >= end:
+            break
+    return out
+
+
+def _byte_views(bufs: Sequence[memoryview | bytes | bytearray]) -> list[memoryview]:
+    return [memoryview(b).cast("B") for b in bufs]
+
+
+class _RawBacking:
+    """A raw backing file, read-only."""
+
+    def __init__(self, path: str) -> None:
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise DiskError(f"cannot open backing file {path}: {exc.strerror}") from None
+        self.size = os.fstat(self.fd).st_size
+        if self.size == 0:  # block device
+            self.size = os.lseek(self.fd, 0, os.SEEK_END)
+
+    def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        total = sum(len(b) for b in bufs)
+        n = os.preadv(self.fd, bufs, offset)
+        if n < total:
+            _zero(_slices(bufs, n, total - n))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _probe(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise DiskError(f"cannot open backing file {path}: {exc.strerror}") from None
+    return "qcow2" if magic == MAGIC.to_bytes(4, "big") else "raw"
+
+
+class Qcow2Disk(Disk):
+    """A qcow2 image (v2/v3) with its backing chain.
+
+    ``cache_size`` is the byte budget of cached L2 tables (refcount blocks get a quarter
+    of it). Requests must not run concurrently on one instance."""
+
+    def __init__(self, path: str, readonly: bool = False,
+                 cache_size: int = DEFAULT_CACHE_SIZE, _depth: int = 0) -> None:
+        self.path = path
+        self.readonly = readonly
+        self._fd = -1
+        self.backing: Qcow2Disk | _RawBacking | None = None
+        try:
+            self._fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+        except OSError as exc:
+            raise DiskError(f"cannot open {path}: {exc.strerror}") from None
+        try:
+            self._storage = FileStorage(self._fd)
+            file_size = os.fstat(self._fd).st_size
+            self.meta = Metadata(self._storage, file_size, writable=not readonly,
+                                 cache_size=cache_size)
+            h = self.meta.header
+            if h.corrupt:
+                raise CorruptImage(
+                    f"{path}: image is marked corrupt; repair it with 'qemu-img check -r all'")
+            if h.compression_type == COMPRESSION_ZSTD:
+                _zstd()  # refuse now rather than on the first compressed read
+            self.backing = self._open_backing(_depth)
+        except BaseException:
+            self.close()
+            raise
+        self.size = h.size
+        self.cluster_size = h.cluster_size
+        self.can_discard = not readonly
+        self.discard_granularity = h.cluster_size
+        self._last_compressed: tuple[int, bytes] | None = None
+
+    # ---- backing chain ------------------------------------------------------------------
+
+    def _open_backing(self, depth: int) -> Qcow2Disk | _RawBacking | None:
+        h = self.meta.header
+        name = h.backing_file
+        if not name:
+            return None
+        if name.startswith("json:"):
+            raise UnsupportedImage(f"{self.path}: backing file specification {name!r} "
+                                   "is not supported")
+        if depth + 1 >= MAX_BACKING_DEPTH:
+            raise CorruptImage(f"{self.path}: backing chain deeper than {MAX_BACKING_DEPTH} "
+                               "(a loop?)")
+        path = name if os.path.isabs(name) else os.path.join(
+            os.path.dirname(os.path.abspath(self.path)), name)
+        fmt = h.backing_format or _probe(path)
+        if fmt == "raw":
+            return _RawBacking(path)
+        if fmt == "qcow2":
+            if not os.path.exists(path):
+                raise DiskError(f"cannot open backing file {path}: No such file or directory")
+            return Qcow2Disk(path, readonly=True, _depth=depth + 1)
+        raise UnsupportedImage(f"{self.path}: backing format {fmt!r} is not supported")
+
+    def _read_backing(self, offset: int, views: list[memoryview]) -> None:
+        total = sum(len(v) for v in views)
+        b = self.backing
+        inside = 0 if b is None else max(0, min(total, b.size - offset))
+        if inside:
+            assert b is not None
+            b.readv(offset, _slices(views, 0, inside))
+        if inside < total:
+            _zero(_slices(views, inside, total - inside))
+
+    # ---- reads --------------------------------------------------------------------------
+
+    def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        views = _byte_views(bufs)
+        length = sum(len(v) for v in views)
+        self.check_range(offset, length)
+        try:
+            self._read(offset, length, views)
+        except CorruptImage:
+            self.meta.mark_corrupt()
+            raise
+
+    def _read(self, offset: int, length: int, views: list[memoryview]) -> None:
+        for ext in self.meta.map_read(offset, length):
+            part = _slices(views, ext.guest - offset, ext.length)
+            if ext.kind is Kind.NORMAL:
+                n = os.preadv(self._fd, part, ext.host)
+                if n < ext.length:  # allocated past the end, not written yet
+                    _zero(_slices(part, n, ext.length - n))
+            elif ext.kind is Kind.ZERO:
+                _zero(part)
+            elif ext.kind is Kind.UNALLOCATED:
+                self._read_backing(ext.guest, part)
+            else:
+                assert ext.entry is not None
+                data = self._decompress(ext.entry)
+                inoff = ext.guest % self.cluster_size
+                pos = inoff
+                for p in part:
+                    p[:] = data[pos:pos + len(p)]
+                    pos += len(p)
+
+    def _decompress(self, e: Entry) -> bytes:
+        if self._last_compressed and self._last_compressed[0] == e.host:
+            return self._last_compressed[1]
+        raw = os.pread(self._fd, e.compressed_len, e.host)
+        cs = self.cluster_size
+        try:
+            if self.meta.header.compression_type == COMPRESSION_ZSTD:
+                out = _zstd().ZstdDecompressor().stream_reader(io.BytesIO(raw)).read(cs)
+            else:
+                out = zlib.decompressobj(-12).decompress(raw, cs)
+        except Exception as exc:  # zlib.error, zstd.ZstdError: a bad stream is bad metadata
+            raise CorruptImage(f"compressed cluster at 0x{e.host:x} is damaged: {exc}") from None
+        if len(out) != cs:
+            raise CorruptImage(f"compressed cluster at 0x{e.host:x} is truncated")
+        self._last_compressed = (e.host, out)
+        return out
+
+    # ---- writes -------------------------------------------------------------------------
+
+    def writev(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        if self.readonly:
+            raise PermissionError(f"{self.path} is open read-only")
+        views = _byte_views(bufs)
+        length = sum(len(v) for v in views)
+        self.check_range(offset, length)
+        try:
+            self._write(offset, length, views)
+        except CorruptImage:
+            self.meta.mark_corrupt()
+            self.readonly = True
+            raise
+
+    def _write(self, offset: int, length: int, views: list[memoryview]) -> None:
+        meta = self.meta
+        for step in meta.plan_write(offset, length):
+            lo = max(step.guest, offset)
+            hi = min(step.guest + step.length, offset + length)
+            data = _slices(views, lo - offset, hi - lo)
+            if step.guest < lo or step.guest + step.length > hi:
+                # copy-on-write: fill the widened region with what the guest reads now
+                region = bytearray(step.length)
+                rv = memoryview(region)
+                head, tail = lo - step.guest, step.guest + step.length - hi
+                if head:
+                    self._read(step.guest, head, [rv[:head]])
+                if tail:
+                    self._read(hi, tail, [rv[step.length - tail:]])
+                pos = head
+                for d in data:
+                    rv[pos:pos + len(d)] = d
+                    pos += len(d)
+                data = [rv]
+            if os.pwritev(self._fd, data, step.host) != step.length:
+                raise OSError(f"short write at 0x{step.host:x}")
+            meta.data_written()
+            meta.commit(step)
+        self._last_compressed = None
+
+    def discard(self, offset: int, length: int) -> None:
+        if self.readonly:
+            raise PermissionError(f"{self.path} is open read-only")
+        self.check_range(offset, length)
+        try:
+            self.meta.discard(offset, length)
+        except CorruptImage:
+            self.meta.mark_corrupt()
+            self.readonly = True
+            raise
+        self._last_compressed = None
+
+    def flush(self) -> None:
+        if not self.readonly:
+            self.meta.flush()
+
+    def close(self) -> None:
+        try:
+            if self._fd >= 0 and not self.readonly and hasattr(self, "meta"):
+                self.meta.flush()
+        finally:
+            if self.backing is not None:
+                self.backing.close()
+                self.backing = None
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+def _zstd():  # type: ignore[no-untyped-def]
+    try:
+        import zstandard
+    except ImportError:
+        raise UnsupportedImage("zstd-compressed images need the 'zstandard' package") from None
+    return zstandard
