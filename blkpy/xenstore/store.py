@@ -551,8 +551,10 @@ class Store:
                 if watch.path.startswith("@"):
                     continue
                 if is_ancestor_or_self(watch.path, path):
-                    if kind == "write" and node is not None and not (
-                        access_for(session, node.perms) & READ
+                    if (
+                        kind == "write"
+                        and node is not None
+                        and not (access_for(session, node.perms) & READ)
                     ):
                         continue
                     session.queue_event(self._event_path(session, watch, path), watch.token)
