@@ -1,0 +1,96 @@
+# Helpers shared by the dom0 lab scripts (sourced).
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+XENBIN=/usr/lib/xen-4.17/bin
+export PATH=$PATH:$XENBIN
+LAB=/var/lib/lab
+DOMU_KERNEL=/usr/lib/blkpy-lab/vmlinux
+DOMU_INITRD=/mnt/run/domU-initrd.img
+CONSOLE_DIR=/var/log/xen/console
+
+up() { cut -d' ' -f1 /proc/uptime; }
+mark() { echo "LAB-MARK: $* uptime=$(up)"; }
+# check NAME PASS|FAIL|SKIP DETAIL... (also kept in a file so boot.sh can tell the verdict)
+check() { local n=$1 o=$2; shift 2; echo "LAB-CHECK: $n $o $*" | tee -a /tmp/lab-checks.log; }
+check_cond() { # check_cond NAME DETAIL -- command...: PASS iff the command succeeds
+  local n=$1 d=$2; shift 3
+  if "$@"; then check "$n" PASS "$d"; else check "$n" FAIL "$d"; fi
+}
+figure() { echo "LAB-FIGURE: $*"; }
+
+phase_limit() { # seconds a phase may take (under TCG) before boot.sh kills it
+  case $1 in blkback) echo 300 ;; func) echo 600 ;; life) echo 600 ;; qcow2) echo 500 ;; *) echo 300 ;; esac
+}
+
+install_blkpy() {
+  # A private copy of the package (the 9p checkout is read-only and its native helper, if
+  # any, was built for the host), plus the helper built for dom0's Python by the harness.
+  rm -rf /opt/blkpy && mkdir -p /opt/blkpy
+  (cd /mnt/src && tar -cf - --exclude='__pycache__' --exclude='*.so' blkpy) | tar -xf - -C /opt/blkpy
+  cp /mnt/run/native/_native*.so /opt/blkpy/blkpy/gntdev/ || { echo "no native helper staged"; return 1; }
+  cat > /usr/local/bin/blkpy <<'SH'
+#!/bin/sh
+PYTHONPATH=/opt/blkpy exec python3 -c 'import sys; from blkpy.cli import main; sys.argv[0] = "blkpy"; main()' "$@"
+SH
+  chmod 755 /usr/local/bin/blkpy
+  # compile once now: every later start (hotplug, serve) would otherwise pay for it under TCG
+  python3 -m compileall -q /opt/blkpy >/dev/null
+}
+
+# mkcfg NAME CFG KERNEL-ARGS DISK-SPEC... : a PV busybox guest with the given disks
+mkcfg() {
+  local name=$1 cfg=$2 args=$3; shift 3
+  local disks="" d
+  for d in "$@"; do disks="$disks'$d', "; done
+  cat > "$cfg" <<CFG
+name = "$name"
+type = "pv"
+kernel = "$DOMU_KERNEL"
+ramdisk = "$DOMU_INITRD"
+memory = 256
+vcpus = 1
+extra = "console=hvc0 $args"
+disk = [ $disks ]
+on_poweroff = "destroy"
+on_crash = "destroy"
+on_reboot = "${ON_REBOOT:-destroy}"
+CFG
+}
+
+console_log() { echo "$CONSOLE_DIR/guest-$1.log"; }
+
+# wait_console NAME PATTERN TIMEOUT: wait until the guest's console shows PATTERN
+wait_console() {
+  local log t=0
+  log=$(console_log "$1")
+  while [ "$t" -lt "$3" ]; do
+    grep -q -- "$2" "$log" 2>/dev/null && return 0
+    sleep 1; t=$((t + 1))
+  done
+  return 1
+}
+
+# wait_gone NAME TIMEOUT: wait until the domain no longer exists
+wait_gone() {
+  local t=0
+  while [ "$t" -lt "$2" ]; do
+    xl domid "$1" >/dev/null 2>&1 || return 0
+    sleep 1; t=$((t + 1))
+  done
+  return 1
+}
+
+# relay_console NAME PHASE: the guest's CHECK/FIGURE lines as lab lines, and a copy of the log
+relay_console() {
+  local log
+  log=$(console_log "$1")
+  cp "$log" "/mnt/run/console-$2-$1.log" 2>/dev/null
+  sed -n 's/\r$//; s/^CHECK: /LAB-CHECK: '"$2"'./p; s/^FIGURE: /LAB-FIGURE: '"$2"'./p' "$log" 2>/dev/null \
+    | tee -a /tmp/lab-checks.log
+}
+
+cleanup_domains() {
+  local d
+  for d in $(xl list 2>/dev/null | awk 'NR > 1 && $2 != 0 {print $1}'); do xl destroy "$d" 2>/dev/null; done
+}
+
+serve_pids() { pgrep -f 'blkpy serve' | tr '\n' ' '; }

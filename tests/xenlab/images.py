@@ -1,0 +1,335 @@
+"""Builds and caches the lab's boot images from Debian packages only.
+
+Everything lands in the cache directory ($BLKPY_XENLAB_CACHE, default ~/.cache/blkpy-xenlab),
+never in the checkout. Stages are skipped when their output exists and their inputs (package
+list, recipe version, kernel version) are unchanged, so a warm build costs a few seconds.
+
+What the lab boots (facts from running Xen 4.17 under QEMU TCG):
+  - ``xen``: the gunzipped hypervisor, which QEMU's multiboot loader takes directly;
+  - ``vmlinuz`` for dom0, and ``vmlinux`` (the ELF inside it) for domUs, so that dom0 does not
+    spend seconds of emulated CPU on xz decompression at every ``xl create``;
+  - ``dom0-initrd.img``: busybox + the virtio/ext4 modules (Debian builds them as modules),
+    which mounts the root disk and switches to it;
+  - ``dom0.ext4``: a debootstrap'd Debian with the Xen tools, Python and blkpy's dependencies.
+The domU initramfs and blkpy's native helper depend on the checkout, so ``prepare_run`` makes
+them per run (they are cheap) instead of baking them into the dom0 image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import lzma
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+XEN_VERSION = "4.17"
+SUITE = "bookworm"
+# Bump when the recipe below changes in a way the stamps cannot see.
+RECIPE_VERSION = "3"
+
+# Debian packages of the dom0 root filesystem: Xen's toolstack, Python with blkpy's
+# dependencies, the tools the dom0 checks use, and a compiler for blkpy's native helper
+# (run in a chroot on the host, so the helper matches dom0's Python and libc).
+DOM0_PACKAGES = [
+    f"xen-utils-{XEN_VERSION}", "xenstore-utils",
+    "python3", "python3-numpy", "python3-cffi", "python3-ply", "python3-click", "python3-aiofiles",
+    "kmod", "procps", "util-linux", "e2fsprogs", "qemu-utils", "psmisc",
+    "gcc", "libc6-dev", "python3-dev",
+]
+# Modules dom0 loads (the stage-1 initrd loads the first three itself).
+DOM0_MODULES = [
+    "virtio_pci", "virtio_blk", "ext4", "9pnet_virtio", "9p",
+    "xenfs", "xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-privcmd", "xen-blkback", "loop",
+]
+STAGE1_MODULES = ["virtio_pci", "virtio_blk", "ext4"]
+# Binaries the domU test programs need beyond busybox (copied with their libraries).
+DOMU_BINARIES = ["/sbin/mkfs.ext4", "/sbin/e2fsck", "/sbin/blkdiscard", "/sbin/blockdev"]
+
+HOST_TOOLS = {  # command -> Debian package providing it
+    "qemu-system-x86_64": "qemu-system-x86",
+    "debootstrap": "debootstrap",
+    "cpio": "cpio",
+    "depmod": "kmod",
+    "mkfs.ext4": "e2fsprogs",
+    "zstd": "zstd",
+    "apt-get": "apt",
+}
+
+HERE = Path(__file__).resolve().parent
+
+
+class BuildError(RuntimeError):
+    """A build stage failed; the message says which and why."""
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("BLKPY_XENLAB_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "blkpy-xenlab"
+
+
+def _log(msg: str) -> None:
+    print(f"[xenlab build] {msg}", file=sys.stderr, flush=True)
+
+
+def _run(cmd: list[str] | str, *, log: Path | None = None, **kw: object) -> str:
+    """Run a command; on failure raise BuildError with the tail of its output."""
+    shell = isinstance(cmd, str)
+    proc = subprocess.run(cmd, shell=shell, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+    out = proc.stdout + proc.stderr
+    if log is not None:
+        log.write_text(out)
+    if proc.returncode != 0:
+        tail = "\n".join(out.strip().splitlines()[-20:])
+        raise BuildError(f"command failed (rc {proc.returncode}): {cmd}\n{tail}")
+    return proc.stdout
+
+
+def _digest(*parts: str | bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode() if isinstance(p, str) else p)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def ensure_host_tools() -> None:
+    missing = sorted({pkg for cmd, pkg in HOST_TOOLS.items() if shutil.which(cmd) is None})
+    if not missing:
+        return
+    _log(f"installing host packages: {' '.join(missing)}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    try:
+        _run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], env=env)
+    except BuildError:
+        _run(["apt-get", "update", "-q"], env=env)
+        _run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], env=env)
+
+
+def debian_mirror() -> str:
+    """The mirror this host's apt already uses (deb822 or one-line sources)."""
+    if os.environ.get("BLKPY_XENLAB_MIRROR"):
+        return os.environ["BLKPY_XENLAB_MIRROR"]
+    sources = sorted(Path("/etc/apt").glob("sources.list.d/*.sources"))
+    for src in sources:
+        for line in src.read_text().splitlines():
+            if line.startswith("URIs:") and "security" not in line:
+                return line.split()[1]
+    for src in [Path("/etc/apt/sources.list"), *Path("/etc/apt").glob("sources.list.d/*.list")]:
+        if src.exists():
+            for line in src.read_text().splitlines():
+                f = line.split()
+                if f and f[0] == "deb" and "security" not in line:
+                    return next(x for x in f[1:] if not x.startswith("["))
+    return "http://deb.debian.org/debian"
+
+
+def kernel_version() -> str:
+    """The versioned kernel behind linux-image-amd64 (e.g. 6.1.0-56-amd64)."""
+    out = _run(["apt-cache", "depends", "linux-image-amd64"])
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("Depends: linux-image-") and line[len("Depends: linux-image-")].isdigit():
+            return line.split("linux-image-", 1)[1]
+    raise BuildError("cannot tell the kernel version behind linux-image-amd64 (apt-get update?)")
+
+
+@dataclasses.dataclass
+class Images:
+    """Paths of a built image set (all under the cache)."""
+
+    root: Path
+    kver: str
+
+    @property
+    def xen(self) -> Path:
+        return self.root / "xen"
+
+    @property
+    def vmlinuz(self) -> Path:
+        return self.root / "vmlinuz"
+
+    @property
+    def vmlinux(self) -> Path:
+        return self.root / "vmlinux"
+
+    @property
+    def dom0_initrd(self) -> Path:
+        return self.root / "dom0-initrd.img"
+
+    @property
+    def dom0_disk(self) -> Path:
+        return self.root / "dom0.ext4"
+
+    @property
+    def rootfs(self) -> Path:
+        return self.root.parent / "rootfs"
+
+    @property
+    def modroot(self) -> Path:
+        return self.root.parent / "modroot"
+
+    def complete(self) -> bool:
+        return all(p.exists() for p in (self.xen, self.vmlinuz, self.vmlinux, self.dom0_initrd,
+                                        self.dom0_disk))
+
+
+class ImageBuilder:
+    def __init__(self, cache: Path | None = None) -> None:
+        self.cache = cache or cache_dir()
+        self.debs = self.cache / "debs"
+        self.extracted = self.cache / "x"
+        self.logs = self.cache / "logs"
+        for d in (self.debs, self.extracted, self.logs):
+            d.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.monotonic()
+
+    def stamp(self, msg: str) -> None:
+        _log(f"{time.monotonic() - self.t0:5.1f}s {msg}")
+
+    # ---- Debian packages ----
+    def package(self, name: str) -> Path:
+        """Download (cached) and extract a package; return the extraction dir."""
+        debs = sorted(self.debs.glob(f"{name}_*.deb"))
+        if not debs:
+            try:
+                _run(["apt-get", "download", name], cwd=self.debs)
+            except BuildError:
+                _run(["apt-get", "update", "-q"])
+                _run(["apt-get", "download", name], cwd=self.debs)
+            debs = sorted(self.debs.glob(f"{name}_*.deb"))
+        dest = self.extracted / debs[-1].stem
+        if not dest.exists():
+            tmp = dest.with_suffix(".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            _run(["dpkg", "-x", str(debs[-1]), str(tmp)])
+            tmp.rename(dest)
+        return dest
+
+    # ---- kernel, Xen, modules ----
+    def build(self) -> Images:
+        ensure_host_tools()
+        kver = kernel_version()
+        key = _digest(RECIPE_VERSION, kver, " ".join(DOM0_PACKAGES), " ".join(DOM0_MODULES),
+                      (HERE / "dom0" / "lab-init").read_bytes(),
+                      (HERE / "dom0" / "stage1-init").read_bytes())
+        images = Images(self.cache / "images" / key, kver)
+        if images.complete():
+            self.stamp(f"images up to date ({images.root})")
+            return images
+        images.root.mkdir(parents=True, exist_ok=True)
+        xen_pkg = self.package(f"xen-hypervisor-{XEN_VERSION}-amd64")
+        linux_pkg = self.package(f"linux-image-{kver}")
+        busybox = self.package("busybox-static") / "bin" / "busybox"
+        self.stamp("packages ready")
+
+        gz = next((xen_pkg / "boot").glob(f"xen-{XEN_VERSION}*-amd64.gz"))
+        _run(f"zcat '{gz}' > '{images.xen}.tmp' && mv '{images.xen}.tmp' '{images.xen}'")
+        shutil.copy(linux_pkg / "boot" / f"vmlinuz-{kver}", images.vmlinuz)
+        self._extract_vmlinux(images.vmlinuz, images.vmlinux)
+        self._module_tree(linux_pkg, images)
+        self._stage1_initrd(images, busybox)
+        self.stamp("xen, kernels, stage-1 initrd ready")
+        self._rootfs(images)
+        self._dom0_disk(images)
+        self.stamp(f"images ready in {images.root}")
+        return images
+
+    @staticmethod
+    def _extract_vmlinux(vmlinuz: Path, out: Path) -> None:
+        data = vmlinuz.read_bytes()
+        off = data.find(b"\xfd7zXZ\x00")
+        if off < 0:
+            raise BuildError(f"{vmlinuz}: no xz payload found")
+        elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data[off:])
+        if elf[:4] != b"\x7fELF":
+            raise BuildError(f"{vmlinuz}: payload is not an ELF kernel")
+        out.write_bytes(elf)
+
+    def _module_tree(self, linux_pkg: Path, images: Images) -> None:
+        """All modules with modules.dep (the package has none: depmod runs in its postinst)."""
+        dep = images.modroot / "lib" / "modules" / images.kver / "modules.dep"
+        if dep.exists():
+            return
+        shutil.rmtree(images.modroot, ignore_errors=True)
+        (images.modroot / "lib" / "modules").mkdir(parents=True)
+        shutil.copytree(linux_pkg / "lib" / "modules" / images.kver,
+                        images.modroot / "lib" / "modules" / images.kver, symlinks=True)
+        _run(["depmod", "-b", str(images.modroot), images.kver])
+
+    def module_files(self, images: Images, names: list[str]) -> list[Path]:
+        """The .ko files (in load order, deduplicated) needed for ``names``."""
+        seen: dict[str, None] = {}
+        for name in names:
+            out = _run(["modprobe", "-d", str(images.modroot), "-S", images.kver,
+                        "--show-depends", name])
+            for line in out.splitlines():
+                f = line.split()
+                if f and f[0] == "insmod":
+                    seen.setdefault(f[1], None)
+        return [Path(p) for p in seen]
+
+    def _stage1_initrd(self, images: Images, busybox: Path) -> None:
+        d = self.cache / "build" / "dom0-initrd"
+        shutil.rmtree(d, ignore_errors=True)
+        for sub in ("bin", "proc", "sys", "dev", "newroot", "mods"):
+            (d / sub).mkdir(parents=True)
+        shutil.copy(busybox, d / "bin" / "busybox")
+        shutil.copy(HERE / "dom0" / "stage1-init", d / "init")
+        os.chmod(d / "init", 0o755)
+        order = []
+        for ko in self.module_files(images, STAGE1_MODULES):
+            shutil.copy(ko, d / "mods" / ko.name)
+            order.append(ko.name)
+        (d / "modules.order").write_text("\n".join(order) + "\n")
+        # uncompressed: inflating under TCG costs more than loading the bytes
+        _run(f"cd '{d}' && find . | cpio -o -H newc --quiet > '{images.dom0_initrd}.tmp'")
+        os.replace(f"{images.dom0_initrd}.tmp", images.dom0_initrd)
+
+    # ---- dom0 root filesystem ----
+    def _rootfs(self, images: Images) -> None:
+        rootfs = images.rootfs
+        want = _digest(SUITE, " ".join(DOM0_PACKAGES))
+        stamp = rootfs / ".blkpy-xenlab-packages"
+        if not (stamp.exists() and stamp.read_text() == want):
+            tmp = rootfs.with_name("rootfs.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.stamp("debootstrap (a few minutes on a cold cache)")
+            _run(["debootstrap", "--variant=minbase", "--include=" + ",".join(DOM0_PACKAGES),
+                  SUITE, str(tmp), debian_mirror()], log=self.logs / "debootstrap.log")
+            _run(["chroot", str(tmp), "apt-get", "clean"])
+            (tmp / ".blkpy-xenlab-packages").write_text(want)
+            shutil.rmtree(rootfs, ignore_errors=True)
+            tmp.rename(rootfs)
+            self.stamp("debootstrap done")
+        # only the modules dom0 loads: the full tree would double the image (and mkfs time)
+        moddir = rootfs / "lib" / "modules"
+        shutil.rmtree(moddir, ignore_errors=True)
+        kdir = moddir / images.kver
+        src = images.modroot / "lib" / "modules" / images.kver
+        for ko in self.module_files(images, DOM0_MODULES):
+            dest = kdir / ko.relative_to(src)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ko, dest)
+        for f in src.glob("modules.builtin*"):
+            shutil.copy(f, kdir / f.name)
+        shutil.copy(src / "modules.order", kdir / "modules.order")
+        _run(["depmod", "-b", str(rootfs), images.kver])
+        shutil.copy(HERE / "dom0" / "lab-init", rootfs / "sbin" / "blkpy-lab-init")
+        os.chmod(rootfs / "sbin" / "blkpy-lab-init", 0o755)
+        (rootfs / "etc" / "hostname").write_text("dom0\n")
+        (rootfs / "etc" / "fstab").write_text("/dev/vda / ext4 rw 0 1\n")
+        for d in ("mnt/src", "mnt/run", "var/lib/lab", "usr/lib/blkpy-lab"):
+            (rootfs / d).mkdir(parents=True, exist_ok=True)
+        shutil.copy(images.vmlinux, rootfs / "usr" / "lib" / "blkpy-lab" / "vmlinux")
+
+    def _dom0_disk(self, images: Images) -> None:
+        size_mb = int(_run(["du", "-sm", str(images.rootfs)]).split()[0]) + 384
+        tmp = f"{images.dom0_disk}.tmp"
+        _run(["mkfs.ext4", "-q", "-F", "-L", "dom0root", "-E", "lazy_itable_init=0",
+              "-d", str(images.rootfs), tmp, f"{size_mb}M"])
+        os.replace(tmp, images.dom0_disk)

@@ -1,0 +1,119 @@
+"""The lab's one command: build the images (cached), boot Xen under QEMU with this checkout
+shared into dom0, run the dom0 phases, print every check and figure, exit with the verdict.
+
+    python3 -m tests.xenlab.lab build
+    python3 -m tests.xenlab.lab run [--phases blkback,func,life,qcow2] [--timeout SECONDS]
+
+Exit status: 0 PASS, 1 FAIL, 124 timeout, 2 build error. On anything but PASS the tail of the
+serial log is printed. Run directories (serial log, guest consoles) are kept under the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .boot import BootResult, boot
+from .images import BuildError, ImageBuilder, Images
+from .results import format_summary, parse_checks, parse_figures
+from .staging import REPO, build_domu_initrd, build_native
+
+ALL_PHASES = ["blkback", "func", "life", "qcow2"]
+DEFAULT_TIMEOUT = 1200.0  # seconds for the whole boot, whatever happens inside
+KEEP_RUNS = 8
+
+
+def prepare_run(builder: ImageBuilder, images: Images, phases: list[str]) -> Path:
+    runs = builder.cache / "runs"
+    runs.mkdir(exist_ok=True)
+    for old in sorted(runs.iterdir())[:-KEEP_RUNS]:
+        shutil.rmtree(old, ignore_errors=True)
+    run_dir = runs / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    run_dir.mkdir()
+    native = build_native(builder, images)
+    (run_dir / "native").mkdir()
+    shutil.copy(native, run_dir / "native" / native.name)
+    build_domu_initrd(builder, images, run_dir / "domU-initrd.img")
+    (run_dir / "lab.env").write_text(f"LAB_PHASES='{' '.join(phases)}'\n")
+    return run_dir
+
+
+class LabLock:
+    """Only one lab boot at a time on a machine: each QEMU eats a whole core or two."""
+
+    def __init__(self, cache: Path) -> None:
+        cache.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(cache / "lab.lock", os.O_RDWR | os.O_CREAT, 0o644)
+
+    def __enter__(self) -> LabLock:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("xenlab: another lab run holds the lock; waiting for it", file=sys.stderr)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def run_lab(phases: list[str], timeout: float, echo: bool = True) -> BootResult:
+    """Build (cached), stage and boot once. Raises BuildError if the images cannot be made."""
+    builder = ImageBuilder()
+    with LabLock(builder.cache):
+        t0 = time.monotonic()
+        images = builder.build()
+        run_dir = prepare_run(builder, images, phases)
+        prep = time.monotonic() - t0
+        if echo:
+            print(f"xenlab: images + staging {prep:.1f}s; run dir {run_dir}", flush=True)
+        result = boot(images, run_dir, REPO, timeout=timeout, echo=echo)
+    text = result.text
+    summary = (f"verdict {result.verdict} (qemu rc {result.qemu_rc}) boot {result.elapsed:.1f}s "
+               f"prep {prep:.1f}s\n"
+               + format_summary(parse_checks(text), parse_figures(text)))
+    (run_dir / "summary.txt").write_text(summary + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python3 -m tests.xenlab.lab", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("build", help="build or refresh the cached images")
+    run = sub.add_parser("run", help="boot once and run the dom0 phases")
+    run.add_argument("--phases", default=",".join(ALL_PHASES),
+                     help=f"comma-separated subset of {','.join(ALL_PHASES)}")
+    run.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                     help="hard limit for the boot in seconds (default %(default)s)")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "build":
+            images = ImageBuilder().build()
+            print(images.root)
+            return 0
+        phases = [p for p in args.phases.split(",") if p]
+        unknown = sorted(set(phases) - set(ALL_PHASES))
+        if unknown:
+            print(f"xenlab: unknown phase(s) {', '.join(unknown)}; known: {', '.join(ALL_PHASES)}",
+                  file=sys.stderr)
+            return 2
+        result = run_lab(phases, args.timeout)
+    except BuildError as exc:
+        print(f"xenlab: build failed: {exc}", file=sys.stderr)
+        return 2
+    print((result.run_dir / "summary.txt").read_text(), end="")
+    if result.verdict == "PASS":
+        return 0
+    print(f"---- last serial lines ({result.serial_log}) ----\n{result.tail(80)}")
+    return 124 if result.verdict == "TIMEOUT" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Per-check results and figures parsed from a lab run's serial log.
+
+dom0 prints one line per check and per figure, so one boot serves many pytest tests:
+    LAB-CHECK: <name> PASS|FAIL|SKIP <detail>
+    LAB-FIGURE: <name> <value> <unit> [<detail>]
+A check printed more than once keeps its worst outcome (FAIL over SKIP over PASS).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+CHECK_LINE = re.compile(r"LAB-CHECK: (\S+) (PASS|FAIL|SKIP)\b ?(.*)")
+FIGURE_LINE = re.compile(r"LAB-FIGURE: (\S+) (-?[0-9.]+) (\S+) ?(.*)")
+_RANK = {"PASS": 0, "SKIP": 1, "FAIL": 2}
+
+
+@dataclasses.dataclass
+class Check:
+    name: str
+    outcome: str
+    detail: str
+
+
+@dataclasses.dataclass
+class Figure:
+    name: str
+    value: float
+    unit: str
+    detail: str
+
+
+def parse_checks(text: str) -> dict[str, Check]:
+    checks: dict[str, Check] = {}
+    for m in CHECK_LINE.finditer(text):
+        new = Check(m.group(1), m.group(2), m.group(3).strip())
+        old = checks.get(new.name)
+        if old is None or _RANK[new.outcome] > _RANK[old.outcome]:
+            checks[new.name] = new
+    return checks
+
+
+def parse_figures(text: str) -> dict[str, Figure]:
+    return {m.group(1): Figure(m.group(1), float(m.group(2)), m.group(3), m.group(4).strip())
+            for m in FIGURE_LINE.finditer(text)}
+
+
+def format_summary(checks: dict[str, Check], figures: dict[str, Figure]) -> str:
+    lines = [f"  {c.outcome:4} {c.name}  {c.detail}" for c in checks.values()]
+    lines += [f"  {f.name} = {f.value:g} {f.unit}  {f.detail}".rstrip() for f in figures.values()]
+    return "\n".join(lines)
