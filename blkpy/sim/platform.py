@@ -15,13 +15,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from blkpy.gntdev.copy_batch import check_copy_batch
+from blkpy.gntdev.mapping import MappedPages
 from blkpy.gntdev.native import ffi, lib
 from blkpy.platform import (
-    COPY_SEGMENT_DTYPE,
     GNTST_BAD_DOMAIN,
     PAGE_SIZE,
     GrantError,
-    GrantMapping,
     Platform,
     PlatformError,
 )
@@ -65,38 +65,18 @@ class _GuestGrants:
             self.domain.release()
 
 
-class SimGrantMapping(GrantMapping):
+class SimGrantMapping(MappedPages):
     def __init__(
         self, platform: SimPlatform, guest: _GuestGrants, refs: np.ndarray, writable: bool,
         address: int,
     ) -> None:
+        super().__init__(int(refs.size), writable, address)
         self._platform = platform
         self._guest = guest
         self._refs = refs
-        self.count = int(refs.size)
-        self.writable = writable
-        self._address: int | None = address
-        self._buffer: memoryview | None = None
 
-    @property
-    def address(self) -> int:
-        if self._address is None:
-            raise ValueError("grant mapping is unmapped")
-        return self._address
-
-    @property
-    def buffer(self) -> memoryview:
-        if self._buffer is None:
-            view = memoryview(ffi.buffer(ffi.cast("char *", self.address), self.count * PAGE_SIZE))
-            self._buffer = view if self.writable else view.toreadonly()
-        return self._buffer
-
-    def unmap(self) -> None:
-        if self._address is None:
-            return
-        lib.blkpy_munmap(self._address, self.count * PAGE_SIZE)
-        self._address = None
-        self._buffer = None
+    def _release(self, address: int) -> None:
+        lib.blkpy_munmap(address, self.count * PAGE_SIZE)
         self._platform._release(self._guest, self._refs, self.writable)
 
 
@@ -197,14 +177,11 @@ class SimPlatform(Platform):
         self.stats.pages_unmapped += int(refs.size)
 
     def grant_copy(self, segments: np.ndarray) -> None:
-        if segments.dtype != COPY_SEGMENT_DTYPE or segments.ndim != 1:
-            raise PlatformError(errno.EINVAL, "grant copy wants a 1-d COPY_SEGMENT_DTYPE array")
-        if not (segments.flags.c_contiguous and segments.flags.writeable):
-            raise PlatformError(errno.EINVAL, "grant copy segments must be contiguous and writable")
-        self.stats.copy_calls += 1
-        self.stats.copy_segments += len(segments)
+        check_copy_batch(segments)
         if len(segments) == 0:
             return
+        self.stats.copy_calls += 1
+        self.stats.copy_segments += len(segments)
         segments["status"] = GNTST_BAD_DOMAIN  # what segments of unknown domains keep
         pointer = _ptr("struct blkpy_copy_segment *", segments)
         with self._lock:
