@@ -2,17 +2,89 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+
 import click
 
 from blkpy import __version__
+from blkpy.engine import ENGINES
 from blkpy.hotplug_cli import hotplug
 from blkpy.image_cli import image
+from blkpy.serve import MAX_QUEUES_DEFAULT
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="blkpy")
 def main() -> None:
     """blkpy: a user-space Xen block backend."""
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s blkpy[%(process)d] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@main.command()
+@click.argument("backend_path")
+@click.option("--platform", "platform_name", type=click.Choice(["linux", "sim"]),
+              default="linux", show_default=True, help="Xen devices or the simulated host.")
+@click.option("--xenstore", "xenstore_path", metavar="PATH",
+              help="xenstored socket or /dev/xen/xenbus (default: XENSTORED_PATH, then the "
+                   "standard socket paths).")
+@click.option("--sim-dir", metavar="DIR", help="Simulated hypervisor state (sim platform; "
+              "default BLKPY_SIM_DIR).")
+@click.option("--format", "fmt", type=click.Choice(["raw", "qcow2"]),
+              help="Image format; default: the prefix in the params node (raw:, qcow2:), "
+                   "else raw. Never guessed from the image's contents.")
+@click.option("--image", metavar="PATH", help="Image to serve instead of the params node.")
+@click.option("--engine", type=click.Choice(sorted(ENGINES)), default="sync",
+              show_default=True, help="I/O engine.")
+@click.option("--grant-mode", type=click.Choice(["map", "copy"]), default="map",
+              show_default=True, help="Batched grant mapping or grant copy.")
+@click.option("--persistent/--no-persistent", default=True, show_default=True,
+              help="Offer persistent grants.")
+@click.option("--max-indirect-segments", type=click.IntRange(0, 4096), default=256,
+              show_default=True)
+@click.option("--max-ring-page-order", type=click.IntRange(0, 4), default=4, show_default=True)
+@click.option("--max-queues", type=click.IntRange(1, 64), default=MAX_QUEUES_DEFAULT,
+              show_default=True)
+@click.option("--poll-us", type=click.IntRange(0, 10000), default=0, show_default=True,
+              help="Busy-poll the ring this long after work before sleeping.")
+@click.option("--sector-size", type=click.Choice(["512", "4096"]), default="512",
+              show_default=True, help="Logical sector size of a raw image.")
+@click.option("--stats-file", metavar="PATH", help="Write counters as JSON here on exit and "
+              "on SIGUSR1 (default: BLKPY_STATS_FILE).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default="info", show_default=True)
+def serve(backend_path: str, platform_name: str, xenstore_path: str | None,
+          sim_dir: str | None, fmt: str | None, image: str | None, engine: str,
+          grant_mode: str, persistent: bool, max_indirect_segments: int,
+          max_ring_page_order: int, max_queues: int, poll_us: int, sector_size: str,
+          stats_file: str | None, log_level: str) -> None:
+    """Serve one virtual block device: BACKEND_PATH is its backend directory, e.g.
+    backend/vbd/<domid>/<devid> (relative paths are under /local/domain/<self>)."""
+    from blkpy.platform import PlatformError, open_platform
+    from blkpy.serve import ServeError, ServeOptions
+    from blkpy.serve import serve as run_serve
+
+    _setup_logging(log_level)
+    options = ServeOptions(
+        fmt=fmt, image=image, engine=engine, grant_mode=grant_mode, persistent=persistent,
+        max_indirect_segments=max_indirect_segments, max_ring_page_order=max_ring_page_order,
+        max_queues=max_queues, poll_us=poll_us, sector_size=int(sector_size),
+        stats_file=stats_file,
+    )
+    try:
+        kwargs = {"sim_dir": sim_dir} if platform_name == "sim" else {}
+        platform = open_platform(platform_name, xenstore_path=xenstore_path, **kwargs)
+        status = run_serve(backend_path, platform, xenstore_path, options)
+    except (ServeError, PlatformError) as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(status)
 
 
 @main.group()

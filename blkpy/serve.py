@@ -1,0 +1,409 @@
+"""`blkpy serve`: one backend process for one virtual block device.
+
+This is the control plane: it follows the handshake in xenstore (through the sans-IO
+``BackendStateMachine``), connects rings when the frontend publishes them, and runs one
+asyncio loop that wakes the data path (``Vbd``) on event-channel and I/O-completion fds.
+Everything here is platform-neutral: the platform object supplies grants, event channels
+and the xenstore transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import json
+import logging
+import os
+import signal
+from collections.abc import Callable
+
+from blkpy import ring
+from blkpy.backends import Disk, DiskError, open_disk
+from blkpy.engine import make_engine
+from blkpy.platform import GrantMapping, Platform, PlatformError
+from blkpy.ratelimit import RateLimitedLog
+from blkpy.requests import DiskGeometry
+from blkpy.vbd import Vbd
+from blkpy.xenbus import (
+    Action,
+    BackendStateMachine,
+    Connect,
+    Disconnect,
+    Exit,
+    Fatal,
+    PublishFeatures,
+    Snapshot,
+    SwitchState,
+    XenbusState,
+    parse_state,
+)
+from blkpy.xenstore.client import XenstoreClient, XenstoreError
+
+log = logging.getLogger("blkpy.serve")
+
+#: format prefixes an operator may put in front of the image path in the xl target
+#: (libxl copies it into `params`); "aio" is what libxl writes for raw qdisk targets.
+FORMAT_PREFIXES = {"raw": "raw", "aio": "raw", "qcow2": "qcow2"}
+MAX_QUEUES_DEFAULT = min(os.cpu_count() or 1, 4)
+STATS_FILE_ENV = "BLKPY_STATS_FILE"
+
+
+class ServeError(Exception):
+    """A problem the operator must fix (bad backend node, missing image...): one line."""
+
+
+class ConnectError(Exception):
+    """The frontend's nodes or grants are unusable: the device goes to Closing."""
+
+
+@dataclasses.dataclass
+class ServeOptions:
+    fmt: str | None = None
+    image: str | None = None
+    engine: str = "sync"
+    grant_mode: str = "map"
+    persistent: bool = True
+    max_indirect_segments: int = 256
+    max_ring_page_order: int = ring.MAX_RING_PAGE_ORDER
+    max_queues: int = MAX_QUEUES_DEFAULT
+    poll_us: int = 0
+    sector_size: int = 512
+    stats_file: str | None = None
+
+
+def parse_params(params: str) -> tuple[str, str]:
+    """Split the `params` node into (format, path). The format is only what the operator
+    wrote in front of the path, never a guess from the image's contents."""
+    head, sep, rest = params.partition(":")
+    if sep and head in FORMAT_PREFIXES:
+        return FORMAT_PREFIXES[head], rest
+    return "raw", params
+
+
+def _uint(value: str | None, what: str, limit: int = 2**32 - 1) -> int:
+    """A decimal node written by the (hostile) frontend."""
+    if value is None:
+        raise ConnectError(f"frontend node {what} is missing")
+    text = value.strip()
+    if not text.isdigit() or len(text) > 10 or int(text) > limit:
+        raise ConnectError(f"frontend node {what}={value[:32]!r} is not a valid number")
+    return int(text)
+
+
+class DeviceServer:
+    """Serves backend directory ``backend_path`` until the device goes away."""
+
+    def __init__(self, platform: Platform, xs: XenstoreClient, backend_path: str,
+                 options: ServeOptions | None = None) -> None:
+        self.platform = platform
+        self.xs = xs
+        self.opts = options or ServeOptions()
+        domid = platform.backend_domid
+        if not backend_path.startswith("/"):
+            backend_path = f"/local/domain/{domid}/{backend_path}"
+        self.path = backend_path.rstrip("/")
+        self.machine = BackendStateMachine()
+        self.vbds: list[Vbd] = []
+        self._past_stats: list[dict[str, int]] = []  # queues of earlier connections
+        self._ring_maps: list[GrantMapping] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._done: asyncio.Future[int] | None = None
+        self._bad_log = RateLimitedLog(logging.getLogger("blkpy.vbd"))
+        self._read_backend_nodes()
+        self.disk = self._open_disk()
+
+    # ---- setup ------------------------------------------------------------------------
+
+    def _node(self, name: str) -> str | None:
+        return self.xs.read_str(f"{self.path}/{name}")
+
+    def _read_backend_nodes(self) -> None:
+        if self.xs.read_str(self.path) is None:
+            raise ServeError(f"backend directory {self.path} does not exist")
+        self.frontend = self._node("frontend")
+        fe_id = self._node("frontend-id")
+        if not self.frontend or fe_id is None or not fe_id.strip().isdigit():
+            raise ServeError(f"{self.path}: frontend/frontend-id nodes missing or invalid")
+        self.frontend_id = int(fe_id)
+        mode = self._node("mode") or "r"
+        self.readonly = "w" not in mode
+        self.discard_enabled = (self._node("discard-enable") or "1").strip() != "0"
+        params = self._node("params")
+        fmt, image = parse_params(params or "")
+        self.image = self.opts.image or image
+        self.fmt = self.opts.fmt or fmt
+        if not self.image:
+            raise ServeError(f"{self.path}: no image (params node empty and no --image)")
+
+    def _open_disk(self) -> Disk:
+        try:
+            return open_disk(self.image, self.fmt, readonly=self.readonly,
+                             **({"sector_size": self.opts.sector_size}
+                                if self.fmt == "raw" else {}))
+        except DiskError as exc:
+            raise ServeError(str(exc)) from None
+
+    def _geometry(self) -> DiskGeometry:
+        return DiskGeometry(
+            sectors=self.disk.size >> ring.SECTOR_SHIFT,
+            sector_size=self.disk.sector_size,
+            readonly=self.readonly,
+            discard=self.discard_enabled and self.disk.can_discard and not self.readonly,
+            max_indirect_segments=self.opts.max_indirect_segments,
+        )
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until the device is removed or SIGTERM; returns the exit status."""
+        return asyncio.run(self._main())
+
+    async def _main(self) -> int:
+        self._loop = asyncio.get_running_loop()
+        self._done = self._loop.create_future()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(sig, self._on_terminate)
+        self._loop.add_signal_handler(signal.SIGUSR1, self.write_stats)
+        self.xs.write(f"{self.path}/kthread-pid", str(os.getpid()))
+        self.xs.watch(f"{self.frontend}/state", "frontend")
+        self.xs.watch(f"{self.path}/state", "backend")
+        self.xs.watch(f"{self.path}/online", "backend")
+        self.xs.watch("@releaseDomain", "domains")
+        self._loop.add_reader(self.xs.fileno(), self._on_xenstore)
+        self._execute(self.machine.start())
+        self._on_xenstore()
+        try:
+            return await self._done
+        finally:
+            self._teardown()
+
+    def _finish(self, status: int) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_result(status)
+
+    def _on_terminate(self) -> None:
+        log.info("%s: terminating: closing the device", self.path)
+        self._disconnect()
+        with contextlib.suppress(XenstoreError, ConnectionError):
+            self._write_state(XenbusState.CLOSED)
+        self._finish(0)
+
+    def _on_xenstore(self) -> None:
+        try:
+            while self.xs.events() and not self.machine.finished:
+                self._execute(self.machine.on_change(self._snapshot()))
+        except ConnectionError as exc:
+            log.error("%s: lost xenstore: %s", self.path, exc)
+            self._disconnect()
+            self._finish(1)
+
+    def _snapshot(self) -> Snapshot:
+        return Snapshot(
+            frontend_state=parse_state(self.xs.read_str(f"{self.frontend}/state")),
+            backend_state=parse_state(self._node("state")),
+            online=(self._node("online") or "0").strip() == "1",
+            backend_exists=self.xs.read_str(self.path) is not None,
+        )
+
+    def _execute(self, actions: list[Action]) -> None:
+        queue = list(actions)
+        while queue:
+            action = queue.pop(0)
+            if isinstance(action, PublishFeatures):
+                self._publish_features()
+            elif isinstance(action, SwitchState):
+                self._write_state(action.state)
+            elif isinstance(action, Connect):
+                try:
+                    self._connect()
+                except (ConnectError, PlatformError, ring.RingOverflow) as exc:
+                    log.error("%s: cannot connect: %s", self.path, exc)
+                    queue[:0] = self.machine.failed(str(exc))
+                else:
+                    queue[:0] = self.machine.connected()
+            elif isinstance(action, Disconnect):
+                self._disconnect()
+            elif isinstance(action, Fatal):
+                self._write_error(action.message)
+            elif isinstance(action, Exit):
+                log.info("%s: device removed", self.path)
+                self._finish(0)
+
+    # ---- xenstore writes ----------------------------------------------------------------
+
+    def _write_state(self, state: XenbusState) -> None:
+        if self.xs.read_str(self.path) is None:
+            return  # our directory is gone: never recreate it
+        self.xs.write(f"{self.path}/state", str(int(state)))
+
+    def _write_nodes(self, nodes: dict[str, str]) -> None:
+        def write_all(tx: int) -> None:
+            for name, value in nodes.items():
+                self.xs.write(f"{self.path}/{name}", value, tx=tx)
+
+        self.xs.run_transaction(write_all)
+
+    def _publish_features(self) -> None:
+        nodes = {
+            "feature-max-indirect-segments": str(self.opts.max_indirect_segments),
+            "max-ring-page-order": str(self.opts.max_ring_page_order),
+        }
+        if self.opts.max_queues > 1:
+            nodes["multi-queue-max-queues"] = str(self.opts.max_queues)
+        self._write_nodes(nodes)
+
+    def _write_error(self, message: str) -> None:
+        # xenbus_dev_fatal's error node: /local/domain/<be>/error/<path below the domain>.
+        rel = self.path.split("/", 4)[-1]
+        with contextlib.suppress(XenstoreError):
+            self.xs.write(f"/local/domain/{self.platform.backend_domid}/error/{rel}/error",
+                          f"{errno.EIO} {message}")
+
+    # ---- connect / disconnect -------------------------------------------------------------
+
+    def _frontend_node(self, name: str) -> str | None:
+        return self.xs.read_str(f"{self.frontend}/{name}")
+
+    def _connect(self) -> None:
+        fe = self._frontend_node
+        protocol = fe("protocol") or ring.DEFAULT_PROTOCOL
+        if protocol not in ring.ABIS:
+            raise ConnectError(f"unknown fe protocol {protocol[:32]!r}")
+        abi = ring.ABIS[protocol]
+        persistent = self.opts.persistent and (fe("feature-persistent") or "0").strip() == "1"
+        nq_raw = fe("multi-queue-num-queues")
+        queues = 1 if nq_raw is None else _uint(nq_raw, "multi-queue-num-queues")
+        if not 1 <= queues <= max(1, self.opts.max_queues):
+            raise ConnectError(f"frontend asked for {queues} queues (max {self.opts.max_queues})")
+        order_raw = fe("ring-page-order")
+        order = None if order_raw is None else _uint(order_raw, "ring-page-order")
+        if order is not None and order > self.opts.max_ring_page_order:
+            raise ConnectError(f"requested ring page order {order} exceeds max "
+                               f"{self.opts.max_ring_page_order}")
+        geometry = self._geometry()
+        try:
+            for q in range(queues):
+                prefix = "" if queues == 1 else f"queue-{q}/"
+                refs = self._ring_refs(prefix, order)
+                port = _uint(fe(f"{prefix}event-channel"), f"{prefix}event-channel")
+                self._attach_queue(abi, refs, port, geometry, persistent)
+        except BaseException:
+            self._disconnect()
+            raise
+        nodes = {
+            "feature-flush-cache": "1",
+            "feature-barrier": "1",
+            "feature-persistent": "1" if self.opts.persistent else "0",
+            "sectors": str(geometry.sectors),
+            "info": str(ring.VDISK_READONLY if self.readonly else 0),
+            "sector-size": str(geometry.sector_size),
+            "physical-sector-size": str(max(geometry.sector_size, 4096)
+                                        if self.fmt == "raw" else geometry.sector_size),
+            "feature-discard": "1" if geometry.discard else "0",
+        }
+        if geometry.discard:
+            nodes.update({
+                "discard-granularity": str(self.disk.discard_granularity),
+                "discard-alignment": "0",
+                "discard-secure": "0",
+            })
+        self._write_nodes(nodes)
+        log.info("%s: connected: %s, %d queue(s), ring order %s, persistent=%s, %s %s",
+                 self.path, protocol, queues, order or 0, persistent, self.fmt, self.image)
+
+    def _ring_refs(self, prefix: str, order: int | None) -> list[int]:
+        fe = self._frontend_node
+        if order is None:
+            return [_uint(fe(f"{prefix}ring-ref"), f"{prefix}ring-ref")]
+        if order == 0 and fe(f"{prefix}ring-ref0") is None:  # both spellings for one page
+            return [_uint(fe(f"{prefix}ring-ref"), f"{prefix}ring-ref")]
+        return [_uint(fe(f"{prefix}ring-ref{i}"), f"{prefix}ring-ref{i}")
+                for i in range(1 << order)]
+
+    def _attach_queue(self, abi: ring.Abi, refs: list[int], port: int,
+                      geometry: DiskGeometry, persistent: bool) -> None:
+        mapping = self.platform.map_grants(self.frontend_id, refs, writable=True)
+        self._ring_maps.append(mapping)
+        back = ring.BackRing(mapping.buffer, abi, len(refs))
+        evtchn = self.platform.bind_interdomain(self.frontend_id, port)
+        engine = make_engine(self.opts.engine, self.disk)
+        vbd = Vbd(self.platform, self.frontend_id, back, evtchn, self.disk, engine, geometry,
+                  persistent=persistent, grant_mode=self.opts.grant_mode,
+                  poll_us=self.opts.poll_us, on_broken=self._on_ring_broken,
+                  bad_request_log=self._bad_log)
+        self.vbds.append(vbd)
+        assert self._loop is not None
+        self._loop.add_reader(evtchn.fileno(), self._on_event, vbd)
+        if engine.fileno() is not None:
+            self._loop.add_reader(engine.fileno(), self._on_io, vbd)
+        # Requests may already be waiting (the frontend kicked before we bound).
+        self._loop.call_soon(self._on_event, vbd)
+
+    def _on_event(self, vbd: Vbd) -> None:
+        vbd.evtchn.ack()
+        if not vbd.broken:
+            vbd.kick()
+
+    def _on_io(self, vbd: Vbd) -> None:
+        vbd.complete()
+        if not vbd.broken:
+            vbd.kick()
+
+    def _on_ring_broken(self, message: str) -> None:
+        assert self._loop is not None
+        self._loop.call_soon(self._execute, self.machine.ring_broken(message))
+
+    def _disconnect(self) -> None:
+        for vbd in self.vbds:
+            if self._loop is not None:
+                self._loop.remove_reader(vbd.evtchn.fileno())
+                fd = vbd.engine.fileno()
+                if fd is not None:
+                    self._loop.remove_reader(fd)
+            vbd.close()
+            vbd.engine.close()
+            self._past_stats.append(vbd.stats.as_dict())
+        self.vbds.clear()
+        for mapping in self._ring_maps:
+            mapping.unmap()
+        self._ring_maps.clear()
+
+    def _teardown(self) -> None:
+        self._disconnect()
+        if self._loop is not None:
+            self._loop.remove_reader(self.xs.fileno())
+        self.write_stats()
+        self.disk.close()
+
+    # ---- statistics -------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "platform": self.platform.stats.as_dict(),
+            "queues": self._past_stats + [v.stats.as_dict() for v in self.vbds],
+        }
+
+    def write_stats(self) -> None:
+        """Dump counters as JSON where BLKPY_STATS_FILE / --stats-file says (SIGUSR1, exit)."""
+        path = self.opts.stats_file or os.environ.get(STATS_FILE_ENV)
+        if not path:
+            return
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.stats(), f)
+        os.replace(tmp, path)
+
+
+def serve(backend_path: str, platform: Platform, xenstore_path: str | None,
+          options: ServeOptions, connect: Callable[[str], XenstoreClient] | None = None) -> int:
+    """Run one device server; raises ServeError for operator mistakes."""
+    path = xenstore_path or platform.xenstore_path()
+    try:
+        xs = (connect or XenstoreClient.connect)(path)
+    except OSError as exc:
+        raise ServeError(f"cannot connect to xenstore at {path}: {exc}") from None
+    with xs:
+        server = DeviceServer(platform, xs, backend_path, options)
+        return server.run()
