@@ -34,13 +34,13 @@ class ToyBackend:
     """Serves one ring of ``guest_domid`` from a thread until ``stop``."""
 
     def __init__(self, sim_dir: str, guest_domid: int, ring_refs, port: int, abi, order: int,
-                 disk_bytes: int, readonly: bool = False) -> None:
+                 disk_bytes: int | bytearray, readonly: bool = False) -> None:
         self.platform = SimPlatform(sim_dir=sim_dir, domid=0)
         self.domid = guest_domid
         self.ring_map = self.platform.map_grants(guest_domid, ring_refs, writable=True)
         self.ring = BackRing(self.ring_map.buffer, abi, 1 << order)
         self.channel = self.platform.bind_interdomain(guest_domid, port)
-        self.disk = bytearray(disk_bytes)
+        self.disk = disk_bytes if isinstance(disk_bytes, bytearray) else bytearray(disk_bytes)
         self.readonly = readonly
         self.abi = abi
         # misbehaviour knobs
@@ -130,3 +130,105 @@ class ToyBackend:
         else:
             m.unmap()
         return rid, answer_op, blkif.BLKIF_RSP_OKAY
+
+
+class ToyXenbusBackend:
+    """The backend half of the vbd handshake (like blkback, much simplified), serving
+    one device through a ToyBackend once the frontend published its ring."""
+
+    def __init__(self, sim_dir: str, xs_path: str, guest_domid: int, devid: int,
+                 init_nodes: dict[str, str], connected_nodes: dict[str, str],
+                 disk_bytes: int, **toy_options) -> None:
+        from blkpy.xenstore.client import XenstoreClient
+
+        self.sim_dir = sim_dir
+        self.domid = guest_domid
+        self.xs = XenstoreClient.connect(xs_path)
+        self.path = f"/local/domain/0/backend/vbd/{guest_domid}/{devid}"
+        self.fpath = f"/local/domain/{guest_domid}/device/vbd/{devid}"
+        self.init_nodes = init_nodes
+        self.connected_nodes = connected_nodes
+        self.disk = bytearray(disk_bytes)  # survives reconnects
+        self.toy_options = toy_options
+        self.toy: ToyBackend | None = None
+        self.frontend_nodes: list[dict[str, str]] = []  # what each connection read
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        if self.toy:
+            self.toy.stop()
+        self.xs.close()
+
+    def _state(self, base: str) -> int:
+        raw = self.xs.read_str(f"{base}/state")
+        return int(raw) if raw else 0
+
+    def _run(self) -> None:
+        try:
+            def publish(tx):
+                for k, v in self.init_nodes.items():
+                    self.xs.write(f"{self.path}/{k}", v, tx)
+                self.xs.write(f"{self.path}/state", "2", tx)
+
+            self.xs.run_transaction(publish)
+            self.xs.watch(f"{self.fpath}/state", "fe")
+            while not self._stop.is_set():
+                self.xs.wait_event(0.1)
+                self.xs.events()
+                self._step(self._state(self.fpath), self._state(self.path))
+        except Exception as exc:  # surfaced through .errors in the test
+            self.errors.append(repr(exc))
+
+    def _step(self, fe: int, be: int) -> None:
+        if fe in (3, 4) and be == 2:
+            nodes = {k: self.xs.read_str(f"{self.fpath}/{k}") for k in self.xs.directory(self.fpath)}
+            self.frontend_nodes.append(nodes)
+            order = int(nodes.get("ring-page-order") or 0)
+            refs = ([int(nodes["ring-ref"])] if "ring-page-order" not in nodes
+                    else [int(nodes[f"ring-ref{i}"]) for i in range(1 << order)])
+            abi = blkif.ABIS[nodes.get("protocol") or blkif.DEFAULT_PROTOCOL]
+            self.toy = ToyBackend(self.sim_dir, self.domid, refs, int(nodes["event-channel"]),
+                                  abi, order, self.disk, **self.toy_options)
+
+            def connect(tx):
+                for k, v in self.connected_nodes.items():
+                    self.xs.write(f"{self.path}/{k}", v, tx)
+                self.xs.write(f"{self.path}/state", "4", tx)
+
+            self.xs.run_transaction(connect)
+        elif fe == 5 and be not in (5, 6):
+            self.xs.write(f"{self.path}/state", "5")
+        elif fe == 6 and be != 6:
+            if self.toy:
+                self.toy.stop()
+                self.toy = None
+            self.xs.write(f"{self.path}/state", "6")
+        elif fe == 1 and be == 6:
+            self.xs.write(f"{self.path}/state", "2")
+
+
+def toolstack_add(xs, guest_domid: int, devid: int) -> None:
+    """Create the frontend and backend directories as libxl does (state 1 on both)."""
+    bpath = f"/local/domain/0/backend/vbd/{guest_domid}/{devid}"
+    fpath = f"/local/domain/{guest_domid}/device/vbd/{devid}"
+
+    def create(tx):
+        for k, v in {"frontend": fpath, "frontend-id": str(guest_domid), "state": "1",
+                     "online": "1", "mode": "w"}.items():
+            xs.write(f"{bpath}/{k}", v, tx)
+        for k, v in {"backend": bpath, "backend-id": "0", "state": "1",
+                     "virtual-device": str(devid)}.items():
+            xs.write(f"{fpath}/{k}", v, tx)
+        xs.set_perms(bpath, ["n0", f"r{guest_domid}"], tx)
+        xs.set_perms(fpath, [f"n{guest_domid}", "r0"], tx)
+        for k in ("state", "backend", "backend-id", "virtual-device"):
+            xs.set_perms(f"{fpath}/{k}", [f"n{guest_domid}", "r0"], tx)
+        for k in ("state", "frontend", "frontend-id", "online", "mode"):
+            xs.set_perms(f"{bpath}/{k}", ["n0", f"r{guest_domid}"], tx)
+
+    xs.run_transaction(create)
