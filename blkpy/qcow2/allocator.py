@@ -160,10 +160,7 @@ class Allocator:
         c = start
         while True:
             r = c // self.epb
-            if r >= len(self.reftable):
-                block = None
-            else:
-                block = self._block(r)
+            block = self._block(r)
             if block is None:
                 if not self._reserved(c):
                     return c
