@@ -302,6 +302,8 @@ class XenstoreClient:
                 written = os.write(self._fd, view)
             except InterruptedError:
                 continue
+            except ConnectionError as err:
+                self._fail(f"xenstored at {self.path} closed the connection ({err.strerror})")
             except OSError as err:
                 self._fail(f"writing to xenstored at {self.path} failed: {err.strerror}")
             view = view[written:]
@@ -323,6 +325,8 @@ class XenstoreClient:
         except OSError as err:
             if err.errno == errno.EAGAIN:
                 return []
+            if isinstance(err, ConnectionError):
+                self._fail(f"xenstored at {self.path} closed the connection ({err.strerror})")
             self._fail(f"reading from xenstored at {self.path} failed: {err.strerror}")
         if not data:
             self._fail(f"xenstored at {self.path} closed the connection")

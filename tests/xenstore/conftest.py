@@ -1,0 +1,43 @@
+"""Fixtures: a simulated xenstored started through the CLI, clients, unique test paths."""
+
+import os
+import re
+import shutil
+import tempfile
+
+import pytest
+
+from blkpy.xenstore.client import XenstoreClient
+from blkpy.xenstore.server import running_xenstored
+
+
+@pytest.fixture
+def socket_dir():
+    # Short paths: AF_UNIX socket paths are limited to 107 bytes.
+    path = tempfile.mkdtemp(prefix="blkpy-xs-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def xenstored():
+    """The socket path of a `blkpy sim xenstored` subprocess shared by a test module."""
+    tmpdir = tempfile.mkdtemp(prefix="blkpy-xs-")
+    path = os.path.join(tmpdir, "socket")
+    try:
+        with running_xenstored(path):
+            yield path
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+@pytest.fixture
+def client(xenstored):
+    with XenstoreClient.connect(xenstored) as c:
+        yield c
+
+
+@pytest.fixture
+def base(request):
+    """A xenstore path no other test of the module uses."""
+    return "/test/" + re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)
