@@ -1,0 +1,203 @@
+"""`blkpy serve` as a real subprocess on the simulated host: handshake, reconnect, toolstack
+removal, SIGTERM, hostile frontend nodes and operator errors."""
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blkpy.serve import parse_params
+from blkpy.sim.frontend import Frontend, NegotiationError
+from blkpy.sim.host import SimHost
+from blkpy.sim.toolstack import DiskSpec
+from blkpy.xenbus import XenbusState
+
+DEVID = 51712
+
+
+@pytest.fixture
+def host():
+    with SimHost() as h:
+        yield h
+
+
+def _attach(host, image, **spec_kw):
+    guest = host.create_guest(1)
+    spec = DiskSpec(1, DEVID, "xvda", image, **spec_kw)
+    backend = host.add_disk(spec)
+    fe = Frontend(guest, host.guest_xenstore(1), DEVID, max_ring_page_order=1,
+                  max_indirect_segments=64)
+    return guest, spec, backend, fe
+
+
+def _balanced(stats):
+    p = stats["platform"]
+    return p["map_calls"] == p["unmap_calls"] and p["pages_mapped"] == p["pages_unmapped"]
+
+
+def test_connect_io_close_and_reconnect(host, raw_image):
+    guest, spec, backend, fe = _attach(host, raw_image)
+    info = fe.connect(timeout=10)
+    assert info.sectors == (4 << 20) // 512 and info.sector_size == 512
+    assert fe.write(16, b"\x5a" * 4096).status == 0
+    assert fe.close(timeout=10) == []
+    assert host.backend_state(spec) == XenbusState.CLOSED
+    assert backend.proc.poll() is None  # online=1: waits for a reconnect
+    fe.connect(timeout=10)
+    assert bytes(fe.read(16, 4096).data) == b"\x5a" * 4096
+    fe.close(timeout=10)
+    assert host.remove_disk(spec)
+    assert backend.wait(10) == 0
+    assert _balanced(backend.stats()), backend.stats()
+
+
+def test_toolstack_removal_while_connected(host, raw_image):
+    guest, spec, backend, fe = _attach(host, raw_image)
+    fe.connect(timeout=10)
+    # libxl: online=0 + Closing; our frontend answers by closing as blkfront does
+    xs = host.xs
+    xs.write(f"{spec.backend_path}/online", "0")
+    xs.write(f"{spec.backend_path}/state", "5")
+    fe.close(timeout=10)
+    assert host.wait_backend_state(spec, XenbusState.CLOSED, 10)
+    assert backend.wait(10) == 0
+
+
+def test_toolstack_removal_without_frontend_closes_within_libxl_timeout(host, raw_image):
+    host.create_guest(1)
+    spec = DiskSpec(1, DEVID, "xvda", raw_image)
+    backend = host.add_disk(spec)
+    assert host.wait_backend_state(spec, XenbusState.INIT_WAIT, 10)
+    assert host.remove_disk(spec, timeout=10)
+    assert backend.wait(10) == 0
+
+
+def test_sigterm_closes_device_and_releases_every_grant(host, raw_image):
+    guest, spec, backend, fe = _attach(host, raw_image)
+    fe.connect(timeout=10)
+    fe.write(0, b"x" * 4096)
+    backend.proc.send_signal(signal.SIGTERM)
+    assert backend.wait(10) == 0
+    assert host.backend_state(spec) == XenbusState.CLOSED
+    assert _balanced(backend.stats())
+    # every ring grant is revocable: nothing of the guest is still mapped
+    assert all(guest.end_access(ref) for ref in fe.ring.ring_refs)
+
+
+def test_frontend_domain_destroyed(host, raw_image):
+    guest, spec, backend, fe = _attach(host, raw_image)
+    fe.connect(timeout=10)
+    host.xs.rm(spec.frontend_path)  # the toolstack deletes the dead guest's device dir
+    assert backend.wait(10) == 0
+
+
+@pytest.mark.parametrize("node,value", [
+    ("ring-ref", "not-a-number"),
+    ("ring-ref", "99999999999"),
+    ("event-channel", "-3"),
+    ("event-channel", "4000"),
+    ("protocol", "sparc-abi"),
+    ("ring-page-order", "9"),
+    ("multi-queue-num-queues", "0"),
+])
+def test_hostile_frontend_nodes_fail_the_connection_cleanly(host, raw_image, node, value):
+    guest = host.create_guest(1)
+    spec = DiskSpec(1, DEVID, "xvda", raw_image)
+    backend = host.add_disk(spec)
+    assert host.wait_backend_state(spec, XenbusState.INIT_WAIT, 10)
+    fe_path = spec.frontend_path
+    gxs = host.guest_xenstore(1)
+    ring_frame = guest.alloc_pages(1)[0]
+    ref = guest.grant_access(ring_frame, 0)
+    port = guest.alloc_unbound_port(0)
+    nodes = {"ring-ref": str(ref), "event-channel": str(port.port),
+             "protocol": "x86_64-abi", node: value}
+    for k, v in nodes.items():
+        gxs.write(f"{fe_path}/{k}", v)
+    gxs.write(f"{fe_path}/state", "3")
+    assert host.wait_backend_state(spec, XenbusState.CLOSING, 10), backend.log()
+    err = host.xs.read_str(f"/local/domain/0/error/backend/vbd/1/{DEVID}/error")
+    assert err and err.startswith("5 ")
+    assert backend.proc.poll() is None  # still alive, waiting for the toolstack
+    gxs.write(f"{fe_path}/state", "6")  # the frontend answers Closing as blkfront does
+    assert host.wait_backend_state(spec, XenbusState.CLOSED, 10), backend.log()
+    assert host.remove_disk(spec)
+    assert backend.wait(10) == 0
+    assert "Traceback" not in backend.log()
+
+
+def test_read_only_disk_is_advertised(host, raw_image):
+    guest, spec, backend, fe = _attach(host, raw_image, readonly=True)
+    info = fe.connect(timeout=10)
+    assert info.info & 0x4 and not info.discard
+    assert fe.write(0, b"y" * 512).status == -1
+
+
+def test_missing_image_is_one_clear_error(host, tmp_path):
+    host.create_guest(1)
+    spec = DiskSpec(1, DEVID, "xvda", str(tmp_path / "nope.img"))
+    host.add_disk(spec, start_backend=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "blkpy", "serve", f"backend/vbd/1/{DEVID}", "--platform", "sim",
+         "--xenstore", host.socket, "--sim-dir", host.sim_dir],
+        capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert "nope.img" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_missing_backend_dir_is_one_clear_error(host):
+    proc = subprocess.run(
+        [sys.executable, "-m", "blkpy", "serve", "backend/vbd/9/51712", "--platform", "sim",
+         "--xenstore", host.socket, "--sim-dir", host.sim_dir],
+        capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0 and "does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_params_format_comes_only_from_the_prefix():
+    assert parse_params("qcow2:/images/a.qcow2") == ("qcow2", "/images/a.qcow2")
+    assert parse_params("raw:/images/a.img") == ("raw", "/images/a.img")
+    assert parse_params("aio:/images/a.img") == ("raw", "/images/a.img")
+    assert parse_params("/images/a.qcow2") == ("raw", "/images/a.qcow2")
+    assert parse_params("/dir:with:colons") == ("raw", "/dir:with:colons")
+
+
+def test_guest_written_qcow2_header_does_not_change_the_format(host, raw_image, tmp_path):
+    """A guest writing a qcow2 header with a backing file into its raw disk must not make
+    blkpy open that backing file: the format comes from the operator only."""
+    secret = tmp_path / "host-secret"
+    secret.write_bytes(b"S" * 4096)
+    guest, spec, backend, fe = _attach(host, raw_image)
+    fe.connect(timeout=10)
+    name = str(secret).encode()
+    header = bytearray(4096)
+    header[0:4] = b"QFI\xfb"
+    header[4:8] = (2).to_bytes(4, "big")
+    header[8:16] = (512).to_bytes(8, "big")
+    header[16:20] = len(name).to_bytes(4, "big")
+    header[20:24] = (16).to_bytes(4, "big")
+    header[24:32] = (4 << 20).to_bytes(8, "big")
+    header[512:512 + len(name)] = name
+    assert fe.write(0, bytes(header)).status == 0
+    fe.close(timeout=10)
+    fe.connect(timeout=10)  # reconnect: the backend must still serve the bytes as raw
+    assert bytes(fe.read(0, 4096).data) == bytes(header)
+    open_files = {p.resolve() for p in Path(f"/proc/{backend.proc.pid}/fd").iterdir()
+                  if p.resolve().is_file()}
+    assert secret not in open_files and Path(raw_image) in open_files
+    fe.close(timeout=10)
+    assert host.remove_disk(spec)
+    assert backend.wait(10) == 0
+    assert f"raw {raw_image}" in backend.log() and "qcow2 /" not in backend.log()
+
+
+def test_negotiation_error_when_no_backend(host, raw_image):
+    guest = host.create_guest(1)
+    spec = DiskSpec(1, DEVID, "xvda", raw_image)
+    host.add_disk(spec, start_backend=False)
+    fe = Frontend(guest, host.guest_xenstore(1), DEVID)
+    with pytest.raises(NegotiationError):
+        fe.connect(timeout=0.5)
