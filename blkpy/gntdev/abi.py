@@ -236,9 +236,9 @@ def native_copy_segments(segments: np.ndarray) -> np.ndarray:
     return native
 
 
-def grant_copy_arg(native: np.ndarray, abi: Abi = NATIVE) -> np.ndarray:
-    """The GRANT_COPY argument pointing at ``native`` segments (keep ``native`` alive)."""
+def grant_copy_arg(count: int, segments_address: int, abi: Abi = NATIVE) -> np.ndarray:
+    """The GRANT_COPY argument: ``count`` native segments at ``segments_address``."""
     arg = np.zeros(1, dtype=abi.grant_copy_dtype)
-    arg["count"] = len(native)
-    arg["segments"] = native.ctypes.data if len(native) else 0
+    arg["count"] = count
+    arg["segments"] = segments_address
     return arg.view(np.uint8)

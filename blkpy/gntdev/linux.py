@@ -282,21 +282,17 @@ class LinuxPlatform(Platform):
         self.stats.copy_calls += 1
         self.stats.copy_segments += len(segments)
         native = abi.native_copy_segments(segments)
+        arg = abi.grant_copy_arg(len(native), native.ctypes.data)
         try:
-            self.calls.ioctl(
-                self._gntdev, abi.NATIVE.IOCTL_GNTDEV_GRANT_COPY, abi.grant_copy_arg(native)
-            )
+            self.calls.ioctl(self._gntdev, abi.NATIVE.IOCTL_GNTDEV_GRANT_COPY, arg)
         except OSError as exc:
             raise PlatformError(exc.errno, f"GRANT_COPY of {len(segments)} segments: {exc.strerror}") from None
         segments["status"] = native["status"]
 
     def supports_grant_copy(self) -> bool:
         """Whether the kernel has GRANT_COPY (an empty batch succeeds iff it does)."""
-        empty = np.zeros(0, dtype=abi.GRANT_COPY_SEGMENT_DTYPE)
         try:
-            self.calls.ioctl(
-                self._gntdev, abi.NATIVE.IOCTL_GNTDEV_GRANT_COPY, abi.grant_copy_arg(empty)
-            )
+            self.calls.ioctl(self._gntdev, abi.NATIVE.IOCTL_GNTDEV_GRANT_COPY, abi.grant_copy_arg(0, 0))
         except OSError:
             return False
         return True
