@@ -2,9 +2,119 @@
 
 from __future__ import annotations
 
+import contextlib
+import shlex
+import sys
+from collections.abc import Iterator
+
 import click
+
+from blkpy.hotplug import DEFAULT_SCRIPTS_DIR, SCRIPT_NAME
+
+XENSTORE_OPTION = click.option(
+    "--xenstore", "xenstore_path", metavar="PATH",
+    help="xenstored socket or /dev/xen/xenbus (default: XENSTORED_PATH, then the standard "
+         "socket paths).")
 
 
 @click.group()
 def hotplug() -> None:
-    """Toolstack integration: hotplug script and the device watcher."""
+    """Toolstack integration: hotplug script and the device watcher.
+
+    \b
+    Setup in dom0 (xen-blkback must not be loaded: it would claim every vbd):
+      blkpy hotplug install
+      blkpy hotplug daemon &
+    and in the guest config:
+      disk = [ 'format=raw,vdev=xvda,access=rw,backendtype=phy,script=block-blkpy,target=qcow2:/images/vm.qcow2' ]
+    """
+
+
+@contextlib.contextmanager
+def _xenstore(path: str | None) -> Iterator[object]:
+    """A connected client; connection and xenstore errors become one-line CLI errors."""
+    from blkpy.hotplug.device import HotplugError
+    from blkpy.xenstore.client import XenstoreClient, XenstoreError
+
+    try:
+        xs = XenstoreClient.connect(path)
+    except (ConnectionError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        with xs:
+            yield xs
+    except HotplugError as exc:
+        raise click.ClickException(str(exc)) from None
+    except (XenstoreError, ConnectionError) as exc:
+        raise click.ClickException(f"xenstore: {exc}") from None
+
+
+@hotplug.command("add")
+@click.argument("backend_path", envvar="XENBUS_PATH")
+@XENSTORE_OPTION
+def add(backend_path: str, xenstore_path: str | None) -> None:
+    """Check the device's image and report hotplug-status (libxl's `add`)."""
+    from blkpy.hotplug.device import hotplug_add
+
+    with _xenstore(xenstore_path) as xs:
+        disk = hotplug_add(xs, backend_path)  # type: ignore[arg-type]
+    click.echo(f"{SCRIPT_NAME}: {backend_path}: {disk.fmt} image {disk.image}", err=True)
+
+
+@hotplug.command("remove")
+@click.argument("backend_path", envvar="XENBUS_PATH")
+@XENSTORE_OPTION
+def remove(backend_path: str, xenstore_path: str | None) -> None:
+    """Make sure the device's serve process is gone (libxl's `remove`)."""
+    from blkpy.hotplug.device import hotplug_remove
+
+    with _xenstore(xenstore_path) as xs:
+        what = hotplug_remove(xs, backend_path)  # type: ignore[arg-type]
+    click.echo(f"{SCRIPT_NAME}: {backend_path}: {what}", err=True)
+
+
+@hotplug.command("install")
+@click.option("--dir", "directory", default=DEFAULT_SCRIPTS_DIR, show_default=True,
+              type=click.Path(file_okay=False), help="Xen hotplug scripts directory.")
+@click.option("--command", "command", metavar="CMD",
+              help="How the script starts blkpy (default: the blkpy on PATH now).")
+def install(directory: str, command: str | None) -> None:
+    """Install the block-blkpy hotplug script (mode 0755)."""
+    from blkpy.hotplug.script import install_script
+
+    try:
+        path = install_script(directory, command)
+    except OSError as exc:
+        raise click.ClickException(f"cannot install into {directory}: "
+                                   f"{exc.strerror or exc}") from None
+    click.echo(path)
+
+
+@hotplug.command("daemon")
+@XENSTORE_OPTION
+@click.option("--domid", type=click.IntRange(0, 0x7FEF), default=0, show_default=True,
+              help="The backend domain (this one).")
+@click.option("--platform", "platform_name", type=click.Choice(["linux", "sim"]),
+              default="linux", show_default=True, help="Passed to each serve.")
+@click.option("--log-dir", type=click.Path(file_okay=False, exists=True),
+              help="Write each serve's stderr to DIR/serve-<domid>-<devid>.log "
+                   "(default: this process's stderr).")
+@click.option("--serve-command", metavar="CMD",
+              help="Command that serves one device, given the backend path "
+                   "(default: this Python running `blkpy serve`).")
+@click.option("--serve-arg", "serve_args", multiple=True, metavar="ARG",
+              help="Extra argument for every serve (repeatable).")
+def daemon(xenstore_path: str | None, domid: int, platform_name: str, log_dir: str | None,
+           serve_command: str | None, serve_args: tuple[str, ...]) -> None:
+    """Start `blkpy serve` for every new block-blkpy device until SIGTERM."""
+    from blkpy.hotplug.watcher import DeviceWatcher, log_to_stderr
+
+    log_to_stderr()
+    args = ["--platform", platform_name, *(["--xenstore", xenstore_path] if xenstore_path else []),
+            *serve_args]
+    with _xenstore(xenstore_path) as xs:
+        watcher = DeviceWatcher(xs, domid=domid,  # type: ignore[arg-type]
+                                serve_command=shlex.split(serve_command) if serve_command else None,
+                                serve_args=args, log_dir=log_dir)
+        status = watcher.run()
+    sys.exit(status)

@@ -1,0 +1,198 @@
+"""`blkpy hotplug daemon`: one process that starts a `blkpy serve` per blkpy disk.
+
+libxl waits (10 s) for the backend's InitWait before it runs the hotplug script, so the
+process that answers must already be running when ``xl create`` writes the device: like
+XenServer's tapback, this watcher watches ``/local/domain/<self>/backend/vbd`` and, for each
+new device whose ``script`` node names a ``block-blkpy*`` script, spawns
+``blkpy serve backend/vbd/<domid>/<devid>`` as a child. Devices with other scripts are left
+alone (another backend may serve them). It reaps children and logs how they ended; when a
+device's backend directory disappears while its serve still runs (a forced removal skips the
+hotplug ``remove``), it terminates that serve. On SIGTERM/SIGINT it stops every child and exits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import posixpath
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from blkpy.hotplug import SCRIPT_NAME
+from blkpy.xenstore.client import XenstoreClient, XenstoreError
+
+log = logging.getLogger("blkpy.hotplug.daemon")
+
+WATCH_TOKEN = "blkpy-hotplug-devices"
+#: a serve whose device vanished gets this long to notice by itself before SIGTERM
+ORPHAN_GRACE_S = 5.0
+STOP_GRACE_S = 10.0
+
+
+def default_serve_command() -> list[str]:
+    return [sys.executable, "-m", "blkpy", "serve"]
+
+
+def is_blkpy_script(script: str | None) -> bool:
+    return bool(script) and posixpath.basename(script.strip()).startswith(SCRIPT_NAME)
+
+
+@dataclasses.dataclass
+class Child:
+    relpath: str  # backend/vbd/<domid>/<devid>
+    proc: subprocess.Popen[bytes]
+    started: float
+    orphaned_at: float | None = None  # when its backend directory disappeared
+    signalled: bool = False
+
+
+class DeviceWatcher:
+    """Keeps one serve child per blkpy device under ``/local/domain/<domid>/backend/vbd``."""
+
+    def __init__(self, xs: XenstoreClient, *, domid: int = 0,
+                 serve_command: Sequence[str] | None = None,
+                 serve_args: Sequence[str] = (), log_dir: str | None = None) -> None:
+        self.xs = xs
+        self.domid = domid
+        self.root = f"/local/domain/{domid}/backend/vbd"
+        self.serve_command = list(serve_command or default_serve_command())
+        self.serve_args = list(serve_args)
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.children: dict[str, Child] = {}
+        # devices already handled (served, or not ours): never started twice, even if their
+        # serve died, until their backend directory goes away
+        self.seen: set[str] = set()
+        self.stopping = False
+
+    # ---- scanning -------------------------------------------------------------------------
+
+    def current_devices(self) -> set[str]:
+        found = set()
+        for domid in self._directory(self.root):
+            for devid in self._directory(f"{self.root}/{domid}"):
+                found.add(f"backend/vbd/{domid}/{devid}")
+        return found
+
+    def _directory(self, path: str) -> list[str]:
+        try:
+            return self.xs.directory(path)
+        except XenstoreError:  # vanished between two reads
+            return []
+
+    def scan(self) -> None:
+        present = self.current_devices()
+        for rel in sorted(present - self.seen):
+            script = self.xs.read_str(f"/local/domain/{self.domid}/{rel}/script")
+            if script is None:
+                continue  # libxl writes all nodes in one transaction; not complete yet
+            self.seen.add(rel)
+            if is_blkpy_script(script):
+                self.start(rel)
+            else:
+                log.debug("%s: script %s is not ours; ignored", rel, script)
+        now = time.monotonic()
+        for rel in self.seen - present:
+            self.seen.discard(rel)
+            child = self.children.get(rel)
+            if child is not None and child.orphaned_at is None:
+                child.orphaned_at = now
+                log.info("%s: backend directory removed; serve pid %d has %.0f s to exit",
+                         rel, child.proc.pid, ORPHAN_GRACE_S)
+
+    # ---- children -------------------------------------------------------------------------
+
+    def start(self, rel: str) -> None:
+        argv = [*self.serve_command, rel, *self.serve_args]
+        stderr = None
+        if self.log_dir is not None:
+            name = "serve-" + rel.replace("backend/vbd/", "").replace("/", "-") + ".log"
+            stderr = open(self.log_dir / name, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stderr,
+                                    stderr=stderr, start_new_session=True)
+        except OSError as exc:
+            log.error("%s: cannot start serve (%s): %s", rel, argv[0], exc.strerror)
+            return
+        finally:
+            if stderr is not None:
+                stderr.close()
+        old = self.children.pop(rel, None)
+        if old is not None:  # the device was re-created while its old serve still exits
+            self.children[f"{rel}#{old.proc.pid}"] = old
+        self.children[rel] = Child(rel, proc, time.monotonic())
+        log.info("%s: started serve pid %d", rel, proc.pid)
+
+    def reap(self) -> None:
+        for rel, child in list(self.children.items()):
+            status = child.proc.poll()
+            if status is None:
+                continue
+            del self.children[rel]
+            how = f"exit status {status}" if status >= 0 else f"signal {-status}"
+            level = logging.INFO if status == 0 else logging.WARNING
+            log.log(level, "%s: serve pid %d ended (%s) after %.1f s", rel, child.proc.pid,
+                    how, time.monotonic() - child.started)
+
+    def terminate_orphans(self) -> None:
+        now = time.monotonic()
+        for child in self.children.values():
+            if child.orphaned_at is None:
+                continue
+            age = now - child.orphaned_at
+            if not child.signalled and age > ORPHAN_GRACE_S:
+                log.warning("%s: serve pid %d outlived its device; SIGTERM", child.relpath,
+                            child.proc.pid)
+                child.proc.send_signal(signal.SIGTERM)
+                child.signalled = True
+            elif child.signalled and age > ORPHAN_GRACE_S + STOP_GRACE_S:
+                log.error("%s: serve pid %d ignores SIGTERM; SIGKILL", child.relpath,
+                          child.proc.pid)
+                child.proc.kill()
+
+    def stop_all(self, grace: float = STOP_GRACE_S) -> None:
+        for child in self.children.values():
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while self.children and time.monotonic() < deadline:
+            self.reap()
+            time.sleep(0.1)
+        for child in self.children.values():
+            log.error("%s: serve pid %d did not stop; SIGKILL", child.relpath, child.proc.pid)
+            child.proc.kill()
+            child.proc.wait()
+        self.reap()
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def request_stop(self, *_: object) -> None:
+        self.stopping = True
+
+    def run(self, poll_interval: float = 0.5) -> int:
+        """Watch until SIGTERM/SIGINT (or ``request_stop``); returns the exit status."""
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        self.xs.watch(self.root, WATCH_TOKEN)
+        log.info("watching %s for %s devices", self.root, SCRIPT_NAME)
+        try:
+            while not self.stopping:
+                # every write under the root is an event: drain them, then scan once
+                if self.xs.events() or self.xs.wait_event(poll_interval) is not None:
+                    self.xs.events()
+                    self.scan()
+                self.reap()
+                self.terminate_orphans()
+        finally:
+            self.stop_all()
+            log.info("stopped")
+        return 0
+
+
+def log_to_stderr(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format=f"%(asctime)s blkpy-hotplug[{os.getpid()}] %(levelname)s %(message)s")
