@@ -114,6 +114,9 @@ class XenstoredServer:
             sock, _ = self._listener.accept()
         except (BlockingIOError, InterruptedError):
             return
+        except OSError as err:  # e.g. out of file descriptors: keep serving the others
+            log.warning("accept failed: %s", err)
+            return
         sock.setblocking(False)
         client = _Client(sock, Connection(self.store))
         self._clients[sock.fileno()] = client
@@ -136,6 +139,10 @@ class XenstoredServer:
                     client.conn.receive(data)
                 except ProtocolError as err:
                     self._drop(client, f"protocol error: {err}")
+                    return
+                except Exception:  # a bug must cost one connection, never the daemon
+                    log.exception("internal error serving a request; dropping the client")
+                    self._drop(client, "internal error")
                     return
         if mask & selectors.EVENT_WRITE:
             self._flush(client)

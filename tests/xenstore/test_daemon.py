@@ -237,3 +237,31 @@ def test_arbitrary_requests_never_crash_the_engine(msg_type, tx_id, payload):
     for peer in (Peer(store), Peer(store, domid=3)):
         kind, _ = peer.request(msg_type, payload, tx_id)
         assert kind in (msg_type, MsgType.ERROR)
+
+
+words = st.sampled_from(
+    [b"/a", b"/a/b", b"/a/b/c", b"rel", b"/local/domain/3", b"/local/domain/3/x", b"@releaseDomain",
+     b"@introduceDomain", b"n0", b"r3", b"b3", b"n3", b"T", b"F", b"3", b"0", b"", b"tok", b"/", b"x" * 70]
+)  # fmt: skip
+requests = st.tuples(
+    st.sampled_from([t for t in MsgType if t not in (MsgType.WATCH_EVENT, MsgType.ERROR)]),
+    st.sampled_from([0, 1, 2]),
+    st.lists(words, max_size=4).map(lambda ws: b"".join(w + b"\0" for w in ws)),
+    st.booleans(),
+)
+
+
+@settings(max_examples=200)
+@given(st.lists(requests, max_size=25))
+def test_request_sequences_keep_the_store_consistent(sequence):
+    store = Store()
+    peers = [Peer(store), Peer(store, domid=3)]
+    for msg_type, tx_id, payload, as_guest in sequence:
+        peer = peers[as_guest]
+        kind, _ = peer.request(msg_type, payload, tx_id)
+        assert kind in (msg_type, MsgType.ERROR)
+    for peer in peers:
+        peer.conn.close()
+    for path, node in store._nodes.items():
+        for child in node.children:
+            assert f"{path.rstrip('/')}/{child}" in store._nodes
