@@ -242,3 +242,20 @@ def test_xenbus_device_quirks():
         XenstoreClient.connect(os.devnull, domid=3)
     client.close()
     device.thread.join(10)
+
+
+def test_events_of_one_commit_coalesce(xenstored, client, base):
+    client.watch(base, "t")
+    assert client.wait_event(10) == (base, "t")
+    with XenstoreClient.connect(xenstored) as other:
+
+        def rewrite(tx):
+            for value in "12345":
+                other.write(f"{base}/x", value, tx)
+
+        other.run_transaction(rewrite)
+        other.write(f"{base}/marker", "")
+    seen = []
+    while (event := client.wait_event(10)) not in (None, (f"{base}/marker", "t")):
+        seen.append(event)
+    assert seen == [(f"{base}/x", "t")]
