@@ -133,18 +133,23 @@ class _Walker:
                     self.copied_flags.append((e.host, e.copied))
 
 
-def _stored_refcounts(meta: Metadata, count: int, result: CheckResult) -> np.ndarray:
+def _stored_refcounts(meta: Metadata, count: int) -> tuple[np.ndarray, int]:
+    """Stored refcounts of clusters [0, count), and how many clusters past that (past
+    the end of the file) have a non-zero refcount."""
     a = meta.alloc
-    out = np.zeros(max(count, len(a.reftable) * a.epb), dtype=np.int64)
-    for r in range(len(a.reftable)):
+    out = np.zeros(count, dtype=np.int64)
+    beyond = 0
+    for r in np.flatnonzero(a.reftable):
         try:
             off = rc.check_reftable_entry(int(a.reftable[r]), a.cluster_size, a.file_end)
         except CorruptImage:
             continue
-        if off:
-            block = rc.decode_block(meta.storage.read(off, a.cluster_size), a.refcount_bits)
-            out[r * a.epb:(r + 1) * a.epb] = block.astype(np.int64)
-    return out
+        block = rc.decode_block(meta.storage.read(off, a.cluster_size), a.refcount_bits)
+        lo = int(r) * a.epb
+        n = max(0, min(a.epb, count - lo))
+        out[lo:lo + n] = block[:n].astype(np.int64)
+        beyond += int(np.count_nonzero(block[n:]))
+    return out, beyond
 
 
 def check_image(meta: Metadata) -> CheckResult:
@@ -152,11 +157,10 @@ def check_image(meta: Metadata) -> CheckResult:
     result = CheckResult(image_end=meta.file_end)
     walker = _Walker(meta, result, check_copied=True)
     refs = walker.walk()
-    stored = _stored_refcounts(meta, len(refs), result)
-    refs_all = np.zeros(len(stored), dtype=np.int64)
-    refs_all[:len(refs)] = refs
-    for c in np.flatnonzero(stored != refs_all):
-        have, want = int(stored[c]), int(refs_all[c])
+    stored, beyond = _stored_refcounts(meta, len(refs))
+    result.leaks += beyond
+    for c in np.flatnonzero(stored != refs):
+        have, want = int(stored[c]), int(refs[c])
         if have < want:
             result.error(f"cluster {c} refcount={have} reference={want}")
         else:
@@ -181,8 +185,8 @@ def rebuild_refcounts(meta: Metadata) -> None:
     a = meta.alloc
     a.reserved = refs
     try:
-        stored = _stored_refcounts(meta, len(refs), result)
-        for c in np.flatnonzero(stored[:len(refs)] != refs):
+        stored, _ = _stored_refcounts(meta, len(refs))
+        for c in np.flatnonzero(stored != refs):
             a.set_refcount(int(c) * a.cluster_size, int(refs[c]))
     finally:
         a.reserved = None

@@ -1,0 +1,133 @@
+"""The metadata core on an in-memory file: allocation, write-back order, crash states."""
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blkpy.qcow2.check import check_image
+from blkpy.qcow2.l2 import Kind
+from blkpy.qcow2.layout import CreateOptions, new_image
+from blkpy.qcow2.metadata import Metadata
+from blkpy.qcow2.plan import MemoryStorage, Resize, Sync, Write
+
+
+def _meta(size=4 << 20, cache_size=1 << 20, **kw):
+    storage = MemoryStorage(new_image(CreateOptions(size=size, **kw)))
+    return storage, Metadata(storage, len(storage.data), writable=True, cache_size=cache_size)
+
+
+def _write(storage, meta, offset, length):
+    for step in meta.plan_write(offset, length):
+        storage.execute([Write(step.host, b"\xaa" * step.length)])
+        meta.data_written()
+        meta.commit(step)
+
+
+def _reopen(storage):
+    return Metadata(storage, len(storage.data), writable=False)
+
+
+def test_allocation_maps_guest_to_new_host_cluster():
+    storage, meta = _meta(cluster_size=4096)
+    _write(storage, meta, 8192 + 100, 50)
+    meta.flush()
+    [ext] = _reopen(storage).map_read(8192, 4096)
+    assert ext.kind is Kind.NORMAL and ext.host % 4096 == 0 and ext.length == 4096
+    assert check_image(_reopen(storage)).status == 0
+
+
+def test_write_back_order_refcounts_then_l2_then_l1():
+    storage, meta = _meta(cluster_size=4096)
+    h = meta.header
+    _write(storage, meta, 0, 4096)
+    storage.log.clear()
+    meta.flush()
+    kinds = []
+    for op in storage.log:
+        if isinstance(op, Resize):
+            continue
+        if isinstance(op, Sync):
+            kinds.append("sync")
+        elif h.l1_table_offset <= op.offset < h.l1_table_offset + 4096:
+            kinds.append("l1")
+        elif op.offset in meta.alloc.cache:
+            kinds.append("refblock")
+        else:
+            kinds.append("l2")
+    assert kinds == ["refblock", "sync", "l2", "sync", "l1", "sync"]
+
+
+def test_in_place_rewrite_needs_no_metadata():
+    storage, meta = _meta(cluster_size=4096)
+    _write(storage, meta, 0, 4096)
+    meta.flush()
+    [step] = meta.plan_write(0, 512)
+    assert step.l2_table == 0 and step.length == 512
+
+
+def test_refcount_table_grows_and_stays_consistent():
+    # 512-byte clusters with 64-bit refcounts: one table cluster covers only 2 MiB
+    storage, meta = _meta(size=8 << 20, cluster_size=512, refcount_bits=64, cache_size=4096)
+    before = meta.alloc.reftable_offset
+    for off in range(0, 6 << 20, 64 << 10):
+        _write(storage, meta, off, 64 << 10)
+    meta.flush()
+    assert meta.alloc.reftable_offset != before
+    result = check_image(_reopen(storage))
+    assert result.status == 0, result.messages[:5]
+
+
+def test_discard_frees_clusters_after_write_back():
+    storage, meta = _meta(cluster_size=4096)
+    _write(storage, meta, 0, 16384)
+    meta.flush()
+    used = meta.alloc.get(meta.entry(0).host // 4096)
+    meta.discard(0, 16384)
+    assert meta.entry(0).kind is Kind.ZERO and not meta.entry(0).host  # as QEMU: zero flag
+    meta.flush()
+    assert used == 1 and check_image(_reopen(storage)).status == 0
+
+
+def _crash_states(base: bytes, log, rng, count):
+    """Disk contents after a crash at random points: everything before the last Sync
+    reached the disk, any subset of the writes after it did."""
+    syncs = [i for i, op in enumerate(log) if isinstance(op, Sync)]
+    for _ in range(count):
+        cut = rng.randrange(len(log) + 1)
+        durable = max([i for i in syncs if i < cut], default=-1)
+        state = MemoryStorage(base)
+        state.execute(list(log[:durable + 1]))
+        state.execute([op for op in log[durable + 1:cut] if rng.random() < 0.5])
+        yield state
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from([512, 4096, 65536]), st.sampled_from([1, 16, 64]),
+       st.lists(st.tuples(st.sampled_from(["w", "d", "f"]), st.integers(0, (2 << 20) - 1),
+                          st.integers(1, 96 << 10)), min_size=1, max_size=25),
+       st.integers(0, 1000))
+def test_any_crash_point_leaves_no_corruption(cluster_size, refcount_bits, ops, seed):
+    storage, meta = _meta(size=2 << 20, cluster_size=cluster_size, refcount_bits=refcount_bits,
+                          cache_size=2 * cluster_size)
+    base = bytes(storage.data)
+    for kind, off, n in ops:
+        n = min(n, meta.size - off)
+        if kind == "w":
+            _write(storage, meta, off, n)
+        elif kind == "d":
+            meta.discard(off, n)
+        else:
+            meta.flush()
+    meta.flush()
+    for state in _crash_states(base, storage.log, random.Random(seed), 6):
+        result = check_image(Metadata(state, len(state.data), writable=False))
+        assert result.corruptions == 0, result.messages[:5]
+
+
+def test_read_only_metadata_refuses_writes():
+    storage, meta = _meta()
+    ro = _reopen(storage)
+    with pytest.raises(PermissionError):
+        ro.plan_write(0, 512)
