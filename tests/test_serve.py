@@ -34,7 +34,8 @@ def _attach(host, image, **spec_kw):
 
 def _balanced(stats):
     p = stats["platform"]
-    return p["map_calls"] == p["unmap_calls"] and p["pages_mapped"] == p["pages_unmapped"]
+    # map_calls counts attempts (a refused batch is a hypercall too); pages only successes
+    return p["pages_mapped"] == p["pages_unmapped"] and p["unmap_calls"] <= p["map_calls"]
 
 
 def test_connect_io_close_and_reconnect(host, raw_image):
