@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import sys
 
@@ -90,6 +92,72 @@ def serve(backend_path: str, platform_name: str, xenstore_path: str | None,
 @main.group()
 def sim() -> None:
     """The simulated Xen host (xenstored, guests) for tests and demos."""
+
+
+@sim.command("run")
+@click.argument("image", required=False, type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["raw", "qcow2"]),
+              help="Image format (default: from the file's header; this is your own file).")
+@click.option("--workload", type=click.Choice(["verify", "randrw"]), default="verify",
+              show_default=True)
+@click.option("--requests", type=click.IntRange(1), default=2000, show_default=True)
+@click.option("--abi", type=click.Choice(["x86_64-abi", "x86_32-abi", "arm-abi"]),
+              default="x86_64-abi", show_default=True)
+@click.option("--ring-order", type=click.IntRange(0, 4), default=0, show_default=True)
+@click.option("--indirect-segments", type=click.IntRange(0, 4096), default=32,
+              show_default=True, help="The guest's max_indirect_segments (<= 11: none).")
+@click.option("--queue-depth", type=click.IntRange(1, 512), default=32, show_default=True)
+@click.option("--readonly", is_flag=True, help="Attach the disk read-only.")
+@click.option("--persistent/--no-persistent", default=True, show_default=True,
+              help="Whether the guest offers persistent grants.")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--serve-arg", "serve_args", multiple=True, metavar="ARG",
+              help="Extra argument for the `blkpy serve` subprocess (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def sim_run(image: str | None, fmt: str | None, workload: str, requests: int, abi: str,
+            ring_order: int, indirect_segments: int, queue_depth: int, readonly: bool,
+            persistent: bool, seed: int, serve_args: tuple[str, ...], as_json: bool) -> None:
+    """Simulate a Xen host serving IMAGE (default: a temporary sparse raw image) to a
+    guest running WORKLOAD; exits non-zero on any data mismatch or protocol error."""
+    from blkpy.backends import DiskError
+    from blkpy.sim.run import SimRunConfig, run
+
+    config = SimRunConfig(
+        image=image, fmt=fmt, workload=workload, requests=requests, abi=abi,
+        ring_order=ring_order, indirect_segments=indirect_segments, readonly=readonly,
+        persistent=persistent, queue_depth=queue_depth, seed=seed, serve_args=serve_args,
+    )
+    try:
+        result = run(config)
+    except DiskError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(result) | {"ok": result.ok}, indent=2,
+                              default=str))
+    else:
+        _print_sim_result(result)
+    sys.exit(0 if result.ok else 1)
+
+
+def _print_sim_result(result) -> None:  # noqa: ANN001 - SimRunResult, imported lazily
+    cfg, disk = result.config, result.disk
+    click.echo(f"image     {cfg['image']} ({cfg['fmt']}), {disk.get('sectors', '?')} sectors "
+               f"of {disk.get('sector_size', '?')} B, abi {cfg['abi']}, ring order "
+               f"{cfg['ring_order']}")
+    click.echo("features  " + ", ".join(
+        k for k in ("flush", "barrier", "discard", "persistent") if disk.get(k))
+        + f", indirect {disk.get('max_indirect_segments', 0)}")
+    if result.report:
+        click.echo(result.report)
+    platform = result.backend.get("platform", {})
+    if platform:
+        click.echo("backend   " + ", ".join(f"{k}={v}" for k, v in platform.items()))
+    if result.ok:
+        click.echo("result    OK")
+    else:
+        for problem in result.problems:
+            click.echo(f"problem   {problem}", err=True)
+        click.echo("result    FAILED", err=True)
 
 
 @sim.command("xenstored")
