@@ -210,7 +210,8 @@ class Qcow2Disk(Disk):
     def _decompress(self, e: Entry) -> bytes:
         if self._last_compressed and self._last_compressed[0] == e.host:
             return self._last_compressed[1]
-        raw = os.pread(self._fd, e.compressed_len, e.host)
+        # the stream's last sector may lie past the end of the file: never read there
+        raw = os.pread(self._fd, min(e.compressed_len, self.meta.file_end - e.host), e.host)
         cs = self.cluster_size
         try:
             if self.meta.header.compression_type == COMPRESSION_ZSTD:
