@@ -33,6 +33,7 @@ from blkpy.platform import (
 
 GNTDEV_PATH = "/dev/xen/gntdev"
 EVTCHN_PATH = "/dev/xen/evtchn"
+GNTALLOC_PATH = "/dev/xen/gntalloc"
 XENBUS_PATH = "/dev/xen/xenbus"
 XENSTORED_SOCKETS = ("/run/xenstored/socket", "/var/run/xenstored/socket")
 XENSTORED_PATH_ENV = "XENSTORED_PATH"
@@ -42,7 +43,7 @@ XENSTORED_PATH_ENV = "XENSTORED_PATH"
 EAGAIN_RETRY_S = 0.001
 EAGAIN_RETRIES = 1000
 
-_MODULES = {GNTDEV_PATH: "xen-gntdev", EVTCHN_PATH: "xen-evtchn"}
+_MODULES = {GNTDEV_PATH: "xen-gntdev", EVTCHN_PATH: "xen-evtchn", GNTALLOC_PATH: "xen-gntalloc"}
 
 
 class DeviceCalls:
@@ -97,7 +98,7 @@ def find_xenstore_path(
     return XENBUS_PATH
 
 
-def _device_error(path: str, exc: OSError) -> PlatformError:
+def device_error(path: str, exc: OSError) -> PlatformError:
     if exc.errno == errno.ENOENT:
         module = _MODULES.get(path, "xen")
         why = f"is this a Xen dom0 with the {module} module loaded?"
@@ -197,7 +198,7 @@ class LinuxPlatform(Platform):
         try:
             return self.calls.open(path, flags)
         except OSError as exc:
-            raise _device_error(path, exc) from None
+            raise device_error(path, exc) from None
 
     @property
     def _gntdev(self) -> int:
@@ -300,16 +301,27 @@ class LinuxPlatform(Platform):
     # ---- event channels ----
 
     def bind_interdomain(self, remote_domid: int, remote_port: int) -> LinuxEventChannel:
-        fd = self._open(self._evtchn_path, os.O_RDWR | os.O_NONBLOCK)
         arg = np.array([(remote_domid, remote_port)], dtype=abi.EVTCHN_BIND_INTERDOMAIN_DTYPE)
+        return self._bind(
+            abi.IOCTL_EVTCHN_BIND_INTERDOMAIN, arg,
+            f"binding port {remote_port} of domain {remote_domid}",
+        )
+
+    def bind_unbound_port(self, remote_domid: int) -> LinuxEventChannel:
+        """A new port that ``remote_domid`` may bind (the frontend side, for real-Xen tests)."""
+        arg = np.array([(remote_domid,)], dtype=abi.EVTCHN_BIND_UNBOUND_PORT_DTYPE)
+        return self._bind(
+            abi.IOCTL_EVTCHN_BIND_UNBOUND_PORT, arg, f"allocating a port for domain {remote_domid}"
+        )
+
+    def _bind(self, request: int, arg: np.ndarray, what: str) -> LinuxEventChannel:
+        """One fresh evtchn fd per port, so each channel's fileno() wakes for it alone."""
+        fd = self._open(self._evtchn_path, os.O_RDWR | os.O_NONBLOCK)
         try:
-            port = self.calls.ioctl(fd, abi.IOCTL_EVTCHN_BIND_INTERDOMAIN, arg.view(np.uint8))
+            port = self.calls.ioctl(fd, request, arg.view(np.uint8))
         except OSError as exc:
             self.calls.close(fd)
-            raise PlatformError(
-                exc.errno,
-                f"binding port {remote_port} of domain {remote_domid}: {exc.strerror}",
-            ) from None
+            raise PlatformError(exc.errno, f"{what}: {exc.strerror}") from None
         channel = LinuxEventChannel(self, fd, port)
         self._channels = [c for c in self._channels if c._fd is not None]
         self._channels.append(channel)

@@ -1,11 +1,9 @@
-"""LinuxPlatform against a fake gntdev/evtchn pair that follows the driver rules of
-linux-xen-devices.md (it parses arguments at the spec's offsets, independently of abi.py)."""
+"""LinuxPlatform against a fake gntdev/evtchn pair (tests/gntdev/fake_xen.py)."""
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import itertools
 import mmap
 import os
 import socket
@@ -16,7 +14,6 @@ import pytest
 
 from blkpy.gntdev import linux
 from blkpy.gntdev.linux import DeviceCalls, LinuxPlatform, find_xenstore_path
-from blkpy.gntdev.native import ffi, lib
 from blkpy.platform import (
     COPY_SEGMENT_DTYPE,
     GNTST_BAD_GNTREF,
@@ -27,197 +24,7 @@ from blkpy.platform import (
     open_platform,
 )
 
-GUEST = 3
-PAGES = 16
-GNTDEV, EVTCHN = linux.GNTDEV_PATH, linux.EVTCHN_PATH
-
-
-class FakeXen(DeviceCalls):
-    """A pretend dom0: guest ``GUEST`` has PAGES pages in a memfd and grants some of them."""
-
-    def __init__(self, devices: tuple[str, ...] = (GNTDEV, EVTCHN)) -> None:
-        self.devices = set(devices)
-        self.log: list[tuple] = []
-        self.fds: dict[int, str] = {}
-        self._next_fd = itertools.count(100)
-        self.memfd = os.memfd_create("fake-guest")
-        os.ftruncate(self.memfd, PAGES * 4096)
-        self.memory = mmap.mmap(self.memfd, PAGES * 4096)
-        self.grants: dict[tuple[int, int], tuple[int, bool]] = {}  # (domid, ref) -> frame, ro
-        self.registrations: dict[int, list[tuple[int, int]]] = {}  # page slot -> grants
-        self.mmap_errors: list[int] = []
-        self.copy_supported = True
-        self.offered: set[tuple[int, int]] = set()  # unbound remote ports offered to us
-        self._next_port = itertools.count(40)
-        self.bound: dict[int, int] = {}  # fd -> local port
-        self.pending: dict[int, list[int]] = {}
-        self.overflowed: set[int] = set()
-
-    def grant(self, ref: int, frame: int, readonly: bool = False, domid: int = GUEST) -> None:
-        self.grants[(domid, ref)] = (frame, readonly)
-        self.memory[frame * 4096 : (frame + 1) * 4096] = bytes([frame + 1]) * 4096
-
-    def fire(self, port: int) -> None:
-        fd = next(fd for fd, p in self.bound.items() if p == port)
-        self.pending.setdefault(fd, []).append(port)
-
-    def names(self) -> list[str]:
-        return [entry[0] for entry in self.log]
-
-    # ---- DeviceCalls ----
-
-    def open(self, path: str, flags: int) -> int:
-        if path not in self.devices:
-            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
-        fd = next(self._next_fd)
-        self.fds[fd] = path
-        self.log.append(("open", path, flags))
-        return fd
-
-    def close(self, fd: int) -> None:
-        self.log.append(("close", fd))
-        del self.fds[fd]
-        self.bound.pop(fd, None)
-
-    def ioctl(self, fd: int, request: int, arg: np.ndarray | None = None) -> int:
-        self.log.append(("ioctl", fd, request))
-        raw = bytearray(arg.tobytes()) if arg is not None else bytearray()
-        handler = {
-            0x00184700: self._map_grant_ref,
-            0x00104701: self._unmap_grant_ref,
-            0x00104707: self._unmap_notify,
-            0x00104708: self._grant_copy,
-            0x00084501: self._bind_interdomain,
-            0x00044503: self._unbind,
-            0x00044504: self._notify,
-            0x00004505: self._reset,
-        }.get(request)
-        if handler is None:
-            raise OSError(errno.ENOTTY, "Inappropriate ioctl for device")
-        result = handler(fd, raw)
-        if arg is not None:
-            arg[:] = np.frombuffer(bytes(raw), np.uint8)
-        return result
-
-    def _map_grant_ref(self, fd: int, raw: bytearray) -> int:
-        (count,) = struct.unpack_from("<I", raw, 0)
-        if count == 0:
-            raise OSError(errno.EINVAL, "count 0")
-        grants = [struct.unpack_from("<II", raw, 16 + 8 * i) for i in range(count)]
-        slot = 0  # first fit in the per-fd page-index space
-        while any(s < slot + count and slot < s + len(g) for s, g in self.registrations.items()):
-            slot += 1
-        self.registrations[slot] = grants
-        struct.pack_into("<Q", raw, 8, slot * 4096)
-        return 0
-
-    def _unmap_grant_ref(self, fd: int, raw: bytearray) -> int:
-        index, count = struct.unpack_from("<QI", raw, 0)
-        if len(self.registrations.get(index // 4096, ())) != count:
-            raise OSError(errno.ENOENT, "no such range")
-        del self.registrations[index // 4096]
-        return 0
-
-    def _unmap_notify(self, fd: int, raw: bytearray) -> int:
-        index, action, port = struct.unpack_from("<QII", raw, 0)
-        self.log.append(("notify-on-unmap", index, action, port))
-        return 0
-
-    def _grant_copy(self, fd: int, raw: bytearray) -> int:
-        count, pointer = struct.unpack_from("<IxxxxQ", raw, 0)
-        if not self.copy_supported:
-            raise OSError(errno.ENOTTY, "no grant copy")
-        segs = (ctypes.c_char * (24 * count)).from_address(pointer) if count else bytearray()
-        for i in range(count):
-            source, dest, length, flags = struct.unpack_from("<QQHH", segs, 24 * i)
-            if flags not in (1, 2):
-                raise OSError(errno.EINVAL, "both sides local")
-            foreign = source if flags == 1 else dest
-            ref, offset, domid = foreign & 0xFFFFFFFF, (foreign >> 32) & 0xFFFF, foreign >> 48
-            if offset + length > 4096:
-                raise OSError(errno.EINVAL, "crosses a page")
-            status = GNTST_OKAY
-            if (domid, ref) not in self.grants:
-                status = GNTST_BAD_GNTREF
-            elif flags == 2 and self.grants[(domid, ref)][1]:
-                status = GNTST_PERMISSION_DENIED
-            else:
-                frame = self.grants[(domid, ref)][0]
-                page = ffi.cast("uintptr_t", ffi.from_buffer(self.memory))
-                guest = int(page) + frame * 4096 + offset
-                src, dst = (guest, dest) if flags == 1 else (source, guest)
-                ctypes.memmove(dst, src, length)
-            struct.pack_into("<h", segs, 24 * i + 20, status)
-        return 0
-
-    def _bind_interdomain(self, fd: int, raw: bytearray) -> int:
-        remote = struct.unpack_from("<II", raw, 0)
-        if remote not in self.offered:
-            raise OSError(errno.EINVAL, "not an unbound port for us")
-        self.offered.discard(remote)
-        port = next(self._next_port)
-        self.bound[fd] = port
-        return port
-
-    def _port_of(self, fd: int, raw: bytearray) -> int:
-        (port,) = struct.unpack_from("<I", raw, 0)
-        if self.bound.get(fd) != port:
-            raise OSError(errno.ENOTCONN, "not bound here")
-        return port
-
-    def _unbind(self, fd: int, raw: bytearray) -> int:
-        self._port_of(fd, raw)
-        del self.bound[fd]
-        return 0
-
-    def _notify(self, fd: int, raw: bytearray) -> int:
-        self.log.append(("sent", self._port_of(fd, raw)))
-        return 0
-
-    def _reset(self, fd: int, raw: bytearray) -> int:
-        self.overflowed.discard(fd)
-        self.pending.pop(fd, None)
-        return 0
-
-    def mmap(self, fd: int, length: int, prot: int, offset: int) -> int:
-        self.log.append(("mmap", fd, length, prot, offset))
-        if self.mmap_errors:
-            err = self.mmap_errors.pop(0)
-            raise OSError(err, os.strerror(err))
-        grants = self.registrations.get(offset // 4096)
-        if grants is None or len(grants) * 4096 != length:
-            raise OSError(errno.EINVAL, "no such range")
-        writable = bool(prot & mmap.PROT_WRITE)
-        frames = []
-        for grant in grants:
-            if grant not in self.grants or (writable and self.grants[grant][1]):
-                raise OSError(errno.EINVAL, "bad grant")
-            frames.append(self.grants[grant][0])
-        frame_array = np.array(frames, dtype=np.uint32)
-        address = lib.blkpy_sim_map_frames(
-            self.memfd, ffi.cast("uint32_t *", frame_array.ctypes.data), len(frames), writable
-        )
-        assert address > 0
-        return address
-
-    def munmap(self, address: int, length: int) -> None:
-        self.log.append(("munmap", address, length))
-        super().munmap(address, length)
-
-    def read(self, fd: int, size: int) -> bytes:
-        if fd in self.overflowed:
-            raise OSError(errno.EFBIG, "File too large")
-        ports = self.pending.pop(fd, [])
-        if not ports:
-            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
-        return struct.pack(f"={len(ports)}I", *ports)
-
-    def write(self, fd: int, data: bytes) -> int:
-        self.log.append(("unmask", fd, data))
-        return len(data)
-
-    def sleep(self, seconds: float) -> None:
-        self.log.append(("sleep", seconds))
+from .fake_xen import EVTCHN, GNTDEV, GUEST, FakeXen
 
 
 @pytest.fixture
@@ -516,3 +323,10 @@ def test_device_calls_ioctl_and_mmap_on_ordinary_files(tmp_path):
             calls.mmap(fd, 4096, mmap.PROT_READ, 123)  # unaligned offset
     finally:
         calls.close(fd)
+
+
+def test_bind_unbound_port(xen, platform):
+    ch = platform.bind_unbound_port(7)
+    assert xen.unbound[ch.local_port] == 7
+    assert ("ioctl", ch.fileno(), 0x00044502) in xen.log
+    ch.close()
