@@ -236,6 +236,8 @@ class BlkfrontRing:
         return ok
 
     def _take_pages(self, n: int, readonly: bool) -> list[tuple[int, int]]:
+        if n == 0:
+            return []  # (a [-0:] slice would take the whole pool)
         while len(self._pool) < n:
             try:
                 frames = [int(f) for f in self.guest.alloc_pages(_POOL_GROWTH)]

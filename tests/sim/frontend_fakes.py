@@ -48,6 +48,8 @@ class ToyBackend:
         self.bogus_id: int | None = None
         self.keep_mapped = False
         self.refuse_flush = False
+        self.corrupt_reads = False  # flip one byte of every read
+        self.ignore_discard = False  # answer OKAY without zeroing
         self.held: list = []
         self.seen: list[np.ndarray] = []
         self._stop = threading.Event()
@@ -103,7 +105,8 @@ class ToyBackend:
             start, n = int(d["sector_number"]) * SECTOR, int(d["nr_sectors"]) * SECTOR
             if self.readonly:
                 return rid, op, blkif.BLKIF_RSP_ERROR
-            self.disk[start : start + n] = bytes(n)
+            if not self.ignore_discard:
+                self.disk[start : start + n] = bytes(n)
             return rid, op, blkif.BLKIF_RSP_OKAY
         data_op, segs = self._segments(views, i)
         answer_op = data_op + 1 if self.wrong_operation else data_op
@@ -122,6 +125,8 @@ class ToyBackend:
             n = (int(seg["last_sect"]) - int(seg["first_sect"]) + 1) * SECTOR
             if writable:
                 buf[a : a + n] = self.disk[pos : pos + n]
+                if self.corrupt_reads and i == 0:
+                    buf[a] ^= 0xFF
             else:
                 self.disk[pos : pos + n] = buf[a : a + n]
             pos += n
@@ -130,6 +135,22 @@ class ToyBackend:
         else:
             m.unmap()
         return rid, answer_op, blkif.BLKIF_RSP_OKAY
+
+
+def ring_pair(sim_dir: str, domid: int = 5, abi: str = "x86_64-abi", order: int = 0,
+              readonly: bool = False, sectors: int = 4096, **info):
+    """(guest, attached BlkfrontRing, ToyBackend serving it) without any xenstore."""
+    from blkpy.sim.blkfront_ring import BlkfrontRing
+    from blkpy.sim.guest import SimGuest
+
+    guest = SimGuest(sim_dir, domid, memory_pages=4096, grant_entries=4096)
+    fr = BlkfrontRing(guest, 0, blkif.ABIS[abi], order, handle=51712)
+    be = ToyBackend(sim_dir, domid, fr.ring_refs, fr.event_channel, blkif.ABIS[abi], order,
+                    sectors * SECTOR, readonly=readonly)
+    if readonly:
+        info["info"] = info.get("info", 0) | blkif.VDISK_READONLY
+    fr.attach(disk_info(sectors, **info))
+    return guest, fr, be
 
 
 class ToyXenbusBackend:

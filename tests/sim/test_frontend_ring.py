@@ -2,17 +2,16 @@
 
 import numpy as np
 import pytest
-from frontend_fakes import ToyBackend, disk_info
+from frontend_fakes import ring_pair
 
 from blkpy import ring as blkif
 from blkpy.sim.blkfront_ring import (
-    BlkfrontRing,
     ProtocolError,
     RingBusy,
     contiguous_layout,
     layout_bytes,
 )
-from blkpy.sim.guest import SimGuest, create_sim_dir, remove_sim_dir
+from blkpy.sim.guest import create_sim_dir, remove_sim_dir
 
 DOMID = 5
 SECTORS = 4096
@@ -25,13 +24,8 @@ def sim_dir():
     remove_sim_dir(path)
 
 
-def make_pair(sim_dir, abi="x86_64-abi", order=0, readonly=False, **info):
-    guest = SimGuest(sim_dir, DOMID, memory_pages=2048, grant_entries=2048)
-    fr = BlkfrontRing(guest, 0, blkif.ABIS[abi], order, handle=51712)
-    be = ToyBackend(sim_dir, DOMID, fr.ring_refs, fr.event_channel, blkif.ABIS[abi], order,
-                    SECTORS * 512, readonly=readonly)
-    fr.attach(disk_info(SECTORS, **info))
-    return guest, fr, be
+def make_pair(sim_dir, **options):
+    return ring_pair(sim_dir, DOMID, sectors=SECTORS, **options)
 
 
 @pytest.fixture
