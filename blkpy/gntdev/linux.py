@@ -219,6 +219,8 @@ class LinuxPlatform(Platform):
         count = int(ref_array.size)
         if count == 0:
             raise GrantError(errno.EINVAL, "no grant refs to map")
+        if not 0 <= domid <= 0xFFFF:
+            raise GrantError(errno.EINVAL, f"bad domain id {domid}")
         arg = abi.map_grant_ref_arg(domid, ref_array)
         try:
             self.calls.ioctl(self._gntdev, abi.IOCTL_GNTDEV_MAP_GRANT_REF, arg)

@@ -8,6 +8,7 @@ import mmap
 import os
 import socket
 import struct
+import termios
 
 import numpy as np
 import pytest
@@ -154,10 +155,11 @@ def test_eagain_retries_are_bounded(xen, platform, monkeypatch):
     assert xen.registrations == {}
 
 
-@pytest.mark.parametrize("refs", [[], [-1], [2**40]])
-def test_malformed_ref_lists_make_no_syscall(xen, platform, refs):
+@pytest.mark.parametrize(("domid", "refs"), [(GUEST, []), (GUEST, [-1]), (GUEST, [2**40]),
+                                            (-1, [8]), (0x10000, [8])])
+def test_malformed_requests_make_no_syscall(xen, platform, domid, refs):
     with pytest.raises(GrantError):
-        platform.map_grants(GUEST, refs, writable=False)
+        platform.map_grants(domid, refs, writable=False)
     assert xen.log == []
 
 
@@ -323,6 +325,19 @@ def test_device_calls_ioctl_and_mmap_on_ordinary_files(tmp_path):
             calls.mmap(fd, 4096, mmap.PROT_READ, 123)  # unaligned offset
     finally:
         calls.close(fd)
+
+
+def test_device_calls_ioctl_writes_results_back():
+    calls = DeviceCalls()
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b"abc")
+        arg = np.zeros(4, np.uint8)
+        assert calls.ioctl(read_end, termios.FIONREAD, arg) == 0
+        assert int(arg.view("<u4")[0]) == 3
+    finally:
+        os.close(read_end)
+        os.close(write_end)
 
 
 def test_bind_unbound_port(xen, platform):
