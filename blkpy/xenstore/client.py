@@ -57,6 +57,17 @@ def default_path() -> str:
     )
 
 
+def device_write_error(err: OSError) -> XenstoreError | None:
+    """The request error behind a failed write() to /dev/xen/xenbus, or None when the
+    failure concerns the connection. The kernel refuses one message with ESRCH (unknown
+    transaction: xenstored would say ENOENT), E2BIG or EINVAL (too long), and the file stays
+    usable."""
+    names = {errno.ESRCH: "ENOENT", errno.E2BIG: "E2BIG", errno.EINVAL: "EINVAL"}
+    if err.errno not in names:
+        return None
+    return make_error(names[err.errno], f"xenbus device refused the request: {err.strerror}")
+
+
 def _decode(data: bytes) -> str:
     # surrogateescape: a token registered as str comes back equal, whatever its bytes.
     return data.decode("utf-8", "surrogateescape")
@@ -305,6 +316,9 @@ class XenstoreClient:
             except ConnectionError as err:
                 self._fail(f"xenstored at {self.path} closed the connection ({err.strerror})")
             except OSError as err:
+                refused = device_write_error(err) if self.is_device else None
+                if refused is not None:
+                    raise refused from err
                 self._fail(f"writing to xenstored at {self.path} failed: {err.strerror}")
             view = view[written:]
 

@@ -1,5 +1,6 @@
 """XenstoreClient against the simulated xenstored over a real unix socket."""
 
+import errno
 import os
 import select
 import socket
@@ -7,7 +8,13 @@ import threading
 
 import pytest
 
-from blkpy.xenstore.client import NoEntry, XenstoreClient, XenstoreError, default_path
+from blkpy.xenstore.client import (
+    NoEntry,
+    XenstoreClient,
+    XenstoreError,
+    default_path,
+    device_write_error,
+)
 from blkpy.xenstore.server import start_xenstored, stop_xenstored
 from blkpy.xenstore.wire import Decoder, Message, MsgType, join_strings
 
@@ -259,3 +266,11 @@ def test_events_of_one_commit_coalesce(xenstored, client, base):
     while (event := client.wait_event(10)) not in (None, (f"{base}/marker", "t")):
         seen.append(event)
     assert seen == [(f"{base}/x", "t")]
+
+
+def test_device_write_errors_concern_one_request():
+    unknown_tx = device_write_error(OSError(errno.ESRCH, "No such process"))
+    assert isinstance(unknown_tx, NoEntry)
+    assert device_write_error(OSError(errno.E2BIG, "too big")).errno_name == "E2BIG"
+    assert device_write_error(OSError(errno.EINVAL, "bad")).errno_name == "EINVAL"
+    assert device_write_error(OSError(errno.EIO, "gone")) is None
