@@ -164,10 +164,14 @@ class SimHost:
 
     def wait_backend_state(self, spec: toolstack.DiskSpec, state: XenbusState,
                            timeout: float = 10.0) -> bool:
+        """Wait until the backend writes ``state``; gives up early if its process died."""
+        procs = [b.proc for b in self.backends if b.spec == spec]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.backend_state(spec) == state:
                 return True
+            if procs and all(p.poll() is not None for p in procs):
+                return self.backend_state(spec) == state
             time.sleep(0.01)
         return False
 

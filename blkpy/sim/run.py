@@ -19,6 +19,7 @@ from blkpy.sim.frontend import Frontend
 from blkpy.sim.host import SimHost
 from blkpy.sim.toolstack import DiskSpec
 from blkpy.sim.workloads import run_workload
+from blkpy.xenbus import XenbusState
 
 GUEST_DOMID = 1
 DEVID = 51712  # xvda
@@ -88,6 +89,8 @@ def run(config: SimRunConfig) -> SimRunResult:
         disk: dict[str, object] = {}
         report = ""
         try:
+            if not host.wait_backend_state(spec, XenbusState.INIT_WAIT, timeout=30):
+                raise RuntimeError("backend never reached InitWait: " + backend.log()[-500:])
             info = frontend.connect(timeout=30)
             disk = dataclasses.asdict(info)
             result = run_workload(frontend, config.workload, requests=config.requests,
