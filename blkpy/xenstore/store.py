@@ -256,6 +256,10 @@ class _TransactionView:
     def changed(self, kind: str, path: str) -> None:
         self._tx.changes.append((kind, path))
 
+    @property
+    def nodes_changed(self) -> int:
+        return len(self._tx.overlay)
+
 
 _View = _LiveView | _TransactionView
 
@@ -528,7 +532,7 @@ class Store:
         if (
             isinstance(view, _TransactionView)
             and not session.privileged
-            and len(view._tx.overlay) > self.quota.transaction_nodes
+            and view.nodes_changed > self.quota.transaction_nodes
         ):
             raise XenstoreError("ENOSPC", "transaction touches too many nodes")
 

@@ -455,3 +455,18 @@ def test_quotas_for_unprivileged_domains():
     for i in range(10):
         store.watch(dom0, f"/w{i}", "t")
     store.write(dom0, "/big", b"x" * 4000)
+
+
+def test_transaction_size_quota():
+    store = Store(Quota(transaction_nodes=4))
+    dom0 = store.open_session()
+    store.mkdir(dom0, "/local/domain/5")
+    store.set_perms(dom0, "/local/domain/5", ["n5"])
+    domu = guest(store, 5)
+    tx = store.transaction_start(domu)
+    store.write(domu, "a", b"", tx)  # touches a and its parent
+    store.write(domu, "b", b"", tx)
+    assert error_of(store.write, domu, "c", b"", tx) == "ENOSPC"
+    tx = store.transaction_start(dom0)
+    for name in "abcdefgh":
+        store.write(dom0, f"/q/{name}", b"", tx)  # dom0 is not limited
