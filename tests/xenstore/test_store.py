@@ -458,7 +458,7 @@ def test_quotas_for_unprivileged_domains():
 
 
 def test_transaction_size_quota():
-    store = Store(Quota(transaction_nodes=4))
+    store = Store(Quota(transaction_nodes=3))
     dom0 = store.open_session()
     store.mkdir(dom0, "/local/domain/5")
     store.set_perms(dom0, "/local/domain/5", ["n5"])
