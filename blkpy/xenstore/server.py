@@ -47,6 +47,7 @@ class _Client:
         self.sock = sock
         self.conn = conn
         self.outbuf = bytearray()
+        self.selected = selectors.EVENT_READ  # what the selector watches for
 
 
 class XenstoredServer:
@@ -165,10 +166,13 @@ class XenstoredServer:
         if len(client.outbuf) > _DROP_BYTES:
             self._drop(client, "client does not read its replies")
             return
-        events = selectors.EVENT_WRITE if client.outbuf or client.conn.has_events() else 0
+        wanted = selectors.EVENT_WRITE if client.outbuf or client.conn.has_events() else 0
         if len(client.outbuf) < _READ_PAUSE_BYTES:
-            events |= selectors.EVENT_READ
-        self._selector.modify(client.sock, events or selectors.EVENT_READ, client)
+            wanted |= selectors.EVENT_READ
+        wanted = wanted or selectors.EVENT_READ
+        if wanted != client.selected:
+            self._selector.modify(client.sock, wanted, client)
+            client.selected = wanted
 
     def _drop(self, client: _Client, reason: str) -> None:
         fd = client.sock.fileno()
