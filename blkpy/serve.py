@@ -19,6 +19,9 @@ import os
 import signal
 from collections.abc import Callable
 
+import aiofiles
+import aiofiles.os
+
 from blkpy import ring
 from blkpy.backends import Disk, DiskError, open_disk
 from blkpy.engine import make_engine
@@ -110,6 +113,7 @@ class DeviceServer:
         self._ring_maps: list[GrantMapping] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Future[int] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self._bad_log = RateLimitedLog(logging.getLogger("blkpy.vbd"))
         self._read_backend_nodes()
         self.disk = self._open_disk()
@@ -165,7 +169,7 @@ class DeviceServer:
         self._done = self._loop.create_future()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._on_terminate)
-        self._loop.add_signal_handler(signal.SIGUSR1, self.write_stats)
+        self._loop.add_signal_handler(signal.SIGUSR1, self._on_stats_signal)
         self.xs.write(f"{self.path}/kthread-pid", str(os.getpid()))
         self.xs.watch(f"{self.frontend}/state", "frontend")
         self.xs.watch(f"{self.path}/state", "backend")
@@ -385,15 +389,31 @@ class DeviceServer:
             "queues": self._past_stats + [v.stats.as_dict() for v in self.vbds],
         }
 
+    def _stats_path(self) -> str | None:
+        return self.opts.stats_file or os.environ.get(STATS_FILE_ENV)
+
     def write_stats(self) -> None:
-        """Dump counters as JSON where BLKPY_STATS_FILE / --stats-file says (SIGUSR1, exit)."""
-        path = self.opts.stats_file or os.environ.get(STATS_FILE_ENV)
+        """Dump counters as JSON where BLKPY_STATS_FILE / --stats-file says (at exit)."""
+        path = self._stats_path()
+        if path:
+            with open(f"{path}.tmp", "w") as f:
+                json.dump(self.stats(), f)
+            os.replace(f"{path}.tmp", path)
+
+    def _on_stats_signal(self) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(self._dump_stats_async())
+        self._tasks.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._tasks.discard)
+
+    async def _dump_stats_async(self) -> None:
+        """SIGUSR1: the same dump without blocking the data path on a slow filesystem."""
+        path = self._stats_path()
         if not path:
             return
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.stats(), f)
-        os.replace(tmp, path)
+        async with aiofiles.open(f"{path}.tmp", "w") as f:
+            await f.write(json.dumps(self.stats()))
+        await aiofiles.os.replace(f"{path}.tmp", path)
 
 
 def serve(backend_path: str, platform: Platform, xenstore_path: str | None,
