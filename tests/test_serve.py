@@ -4,10 +4,13 @@ removal, SIGTERM, hostile frontend nodes and operator errors."""
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from blkpy import ring
 from blkpy.serve import parse_params
 from blkpy.sim.frontend import Frontend, NegotiationError
 from blkpy.sim.host import SimHost
@@ -202,3 +205,57 @@ def test_negotiation_error_when_no_backend(host, raw_image):
     fe = Frontend(guest, host.guest_xenstore(1), DEVID)
     with pytest.raises(NegotiationError):
         fe.connect(timeout=0.5)
+
+
+def test_multi_queue_frontend(host, raw_image):
+    """A frontend using two queues (queue-N nodes, one ring and event channel each), as
+    Linux blkfront does on a guest with several vCPUs."""
+    guest = host.create_guest(1)
+    spec = DiskSpec(1, DEVID, "xvda", raw_image)
+    backend = host.add_disk(spec)
+    assert host.wait_backend_state(spec, XenbusState.INIT_WAIT, 10)
+    xs = host.xs
+    assert int(xs.read_str(f"{spec.backend_path}/multi-queue-max-queues")) >= 2
+    gxs = host.guest_xenstore(1)
+    abi = ring.ABIS["x86_64-abi"]
+    queues = []
+    for q in range(2):
+        frames = guest.alloc_pages(2)
+        refs = [guest.grant_access(f, 0) for f in frames]
+        front = ring.FrontRing(memoryview(guest.memory[frames[0] * 4096:(frames[1] + 1) * 4096]),
+                               abi, 2)
+        port = guest.alloc_unbound_port(0)
+        queues.append((front, port))
+        for i, ref in enumerate(refs):
+            gxs.write(f"{spec.frontend_path}/queue-{q}/ring-ref{i}", str(ref))
+        gxs.write(f"{spec.frontend_path}/queue-{q}/event-channel", str(port.port))
+    gxs.write(f"{spec.frontend_path}/multi-queue-num-queues", "2")
+    gxs.write(f"{spec.frontend_path}/ring-page-order", "1")
+    gxs.write(f"{spec.frontend_path}/protocol", "x86_64-abi")
+    gxs.write(f"{spec.frontend_path}/state", "3")
+    assert host.wait_backend_state(spec, XenbusState.CONNECTED, 10), backend.log()
+    for q, (front, port) in enumerate(queues):
+        frame = guest.alloc_pages(1)[0]
+        guest.page(frame)[:] = bytes([q + 1]) * 4096
+        gref = guest.grant_access(frame, 0)
+        req = np.zeros(1, dtype=abi.request)
+        req["operation"], req["id"], req["sector_number"], req["nr_segments"] = 1, q, q * 8, 1
+        req["seg"][0, 0] = (gref, 0, 7)
+        front.put_requests(req)
+        if front.push_requests():
+            port.notify()
+        rsp = np.zeros(0, dtype=abi.response)
+        for _ in range(500):
+            rsp = front.consume_responses()
+            if len(rsp):
+                break
+            time.sleep(0.01)
+        assert rsp["status"].tolist() == [0] and rsp["id"].tolist() == [q]
+        assert guest.end_access(gref)
+    with open(raw_image, "rb") as f:
+        data = f.read(8192)
+    assert data == b"\x01" * 4096 + b"\x02" * 4096
+    gxs.write(f"{spec.frontend_path}/state", "6")
+    assert host.wait_backend_state(spec, XenbusState.CLOSED, 10)
+    assert host.remove_disk(spec)
+    assert backend.wait(10) == 0
