@@ -194,6 +194,11 @@ class BlkfrontRing:
     # ---- set-up and teardown -------------------------------------------------------
 
     @property
+    def front_address(self) -> int:
+        """Address of the shared ring (header first) in this process, for C code."""
+        return self._mem.ctypes.data + self._ring_frames[0] * PAGE_SIZE
+
+    @property
     def event_channel(self) -> int:
         return self.port.port
 
@@ -333,6 +338,26 @@ class BlkfrontRing:
             nbytes = layout_bytes(layout)
         elif layout_bytes(layout) != nbytes:
             raise ValueError("layout does not match the data length")
+        req_id = self._free_ids[-1]
+        rec, data_pages, ind_pages = self._build(op, sector, layout, req_id)
+        if payload is not None:
+            self._scatter(payload, data_pages, layout)
+        self._free_ids.pop()
+        indirect = bool(ind_pages)
+        if indirect:
+            self.stats.indirect_requests += 1
+        self._shadow[req_id] = _Shadow(
+            op, op, sector, nbytes, data_pages, list(layout), ind_pages, tag, indirect
+        )
+        self.front.put_requests(rec)
+        self.stats.requests[OP_NAMES[op]] += 1
+        return req_id
+
+    def _build(
+        self, op: int, sector: int, layout: Layout, req_id: int
+    ) -> tuple[np.ndarray, list[tuple[int, int]], list[tuple[int, int]]]:
+        """One request slot (as a 1-record array) for a READ/WRITE/FLUSH/BARRIER over
+        ``layout``, with its data pages and indirect pages taken from the pool."""
         nseg = len(layout)
         if op in (blkif.BLKIF_OP_READ, blkif.BLKIF_OP_WRITE):
             if nseg == 0:
@@ -355,24 +380,18 @@ class BlkfrontRing:
         segs["gref"] = [ref for _f, ref in data_pages]
         segs["first_sect"] = [f for f, _l in layout]
         segs["last_sect"] = [last for _f, last in layout]
-        if payload is not None:
-            self._scatter(payload, data_pages, layout)
-
-        req_id = self._free_ids.pop()
         if indirect:
             rec = np.zeros(1, dtype=self.abi.indirect)
             rec["operation"] = blkif.BLKIF_OP_INDIRECT
             rec["indirect_op"] = op
             rec["nr_segments"] = nseg
             rec["handle"] = self.handle
+            per_page = blkif.SEGS_PER_INDIRECT_FRAME
             for i, (frame, ref) in enumerate(ind_pages):
-                chunk = segs[
-                    i * blkif.SEGS_PER_INDIRECT_FRAME : (i + 1) * blkif.SEGS_PER_INDIRECT_FRAME
-                ]
+                chunk = segs[i * per_page : (i + 1) * per_page]
                 page = self._mem[frame * PAGE_SIZE : (frame + 1) * PAGE_SIZE]
                 page[: chunk.nbytes] = chunk.view(np.uint8)
                 rec["indirect_grefs"][0, i] = ref
-            self.stats.indirect_requests += 1
         else:
             rec = np.zeros(1, dtype=self.abi.request)
             rec["operation"] = op
@@ -381,12 +400,36 @@ class BlkfrontRing:
             rec["seg"][0, :nseg] = segs
         rec["id"] = req_id
         rec["sector_number"] = sector
-        self._shadow[req_id] = _Shadow(
-            op, op, sector, nbytes, data_pages, list(layout), ind_pages, tag, indirect
-        )
-        self.front.put_requests(rec)
-        self.stats.requests[OP_NAMES[op]] += 1
-        return req_id
+        return rec, data_pages, ind_pages
+
+    def request_templates(
+        self, op: int, nbytes: int, count: int
+    ) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """One ready slot for each request id below ``count`` (abi.raw records) for ``op`` over
+        a page-aligned buffer of ``nbytes``, for a load generator that only fills in
+        sector numbers; their pages stay taken until ``release_templates``. Needs
+        persistent grants (the generator never ends grants) and an idle ring."""
+        if not self.persistent:
+            raise RuntimeError("request templates need persistent grants")
+        if self.in_flight:
+            raise RingBusy("the frontend's own requests are in flight")
+        layout = contiguous_layout(nbytes)
+        if not 0 < count <= self.size:
+            raise ValueError(f"{count} templates for a ring of {self.size}")
+        templates = np.zeros(count, dtype=self.abi.raw)
+        held: list[tuple[int, int]] = []
+        try:
+            for req_id in range(count):
+                rec, data_pages, ind_pages = self._build(op, 0, layout, req_id)
+                held += data_pages + ind_pages
+                templates[req_id] = rec.view(self.abi.raw)[0]
+        except BaseException:
+            self._give_back(held)
+            raise
+        return templates, held
+
+    def release_templates(self, held: list[tuple[int, int]]) -> None:
+        self._give_back(held)
 
     def _submit_discard(self, sector: int, nr_sectors: int, secure: bool, tag: Any) -> int:
         req_id = self._free_ids.pop()

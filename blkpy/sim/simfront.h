@@ -1,0 +1,58 @@
+/* The simulated blkfront's load generator for benchmarks: keeps a fixed number of READ
+ * requests in flight on a blkif front ring, checking every response the way blkfront does,
+ * so the generator costs far less CPU than the backend it measures.
+ *
+ * Python prepares one complete request slot per request id (segments, persistent grant
+ * refs, indirect pages) and owns the event channel: simfront_step() fills slots, pushes,
+ * polls for responses, and returns when the backend must be notified or when there is
+ * nothing to do but sleep until an event.
+ */
+#ifndef BLKPY_SIMFRONT_H
+#define BLKPY_SIMFRONT_H
+#include <stdint.h>
+
+/* CDEF-BEGIN */
+#define SIMFRONT_NOTIFY 1   /* requests were pushed and ring.h says: kick the backend */
+#define SIMFRONT_WAIT 2     /* everything is in flight; rsp_event is armed: sleep */
+#define SIMFRONT_DONE 4     /* the limit was reached and every request completed */
+#define SIMFRONT_BROKEN 8   /* the backend broke the protocol (see bad_responses) */
+
+struct simfront {
+    uint8_t *ring;              /* shared ring: 64-byte header, then slots */
+    const uint8_t *templates;   /* depth * entry_size bytes: a ready request per id */
+    uint32_t *free_ids;         /* stack of size entries (scratch) */
+    uint8_t *pending;           /* size entries (scratch): id is in flight */
+    uint32_t size;              /* ring slots (power of two) */
+    uint32_t entry_size;        /* slot bytes of the ABI */
+    uint32_t id_off;            /* offset of `id` in a request slot */
+    uint32_t sector_off;        /* offset of `sector_number` */
+    uint32_t depth;             /* requests kept in flight (<= size) */
+    uint8_t response_op;        /* operation every response must carry */
+    uint8_t random;             /* 1: random sectors, 0: sequential */
+    uint8_t _pad[2];
+    uint64_t sectors_per_req;   /* 512-byte sectors per request (alignment too) */
+    uint64_t slots_in_disk;     /* request-sized slots in the disk range */
+    uint64_t next_slot;         /* sequential position */
+    uint64_t rng;               /* xorshift64 state, non-zero */
+    uint64_t limit;             /* stop submitting after this many (0: no limit) */
+    /* private ring indices and counters */
+    uint32_t req_prod_pvt;
+    uint32_t rsp_cons;
+    uint32_t n_free;
+    uint32_t in_flight;
+    uint64_t submitted;
+    uint64_t completed;
+    uint64_t errors;            /* responses with a status other than OKAY */
+    uint64_t bad_responses;     /* wrong id / not pending / wrong op / overflow */
+    uint64_t pushes;
+    uint64_t polls;             /* ring checks that found nothing */
+};
+
+/* Resets indices and counters (the ring header must already be initialised). */
+void simfront_init(struct simfront *f);
+/* Does as much work as possible without sleeping, polling the ring for up to poll_ns
+ * nanoseconds when nothing is ready; returns SIMFRONT_* flags. */
+int simfront_step(struct simfront *f, uint64_t poll_ns);
+/* CDEF-END */
+
+#endif
