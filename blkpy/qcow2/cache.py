@@ -57,12 +57,13 @@ class TableCache:
         return len(self._tables) > self.capacity
 
     def shrink(self) -> bool:
-        """Drop least recently used clean tables until within capacity.
+        """Drop least recently used clean tables until within capacity; never the most
+        recently used one (the caller is about to use it).
 
         Returns False if still over capacity (everything left is dirty)."""
         if not self.over_capacity():
             return True
-        for off in list(self._tables):
+        for off in list(self._tables)[:-1]:
             if len(self._tables) <= self.capacity:
                 break
             if off not in self._dirty:
