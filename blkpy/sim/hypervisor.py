@@ -27,18 +27,20 @@ from pathlib import Path
 
 import numpy as np
 
+from blkpy.gntdev.abi import (  # noqa: F401 - re-exported: the guest side's vocabulary
+    GNTTAB_NR_RESERVED_ENTRIES,
+    GRANT_ENTRY_V1_DTYPE,
+    GTF_INVALID,
+    GTF_PERMIT_ACCESS,
+    GTF_READING,
+    GTF_READONLY,
+    GTF_TYPE_MASK,
+    GTF_WRITING,
+)
 from blkpy.gntdev.native import ffi, lib
 from blkpy.platform import PAGE_SIZE, EventChannel, PlatformError, PlatformStats
 
-# Grant table v1 (linux-xen-devices.md 5).
-GNTTAB_NR_RESERVED_ENTRIES = 8
-GTF_INVALID = 0
-GTF_PERMIT_ACCESS = 1
-GTF_TYPE_MASK = 3
-GTF_READONLY = 0x4
-GTF_READING = 0x8
-GTF_WRITING = 0x10
-GRANT_ENTRY_DTYPE = np.dtype([("flags", "<u2"), ("domid", "<u2"), ("frame", "<u4")])
+GRANT_ENTRY_DTYPE = GRANT_ENTRY_V1_DTYPE
 
 # Event channels: Xen's 2-level ABI has 4096 ports on 64-bit guests; port 0 is never valid.
 NR_EVTCHN_PORTS = 4096

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from blkpy.gntdev.abi import GNTST_MESSAGES
 from blkpy.gntdev.copy_batch import check_copy_batch
 from blkpy.gntdev.mapping import MappedPages
 from blkpy.gntdev.native import ffi, lib
@@ -29,8 +30,6 @@ from blkpy.sim import hypervisor
 from blkpy.sim.hypervisor import Domain, SimEventPort
 
 XENSTORED_PATH_ENV = "XENSTORED_PATH"
-
-_GNTST_NAMES = {-3: "bad grant ref", -8: "permission denied", -9: "frame outside guest memory"}
 
 
 def _ptr(ctype: str, array: np.ndarray) -> object:
@@ -150,7 +149,7 @@ class SimPlatform(Platform):
                 _ptr("uint32_t *", frames), status,
             )
             if pinned < count:
-                why = _GNTST_NAMES.get(status[0], f"GNTST {status[0]}")
+                why = GNTST_MESSAGES.get(status[0], f"GNTST {status[0]}")
                 raise GrantError(
                     errno.EINVAL,
                     f"grant ref {int(ref_array[pinned])} of domain {domid}: {why}",
