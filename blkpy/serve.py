@@ -73,6 +73,7 @@ class ServeOptions:
     max_queues: int = MAX_QUEUES_DEFAULT
     poll_us: int = 0
     sector_size: int = 512
+    direct_io: bool = False
     stats_file: str | None = None
 
 
@@ -144,7 +145,8 @@ class DeviceServer:
     def _open_disk(self) -> Disk:
         try:
             return open_disk(self.image, self.fmt, readonly=self.readonly,
-                             **({"sector_size": self.opts.sector_size}
+                             **({"sector_size": self.opts.sector_size,
+                                 "direct": self.opts.direct_io}
                                 if self.fmt == "raw" else {}))
         except DiskError as exc:
             raise ServeError(str(exc)) from None

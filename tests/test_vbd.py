@@ -242,8 +242,9 @@ def test_bogus_producer_index_halts_the_ring(raw_image):
         h.close()
 
 
-def test_thread_engine_completes_and_answers(raw_image):
-    h = VbdHarness(raw_image, engine="thread")
+@pytest.mark.parametrize("engine", ["thread", "uring"])
+def test_async_engines_complete_and_answer(raw_image, engine):
+    h = VbdHarness(raw_image, engine=engine)
     try:
         reqs = []
         for k in range(32):
@@ -253,6 +254,16 @@ def test_thread_engine_completes_and_answers(raw_image):
         assert sorted(rsp["id"].tolist()) == list(range(32))
         assert set(rsp["status"].tolist()) == {OK}
         assert _read_back(h, 8 * 31) == bytes([31]) * 4096
+        # flushes and barriers in the middle of a batch, and a discard
+        f, g = h.data_page(0x44)
+        mixed = [h.request(BLKIF_OP_WRITE, 0, [(g, 0, 7)], rid=1),
+                 h.request(BLKIF_OP_FLUSH_DISKCACHE, 0, [], rid=2),
+                 h.request(BLKIF_OP_WRITE_BARRIER, 8, [(g, 0, 7)], rid=3),
+                 _discard(h, 16, 8)]
+        mixed[3]["id"] = 4
+        assert sorted(h.status_of(ring.concat_slots(h.abi, mixed))) == [OK] * 4
+        assert _read_back(h, 0) == _read_back(h, 8) == b"\x44" * 4096
+        assert _read_back(h, 16) == bytes(4096)
     finally:
         h.close()
 

@@ -17,6 +17,7 @@ VARIANTS = {
     "arm grant-copy": ("arm-abi", 1, True, ["--grant-mode", "copy"]),
     "x86_64 thread engine": ("x86_64-abi", 4, False, ["--engine", "thread"]),
     "x86_32 no persistent offered": ("x86_32-abi", 0, True, ["--no-persistent"]),
+    "x86_64 io_uring O_DIRECT": ("x86_64-abi", 1, True, ["--engine", "uring", "--direct-io"]),
 }
 
 
