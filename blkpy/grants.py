@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from blkpy.gntdev.native import ffi
 from blkpy.platform import COPY_SEGMENT_DTYPE, GNTST_OKAY, GrantError, GrantMapping, Platform
 from blkpy.ring import PAGE_SIZE, SECTOR_SHIFT, SEGMENT_DTYPE, SEGS_PER_INDIRECT_FRAME
 
@@ -94,25 +95,31 @@ class GrantMapper:
                 self._map_transient(group, held, writable=to_guest)
         return held
 
-    def _from_cache(self, reqs: Sequence[PageRequest], held: _Mapped) -> list[PageRequest]:
-        """Serve what the cache has, map new grants persistently while there is room;
-        returns the requests left for transient mapping."""
-        new = sorted({int(g) for r in reqs for g in r.segs["gref"]} - self._cache.keys())
+    def cache_pages(self, grefs: np.ndarray) -> np.ndarray | None:
+        """Addresses of persistently mapped pages for ``grefs``, mapping new ones while
+        the cache has room; None if any of them cannot be served from the cache."""
+        new = sorted({int(g) for g in grefs} - self._cache.keys())
         room = MAX_PERSISTENT_GRANTS - len(self._cache)
         if new and room > 0:
             self._map_persistent(new[:room])
+        try:
+            entries = [self._cache[int(g)] for g in grefs]
+        except KeyError:
+            return None
+        return np.array([m.address + page * PAGE_SIZE for m, page in entries], np.uint64)
+
+    def _from_cache(self, reqs: Sequence[PageRequest], held: _Mapped) -> list[PageRequest]:
+        """Serve what the cache has (one map call for the batch's new grants); returns
+        the requests left for transient mapping."""
+        self.cache_pages(np.concatenate([r.segs["gref"] for r in reqs]) if reqs
+                         else np.zeros(0, np.uint32))
         rest = []
         for r in reqs:
-            grefs = r.segs["gref"]
-            if all(int(g) in self._cache for g in grefs):
-                base = np.array(
-                    [self._cache[int(g)][0].address + self._cache[int(g)][1] * PAGE_SIZE
-                     for g in grefs],
-                    dtype=np.uint64,
-                )
-                held.iov[r.index] = _segment_iov(base, r.segs)
-            else:
+            base = self.cache_pages(r.segs["gref"])
+            if base is None:
                 rest.append(r)
+            else:
+                held.iov[r.index] = _segment_iov(base, r.segs)
         return rest
 
     def _map_persistent(self, grefs: list[int]) -> None:
@@ -237,15 +244,29 @@ class GrantCopier:
         pass
 
 
+def _copy_descriptors(addresses: np.ndarray, count: int) -> np.ndarray:
+    """Private copy of ``count`` descriptors spread over pages at ``addresses``."""
+    raw = b"".join(ffi.buffer(ffi.cast("char *", int(a)), PAGE_SIZE) for a in addresses)
+    return np.frombuffer(raw, dtype=SEGMENT_DTYPE, count=count).copy()
+
+
 def fetch_indirect(
-    platform: Platform, domid: int, grefs: dict[int, np.ndarray], counts: dict[int, int]
+    platform: Platform, domid: int, grefs: dict[int, np.ndarray], counts: dict[int, int],
+    mapper: GrantMapper | None = None,
 ) -> dict[int, np.ndarray | None]:
     """Copy the segment descriptors of indirect requests out of their indirect pages.
 
-    The pages of every indirect request of the batch are mapped read-only in one call and
-    released at once (Linux blkback does the same per request); the descriptors are copied
-    so the guest cannot change them under us. None marks a request whose pages were bad."""
+    With persistent grants the pages come from ``mapper``'s cache (as in Linux blkback);
+    otherwise the pages of every indirect request of the batch are mapped read-only in one
+    call and released at once. The descriptors are copied so the guest cannot change them
+    under us. None marks a request whose pages were bad."""
     out: dict[int, np.ndarray | None] = {}
+    if mapper is not None and mapper.persistent:
+        for i in list(grefs):
+            addresses = mapper.cache_pages(grefs[i])
+            if addresses is not None:
+                out[i] = _copy_descriptors(addresses, counts[i])
+                del grefs[i]
     if not grefs:
         return out
     order = list(grefs)

@@ -263,7 +263,8 @@ class Vbd:
             n = int(ind["nr_segments"][i])
             grefs[int(i)] = ind["indirect_grefs"][i, : indirect_pages(n)].copy()
             counts[int(i)] = n
-        fetched = fetch_indirect(self.platform, self.domid, grefs, counts)
+        mapper = self.pages if isinstance(self.pages, GrantMapper) else None
+        fetched = fetch_indirect(self.platform, self.domid, grefs, counts, mapper)
         for i, descs in fetched.items():
             if descs is None:
                 v.refuse(i, BLKIF_RSP_ERROR, "bad indirect grant reference")
