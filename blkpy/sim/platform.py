@@ -30,6 +30,8 @@ from blkpy.sim import hypervisor
 from blkpy.sim.hypervisor import Domain, SimEventPort
 
 XENSTORED_PATH_ENV = "XENSTORED_PATH"
+# gntdev's `limit` module parameter (Linux >= 5.5): a bigger MAP_GRANT_REF fails with EINVAL.
+MAX_GRANTS_PER_MAP = 65536
 
 
 def _ptr(ctype: str, array: np.ndarray) -> object:
@@ -136,8 +138,8 @@ class SimPlatform(Platform):
         except (OverflowError, ValueError, TypeError) as exc:
             raise GrantError(errno.EINVAL, f"bad grant refs: {exc}") from None
         count = int(ref_array.size)
-        if count == 0:
-            raise GrantError(errno.EINVAL, "no grant refs to map")
+        if not 0 < count <= MAX_GRANTS_PER_MAP:
+            raise GrantError(errno.EINVAL, f"cannot map {count} grants at once")
         frames = np.empty(count, dtype=np.uint32)
         status = ffi.new("int16_t *")
         with self._lock:

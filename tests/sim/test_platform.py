@@ -225,7 +225,7 @@ def test_readonly_grant_maps_readonly(guest, platform):
         assert m.buffer[4096] == 2
 
 
-@pytest.mark.parametrize("refs", [[], [-1], [2**40], "xyz"])
+@pytest.mark.parametrize("refs", [[], [-1], [2**40], "xyz", np.full(65537, 8)])
 def test_malformed_ref_lists(guest, platform, refs):
     with pytest.raises(GrantError):
         platform.map_grants(GUEST, refs, writable=False)
