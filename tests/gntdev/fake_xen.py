@@ -45,6 +45,7 @@ class FakeXen(DeviceCalls):
         self.pending: dict[int, list[int]] = {}
         self.overflowed: set[int] = set()
         self.unbound: dict[int, int] = {}  # local port -> domain allowed to bind it
+        self.peers: dict[int, int] = {}  # loopback channels inside dom0: port -> other end
         self._alloc_frames = itertools.count(PAGES - 1, -1)
         self._alloc_refs = itertools.count(100)
         self.allocated: dict[int, list[int]] = {}  # gntalloc index -> refs
@@ -55,8 +56,9 @@ class FakeXen(DeviceCalls):
         self.memory[frame * 4096 : (frame + 1) * 4096] = bytes([frame + 1]) * 4096
 
     def fire(self, port: int) -> None:
-        fd = next(fd for fd, p in self.bound.items() if p == port)
-        self.pending.setdefault(fd, []).append(port)
+        for fd, bound_port in self.bound.items():
+            if bound_port == port:
+                self.pending.setdefault(fd, []).append(port)
 
     def names(self) -> list[str]:
         return [entry[0] for entry in self.log]
@@ -162,11 +164,15 @@ class FakeXen(DeviceCalls):
 
     def _bind_interdomain(self, fd: int, raw: bytearray) -> int:
         remote = struct.unpack_from("<II", raw, 0)
-        if remote not in self.offered:
+        local_loop = remote[0] == 0 and self.unbound.get(remote[1]) == 0
+        if remote not in self.offered and not local_loop:
             raise OSError(errno.EINVAL, "not an unbound port for us")
         self.offered.discard(remote)
         port = next(self._next_port)
         self.bound[fd] = port
+        if local_loop:  # dom0 bound its own unbound port: events loop back
+            del self.unbound[remote[1]]
+            self.peers[port], self.peers[remote[1]] = remote[1], port
         return port
 
     def _bind_unbound_port(self, fd: int, raw: bytearray) -> int:
@@ -212,7 +218,10 @@ class FakeXen(DeviceCalls):
         return 0
 
     def _notify(self, fd: int, raw: bytearray) -> int:
-        self.log.append(("sent", self._port_of(fd, raw)))
+        port = self._port_of(fd, raw)
+        self.log.append(("sent", port))
+        if port in self.peers:
+            self.fire(self.peers[port])
         return 0
 
     def _reset(self, fd: int, raw: bytearray) -> int:
