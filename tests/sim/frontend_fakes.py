@@ -50,6 +50,7 @@ class ToyBackend:
         self.refuse_flush = False
         self.corrupt_reads = False  # flip one byte of every read
         self.ignore_discard = False  # answer OKAY without zeroing
+        self.fail_all = False  # answer every request BLKIF_RSP_ERROR
         self.held: list = []
         self.seen: list[np.ndarray] = []
         self._stop = threading.Event()
@@ -110,6 +111,8 @@ class ToyBackend:
             return rid, op, blkif.BLKIF_RSP_OKAY
         data_op, segs = self._segments(views, i)
         answer_op = data_op + 1 if self.wrong_operation else data_op
+        if self.fail_all:
+            return rid, answer_op, blkif.BLKIF_RSP_ERROR
         if op in (blkif.BLKIF_OP_FLUSH_DISKCACHE, blkif.BLKIF_OP_WRITE_BARRIER) and self.refuse_flush:
             return rid, answer_op, blkif.BLKIF_RSP_EOPNOTSUPP
         if self.readonly and data_op != blkif.BLKIF_OP_READ:
