@@ -348,14 +348,14 @@ class DeviceServer:
         self._loop.call_soon(self._on_event, vbd)
 
     def _on_event(self, vbd: Vbd) -> None:
+        if vbd.closed:  # a wakeup queued before the disconnect
+            return
         vbd.evtchn.ack()
-        if not vbd.broken:
-            vbd.kick()
+        vbd.kick()
 
     def _on_io(self, vbd: Vbd) -> None:
         vbd.complete()
-        if not vbd.broken:
-            vbd.kick()
+        vbd.kick()
 
     def _on_ring_broken(self, message: str) -> None:
         assert self._loop is not None

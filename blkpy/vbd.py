@@ -103,6 +103,7 @@ class Vbd:
         self.poll_s = poll_us / 1e6
         self.on_broken = on_broken
         self.broken = False
+        self.closed = False
         self.stats = VbdStats()
         self._log = bad_request_log or RateLimitedLog(log)
         if grant_mode == "copy":
@@ -120,7 +121,7 @@ class Vbd:
         """Process the ring until it is empty (then re-arm req_event). True if any
         request was seen."""
         did = False
-        while not self.broken:
+        while not (self.broken or self.closed):
             try:
                 batch = self.ring.consume()
             except RingOverflow as exc:
@@ -149,6 +150,8 @@ class Vbd:
 
     def complete(self) -> None:
         """Answer every batch whose I/O has finished."""
+        if self.closed:
+            return
         done = self.engine.completions()
         if done:
             self._account(done)
@@ -163,8 +166,12 @@ class Vbd:
         self._push()
 
     def close(self) -> None:
-        """Drain, then release every grant and the event channel (idempotent)."""
+        """Drain, then release every grant and the event channel (idempotent). The ring
+        must not be touched afterwards: its pages are about to be unmapped."""
+        if self.closed:
+            return
         self.drain()
+        self.closed = True
         self.pages.close()
         self.evtchn.close()
 
