@@ -90,23 +90,55 @@ def choose_ring_order(configured_max: int, backend_nodes: Mapping[str, str | Non
     return min(configured_max, _read_uint(backend_nodes, "max-ring-page-order", 0))
 
 
+def choose_queues(configured: int, backend_nodes: Mapping[str, str | None]) -> int:
+    """min(our queue count, the backend's multi-queue-max-queues (default 1)), at least 1."""
+    if configured < 1:
+        raise ValueError("a frontend needs at least one queue")
+    return max(1, min(configured, _read_uint(backend_nodes, "multi-queue-max-queues", 1)))
+
+
 def ring_nodes(
     order: int, ring_refs: list[int], event_channel: int, protocol: str, persistent: bool
 ) -> dict[str, str]:
-    """The nodes talk_to_blkback() writes in one transaction before going Initialised."""
-    if len(ring_refs) != 1 << order:
-        raise ValueError(f"ring order {order} needs {1 << order} refs, got {len(ring_refs)}")
+    """The nodes talk_to_blkback() writes for a single queue."""
+    return queue_nodes(order, [(ring_refs, event_channel)], protocol, persistent)
+
+
+def queue_nodes(
+    order: int, queues: list[tuple[list[int], int]], protocol: str, persistent: bool
+) -> dict[str, str]:
+    """The nodes talk_to_blkback() writes in one transaction before going Initialised, for
+    ``queues`` of (ring refs, event channel). One queue keeps its keys at the top level;
+    several go under queue-N/ with multi-queue-num-queues, ring-page-order staying shared."""
+    if not queues:
+        raise ValueError("no queues")
     nodes: dict[str, str] = {}
-    if order == 0:
-        nodes["ring-ref"] = str(ring_refs[0])
-    else:
+    if order:
         nodes["ring-page-order"] = str(order)
-        for i, ref in enumerate(ring_refs):
-            nodes[f"ring-ref{i}"] = str(ref)
-    nodes["event-channel"] = str(event_channel)
+    if len(queues) > 1:
+        nodes["multi-queue-num-queues"] = str(len(queues))
+    for q, (refs, port) in enumerate(queues):
+        if len(refs) != 1 << order:
+            raise ValueError(f"ring order {order} needs {1 << order} refs, got {len(refs)}")
+        prefix = f"queue-{q}/" if len(queues) > 1 else ""
+        if order == 0:
+            nodes[f"{prefix}ring-ref"] = str(refs[0])
+        else:
+            for i, ref in enumerate(refs):
+                nodes[f"{prefix}ring-ref{i}"] = str(ref)
+        nodes[f"{prefix}event-channel"] = str(port)
     nodes["protocol"] = protocol
     nodes["feature-persistent"] = "1" if persistent else "0"
     return nodes
+
+
+def is_ring_node(key: str) -> bool:
+    """Whether a frontend node belongs to a published ring (to clear stale ones)."""
+    top = key.split("/", 1)[0]
+    return (
+        top.startswith(("ring-ref", "queue-"))
+        or top in ("ring-page-order", "multi-queue-num-queues", "event-channel")
+    )
 
 
 @dataclasses.dataclass(frozen=True)

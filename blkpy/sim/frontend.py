@@ -3,13 +3,15 @@
 Public API (what a simulated host and the tests use)::
 
     fe = Frontend(guest, xs, devid, abi="x86_64-abi", max_ring_page_order=0,
-                  max_indirect_segments=32, persistent=True)
+                  max_indirect_segments=32, persistent=True, num_queues=1)
     info = fe.connect(timeout=10.0)     # xenbus handshake -> DiskInfo
     c = fe.write(sector, data)          # synchronous helpers -> Completion (.status, .data)
     c = fe.read(sector, nbytes)
     fe.flush(); fe.barrier(data=None); fe.discard(sector, nr_sectors, secure=False)
-    fe.ring                             # BlkfrontRing: submit/push/poll/wait_all for
-                                        # queue depth > 1, submit_raw for hostile tests
+    fe.rings / fe.ring                  # BlkfrontRing per queue / the first one:
+                                        # submit/push/poll/wait_all for queue depth > 1,
+                                        # submit_raw for hostile tests
+    fe.service(timeout)                 # react to backend changes (resize, toolstack close)
     errors = fe.close(timeout=10.0)     # Closing -> backend -> Closed; revokes all grants
     fe.connect()                        # again: Initialising and a fresh handshake
 
@@ -20,11 +22,12 @@ Protocol violations (bogus responses, grants the backend keeps mapped) raise
 ``ProtocolError`` and are listed in ``fe.protocol_errors``.
 
 Handshake (xenbus-vbd spec §4): on backend InitWait, only while Initialising, read
-max-ring-page-order, allocate and grant the ring and an event channel, write ring-ref(s),
-event-channel, protocol and feature-persistent in one transaction, go Initialised; on
-backend Connected read the disk's properties (``blkfront_negotiation``) and go Connected.
-One deliberate difference from Linux: a Closed backend seen while we re-initialise is
-waited for (it re-enters InitWait), not taken as a reason to close.
+max-ring-page-order and multi-queue-max-queues, allocate and grant the rings and event
+channels, write ring-ref(s) (under queue-N/ with several queues), event-channel, protocol
+and feature-persistent in one transaction, go Initialised; on backend Connected read the
+disk's properties (``blkfront_negotiation``) and go Connected. One deliberate difference
+from Linux: a Closed backend seen while we re-initialise is waited for (it re-enters
+InitWait), not taken as a reason to close.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class Frontend:
         max_ring_page_order: int = 0,
         max_indirect_segments: int = 32,
         persistent: bool = True,
+        num_queues: int = 1,
         readonly_write_grants: bool = False,
     ) -> None:
         self.guest = guest
@@ -70,13 +74,21 @@ class Frontend:
         self.max_ring_page_order = max_ring_page_order
         self.max_indirect_segments = max_indirect_segments
         self.want_persistent = persistent
+        if num_queues < 1:
+            raise ValueError("num_queues must be at least 1")
+        self.num_queues = num_queues
         self.readonly_write_grants = readonly_write_grants
         self.path = f"/local/domain/{guest.domid}/device/vbd/{devid}"
-        self.ring: BlkfrontRing | None = None
+        self.rings: list[BlkfrontRing] = []  # one per queue
         self.info: DiskInfo | None = None
         self.protocol_errors: list[str] = []
         self._backend_path: str | None = None
         self._backend_id = 0
+
+    @property
+    def ring(self) -> BlkfrontRing | None:
+        """The first queue's ring (the only one unless several queues were negotiated)."""
+        return self.rings[0] if self.rings else None
 
     # ---- xenstore helpers ----------------------------------------------------------
 
@@ -133,7 +145,7 @@ class Frontend:
         own = self.state
         if own != neg.INITIALISING:
             # a re-connect (after close(), or a frontend that crashed mid-way)
-            self._drop_ring()
+            self._drop_rings()
             self._switch_state(neg.INITIALISING)
             own = neg.INITIALISING
         while True:
@@ -159,24 +171,32 @@ class Frontend:
     def _talk_to_blkback(self) -> None:
         nodes = self._backend_nodes(neg.INIT_WAIT_NODES)
         order = neg.choose_ring_order(self.max_ring_page_order, nodes)
-        self._drop_ring()
-        self.ring = BlkfrontRing(
-            self.guest,
-            self._backend_id,
-            self.abi,
+        queues = neg.choose_queues(self.num_queues, nodes)
+        self._drop_rings()
+        self.rings = [
+            BlkfrontRing(
+                self.guest,
+                self._backend_id,
+                self.abi,
+                order,
+                handle=self.devid,
+                readonly_write_grants=self.readonly_write_grants,
+            )
+            for _ in range(queues)
+        ]
+        published = neg.queue_nodes(
             order,
-            handle=self.devid,
-            readonly_write_grants=self.readonly_write_grants,
+            [(r.ring_refs, r.event_channel) for r in self.rings],
+            self.protocol,
+            self.want_persistent,
         )
-        published = neg.ring_nodes(
-            order, self.ring.ring_refs, self.ring.event_channel, self.protocol, self.want_persistent
-        )
-        # A stale ring-ref/ring-page-order from an earlier connection must not linger.
-        ring_keys = {"ring-ref", "ring-page-order", *(f"ring-ref{i}" for i in range(16))}
 
         def publish(tx: int) -> None:
+            # Ring nodes of an earlier connection (another order or queue count) must go.
             for key in self.xs.directory(self.path, tx):
-                if key in ring_keys and key not in published:
+                if neg.is_ring_node(key) and not any(
+                    k == key or k.startswith(f"{key}/") for k in published
+                ):
                     self.xs.rm(f"{self.path}/{key}", tx)
             for key, value in published.items():
                 self.xs.write(f"{self.path}/{key}", value, tx)
@@ -196,8 +216,8 @@ class Frontend:
             self._switch_state(neg.CLOSING)  # xenbus_dev_fatal
             raise
         self.info = info
-        assert self.ring is not None
-        self.ring.attach(info)
+        for ring in self.rings:
+            ring.attach(info)
         self._switch_state(neg.CONNECTED)
 
     # ---- close ---------------------------------------------------------------------
@@ -206,34 +226,59 @@ class Frontend:
         """Drain, go Closing, wait for the backend, go Closed, wait for the backend to
         release the ring, then revoke every grant. Returns protocol errors found."""
         deadline = time.monotonic() + timeout
-        errors: list[str] = []
-        if self.ring is not None and self.ring.in_flight and not self.ring.failed:
-            try:
-                self.ring.wait_all(max(deadline - time.monotonic(), 0.1))
-            except ProtocolError as exc:
-                errors.append(str(exc))
+        errors = self._drain(deadline)
         self._switch_state(neg.CLOSING)
         while self.backend_state not in (neg.CLOSING, neg.CLOSED, neg.UNKNOWN):
             if not self._wait_backend(deadline):
                 errors.append(f"backend stayed in state {self.backend_state} after Closing")
                 break
+        return self._finish_close(deadline, errors)
+
+    def service(self, timeout: float = 0.0) -> Action:
+        """React to backend state changes, as blkback_changed() does while connected:
+        a Connected backend again is a resize (the disk's properties are re-read), a
+        Closing/Closed backend (e.g. the toolstack removing the disk) makes us drain, go
+        Closed and release the ring. Waits up to ``timeout`` for a watch event."""
+        self.xs.wait_event(timeout)
+        self.xs.events()
+        action = neg.on_backend_state(self.state, self.backend_state)
+        if action is Action.CONNECT and self.state == neg.CONNECTED:
+            self._blkfront_connect()
+        elif action is Action.CLOSE and self.state in (neg.INITIALISED, neg.CONNECTED):
+            deadline = time.monotonic() + 10.0
+            self._finish_close(deadline, self._drain(deadline))
+        else:
+            action = Action.IGNORE
+        return action
+
+    def _drain(self, deadline: float) -> list[str]:
+        errors = []
+        for ring in self.rings:
+            if ring.in_flight and not ring.failed:
+                try:
+                    ring.wait_all(max(deadline - time.monotonic(), 0.1))
+                except ProtocolError as exc:
+                    errors.append(str(exc))
+        return errors
+
+    def _finish_close(self, deadline: float, errors: list[str]) -> list[str]:
         self._switch_state(neg.CLOSED)
         while self.backend_state not in (neg.CLOSED, neg.UNKNOWN):
             if not self._wait_backend(deadline):
                 errors.append(f"backend stayed in state {self.backend_state} after Closed")
                 break
-        errors.extend(self._drop_ring())
+        errors.extend(self._drop_rings())
         self.info = None
         self.protocol_errors.extend(errors)
         return errors
 
-    def _drop_ring(self) -> list[str]:
-        if self.ring is None:
-            return []
-        if self.ring.failed:
-            self.protocol_errors.append(self.ring.failed)
-        errors = self.ring.close()
-        self.ring = None
+    def _drop_rings(self) -> list[str]:
+        errors = []
+        for ring in self.rings:
+            if ring.failed and ring.failed not in self.protocol_errors:
+                self.protocol_errors.append(ring.failed)
+            errors.extend(ring.close())
+        self.rings = []
         return errors
 
     # ---- synchronous I/O helpers -------------------------------------------------------
@@ -250,9 +295,9 @@ class Frontend:
         return done
 
     def _ring(self) -> BlkfrontRing:
-        if self.ring is None or self.info is None:
+        if not self.rings or self.info is None:
             raise RuntimeError("frontend is not connected")
-        return self.ring
+        return self.rings[0]
 
     def read(self, sector: int, nbytes: int, *, timeout: float = 10.0, **kw: Any) -> Completion:
         return self._one(blkif.BLKIF_OP_READ, sector, timeout, nbytes=nbytes, **kw)

@@ -23,6 +23,7 @@ aligned to the disk's sector-size; discards also to discard-granularity/alignmen
 from __future__ import annotations
 
 import dataclasses
+import select
 import time
 from collections import Counter
 from typing import Any
@@ -109,27 +110,52 @@ class _Tag:
 
 
 class _Driver:
-    """Keeps up to ``depth`` non-overlapping requests in flight and checks completions."""
+    """Keeps up to ``depth`` non-overlapping requests in flight, spread round-robin over
+    the frontend's queues, and checks completions."""
 
     def __init__(
         self,
-        ring: BlkfrontRing,
+        rings: list[BlkfrontRing],
         model: DiskModel,
         summary: WorkloadSummary,
         depth: int,
         timeout: float,
     ) -> None:
-        self.ring = ring
-        self.info = ring.info
+        self.rings = rings
+        self.ring = rings[0]  # every queue shares the disk's info
+        self.info = self.ring.info
         self.model = model
         self.summary = summary
-        self.depth = max(1, min(depth, ring.size))
+        self.depth = max(1, min(depth, sum(r.size for r in rings)))
         self.timeout = timeout
-        self.busy: dict[int, tuple[int, int]] = {}  # id -> byte range in flight
+        self.busy: dict[tuple[int, int], tuple[int, int]] = {}  # (queue, id) -> byte range
         self.ops: Counter = Counter()
+        self._next = 0
 
-    def _overlaps(self, start: int, end: int) -> bool:
-        return any(s < end and start < e for s, e in self.busy.values())
+    def supports(self, op: int) -> bool:
+        return all(r.supports(op) for r in self.rings)
+
+    def _slot_for(self, start: int, end: int) -> int | None:
+        """A queue that can take a request on [start, end) now, or None."""
+        if len(self.busy) >= self.depth:
+            return None
+        if end > start and any(s < end and start < e for s, e in self.busy.values()):
+            return None
+        for k in range(len(self.rings)):
+            q = (self._next + k) % len(self.rings)
+            if self.rings[q].can_submit():
+                self._next = q + 1
+                return q
+        return None
+
+    def _submit(self, start: int, end: int, op: int, **kw: Any) -> None:
+        while (q := self._slot_for(start, end)) is None:
+            self._reap(wait=True)
+        ring = self.rings[q]
+        rid = ring.submit(op, start // SECTOR, **kw)
+        self.busy[(q, rid)] = (start, end)
+        self.ops[OP_NAMES[op]] += 1
+        ring.push()
 
     def issue(
         self, op: int, offset: int, *, payload: np.ndarray | None = None, nbytes: int = 0, **kw: Any
@@ -138,50 +164,48 @@ class _Driver:
             nbytes = len(payload)
         elif op == READ:
             nbytes = nbytes or layout_bytes(kw["layout"])
-        while (
-            len(self.busy) >= self.depth
-            or not self.ring.can_submit()
-            or (nbytes and self._overlaps(offset, offset + nbytes))
-        ):
-            self._reap(wait=True)
-        rid = self.ring.submit(
+        self._submit(
+            offset,
+            offset + nbytes,
             op,
-            offset // SECTOR,
             data=payload,
             nbytes=nbytes if op == READ else 0,
             tag=_Tag(offset, nbytes, payload),
             **kw,
         )
-        self.busy[rid] = (offset, offset + nbytes)
-        self.ops[OP_NAMES[op]] += 1
-        self.ring.push()
 
     def discard(self, offset: int, nbytes: int) -> None:
-        while (
-            len(self.busy) >= self.depth
-            or not self.ring.can_submit()
-            or self._overlaps(offset, offset + nbytes)
-        ):
-            self._reap(wait=True)
-        rid = self.ring.submit(
-            DISCARD, offset // SECTOR, nr_sectors=nbytes // SECTOR, tag=_Tag(offset, nbytes, None)
+        self._submit(
+            offset,
+            offset + nbytes,
+            DISCARD,
+            nr_sectors=nbytes // SECTOR,
+            tag=_Tag(offset, nbytes, None),
         )
-        self.busy[rid] = (offset, offset + nbytes)
-        self.ops["discard"] += 1
-        self.ring.push()
 
     def drain(self) -> None:
         while self.busy:
             self._reap(wait=True)
 
+    def _poll_all(self) -> list[tuple[int, Completion]]:
+        return [(q, c) for q, ring in enumerate(self.rings) for c in ring.poll(0.0)]
+
     def _reap(self, wait: bool) -> None:
-        done = self.ring.poll(self.timeout if wait else 0.0)
-        if wait and not done:
-            raise ProtocolError(
-                f"backend answered none of {len(self.busy)} requests within {self.timeout}s"
-            )
-        for c in done:
-            del self.busy[c.id]
+        done = self._poll_all()
+        deadline = time.monotonic() + self.timeout
+        while wait and not done:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ProtocolError(
+                    f"backend answered none of {len(self.busy)} requests within {self.timeout}s"
+                )
+            ports = [r.port for r in self.rings if r.in_flight]
+            ready, _, _ = select.select(ports, [], [], remaining)
+            for port in ready:  # may be stale events: the rings say what really arrived
+                port.ack()
+            done = self._poll_all()
+        for q, c in done:
+            del self.busy[(q, c.id)]
             self._check(c)
 
     def _check(self, c: Completion) -> None:
@@ -326,9 +350,9 @@ def _verify(drv: _Driver, rng: np.random.Generator, requests: int, span: int) ->
             layout = contiguous_layout(min(span - pos, shapes.max_segments * PAGE))
         nbytes = layout_bytes(layout)
         small = len(layout) <= blkif.BLKIF_MAX_SEGMENTS_PER_REQUEST
-        if n % 50 == 7 and small and ring.supports(FLUSH):
+        if n % 50 == 7 and small and drv.supports(FLUSH):
             op = FLUSH  # flush with data
-        elif n % 50 == 19 and small and ring.supports(BARRIER):
+        elif n % 50 == 19 and small and drv.supports(BARRIER):
             op = BARRIER  # barrier with data
         else:
             op = WRITE
@@ -339,14 +363,14 @@ def _verify(drv: _Driver, rng: np.random.Generator, requests: int, span: int) ->
             pos = 0
         if n % 40 == 13:
             for empty in (FLUSH, BARRIER):
-                if ring.supports(empty):
+                if drv.supports(empty):
                     drv.issue(empty, 0)
-        if n % 32 == 31 and ring.supports(DISCARD):
+        if n % 32 == 31 and drv.supports(DISCARD):
             rng_range = _discard_range(ring, covered, rng)
             if rng_range:
                 drv.discard(*rng_range)
     for empty in (FLUSH, BARRIER):
-        if ring.supports(empty):
+        if drv.supports(empty):
             drv.issue(empty, 0)
     drv.drain()
     # Read everything written back, in other shapes, at least once and about as often as
@@ -377,13 +401,13 @@ def _randrw(drv: _Driver, rng: np.random.Generator, requests: int, span: int) ->
     block = ring.info.sector_size
     for _ in range(requests):
         roll = rng.random()
-        if roll < 0.04 and ring.supports(FLUSH):
+        if roll < 0.04 and drv.supports(FLUSH):
             drv.issue(FLUSH, 0)
             continue
-        if roll < 0.06 and ring.supports(BARRIER):
+        if roll < 0.06 and drv.supports(BARRIER):
             drv.issue(BARRIER, 0)
             continue
-        if roll < 0.11 and ring.supports(DISCARD):
+        if roll < 0.11 and drv.supports(DISCARD):
             rng_range = _discard_range(ring, span, rng)
             if rng_range:
                 drv.discard(*rng_range)
@@ -415,21 +439,23 @@ def run_workload(
 ) -> WorkloadSummary:
     """Run workload ``name`` on a connected Frontend (or a BlkfrontRing) and summarise.
 
-    ``queue_depth`` defaults to the ring size; ``zeroed`` says the disk is known to start
+    Requests go round-robin to every queue. ``queue_depth`` (total in flight) defaults to
+    the sum of the ring sizes; ``zeroed`` says the disk is known to start
     as zeros; ``model`` carries expectations across runs (e.g. over a reconnect)."""
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r} (expected one of {', '.join(WORKLOADS)})")
-    ring: BlkfrontRing = getattr(frontend, "ring", frontend)
-    if ring is None or ring.info is None:
+    rings: list[BlkfrontRing] = getattr(frontend, "rings", None) or [frontend]
+    if rings[0] is None or rings[0].info is None:
         raise RuntimeError("the frontend is not connected")
-    info = ring.info
+    info = rings[0].info
     size = info.sectors * SECTOR
     limit = VERIFY_SPAN_DEFAULT if name == "verify" else size
     span = min(size, span or limit)
     span -= span % max(info.sector_size, PAGE)
     model = model or DiskModel(size, zeroed=zeroed)
     summary = WorkloadSummary(name)
-    drv = _Driver(ring, model, summary, queue_depth or ring.size, timeout)
+    depth = queue_depth or sum(r.size for r in rings)
+    drv = _Driver(rings, model, summary, depth, timeout)
     rng = np.random.default_rng(seed)
     started = time.monotonic()
     try:

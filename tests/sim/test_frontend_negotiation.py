@@ -156,3 +156,36 @@ def test_readonly_bit():
     nodes = {**CONNECTED, "info": str(neg.VDISK_READONLY | neg.VDISK_REMOVABLE)}
     info = neg.parse_backend_connected(nodes, persistent=True, max_indirect_segments=0)
     assert info.readonly and info.size == 2048 * 512
+
+
+@pytest.mark.parametrize(
+    ("ours", "nodes", "queues"),
+    [(1, {"multi-queue-max-queues": "4"}, 1), (4, {"multi-queue-max-queues": "2"}, 2),
+     (4, {}, 1), (2, {"multi-queue-max-queues": "0"}, 1)],
+)
+def test_queue_count_is_the_smaller_max(ours, nodes, queues):
+    assert neg.choose_queues(ours, nodes) == queues
+
+
+def test_multi_queue_nodes_go_under_queue_dirs():
+    nodes = neg.queue_nodes(1, [([3, 4], 10), ([5, 6], 11)], "x86_64-abi", persistent=True)
+    assert nodes == {
+        "ring-page-order": "1",
+        "multi-queue-num-queues": "2",
+        "queue-0/ring-ref0": "3", "queue-0/ring-ref1": "4", "queue-0/event-channel": "10",
+        "queue-1/ring-ref0": "5", "queue-1/ring-ref1": "6", "queue-1/event-channel": "11",
+        "protocol": "x86_64-abi",
+        "feature-persistent": "1",
+    }
+    single = neg.queue_nodes(0, [([3], 10)], "x86_64-abi", persistent=True)
+    assert single == neg.ring_nodes(0, [3], 10, "x86_64-abi", persistent=True)
+
+
+@pytest.mark.parametrize(
+    ("key", "ring"),
+    [("ring-ref", True), ("ring-ref12", True), ("queue-3", True), ("ring-page-order", True),
+     ("multi-queue-num-queues", True), ("event-channel", True), ("state", False),
+     ("protocol", False), ("backend", False), ("feature-persistent", False)],
+)
+def test_ring_node_names(key, ring):
+    assert neg.is_ring_node(key) is ring

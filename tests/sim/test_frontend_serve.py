@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 
 from blkpy import ring as blkif
+from blkpy.sim import blkfront_negotiation as neg
 from blkpy.sim import toolstack
 from blkpy.sim.disk_model import DiskModel
 from blkpy.sim.frontend import Frontend
 from blkpy.sim.host import SimHost
 from blkpy.sim.workloads import run_workload
+from blkpy.xenstore.client import XenstoreClient
 
 DOMID = 4
 DEVID = 51712
@@ -87,3 +89,31 @@ def test_hostile_slots_get_errors_and_the_device_keeps_serving(make):
     assert status[12] == status[13] == blkif.BLKIF_RSP_EOPNOTSUPP
     s = run_workload(fe, "randrw", requests=100, seed=5, zeroed=True)
     assert s.ok, s.to_text() + backend.log()
+
+
+def test_two_queues_against_serve(make):
+    fe, backend = make(num_queues=2, max_ring_page_order=1)
+    assert len(fe.rings) == 2 and fe.rings[0].event_channel != fe.rings[1].event_channel
+    s = run_workload(fe, "randrw", requests=400, seed=2, zeroed=True)
+    assert s.ok, s.to_text() + backend.log()
+    assert all(sum(r.stats.requests.values()) > 50 for r in fe.rings)
+    assert fe.close(timeout=10) == []
+
+
+def test_toolstack_removal_closes_the_frontend(make):
+    fe, backend = make()
+    assert fe.write(0, bytes(4096)).status == 0
+    spec = backend.spec
+    xs = fe.xs
+    # what libxl writes to remove a disk, through a dom0 connection
+    with XenstoreClient.connect(xs.path) as toolstack_xs:
+        for name, value in toolstack.removal_nodes(neg.CONNECTED).items():
+            toolstack_xs.write(f"{spec.backend_path}/{name}", value)
+    action = None
+    for _ in range(20):
+        action = fe.service(timeout=0.5)
+        if action is not neg.Action.IGNORE:
+            break
+    assert action is neg.Action.CLOSE
+    assert fe.state == neg.CLOSED and fe.rings == [] and fe.protocol_errors == []
+    assert fe.backend_state in (neg.CLOSED, neg.UNKNOWN), backend.log()
