@@ -215,18 +215,24 @@ class BlkfrontRing:
 
         Returns the grants the backend still had mapped, as protocol error messages."""
         errors = []
-        for frame, ref in self._pool:
+        # Requests still in flight (the backend died or stopped answering) give their
+        # pages back too, as blkif_free() does.
+        owed = [p for sh in self._shadow if sh for p in sh.pages + sh.indirect_pages]
+        self._shadow = [None] * self.size
+        self._free_ids = list(range(self.size - 1, -1, -1))
+        for frame, ref in self._pool + owed:
             if ref >= 0 and not self._end(ref):
-                errors.append(f"backend has not unmapped persistent grant {ref}")
+                errors.append(f"backend has not unmapped grant {ref}")
                 self._leaked_frames.append(frame)
+        ring_released = True
         for ref in self.ring_refs:
             if not self._end(ref):
                 errors.append(f"backend has not unmapped ring grant {ref}")
+                ring_released = False
         self.port.close()
         leaked = set(self._leaked_frames)
-        reusable = [f for f in self._all_frames if f not in leaked]
-        _free(self.guest, reusable)
-        if not errors:
+        _free(self.guest, [f for f in self._all_frames if f not in leaked])
+        if ring_released:
             _free(self.guest, self._ring_frames)
         self._pool = []
         self._all_frames = []

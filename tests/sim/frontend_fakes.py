@@ -51,6 +51,7 @@ class ToyBackend:
         self.corrupt_reads = False  # flip one byte of every read
         self.ignore_discard = False  # answer OKAY without zeroing
         self.fail_all = False  # answer every request BLKIF_RSP_ERROR
+        self.paused = False  # consume nothing (a hung backend)
         self.held: list = []
         self.seen: list[np.ndarray] = []
         self._stop = threading.Event()
@@ -70,6 +71,8 @@ class ToyBackend:
     def _run(self) -> None:
         while not self._stop.is_set():
             select.select([self.channel], [], [], 0.05)
+            if self.paused:
+                continue
             self.channel.ack()
             while True:
                 reqs = self.ring.consume()

@@ -239,3 +239,19 @@ def test_close_reports_grants_the_backend_still_maps(sim_dir):
     finally:
         be.stop()
         guest.close()
+
+
+def test_close_ends_the_grants_of_requests_never_answered(sim_dir):
+    guest, fr, be = make_pair(sim_dir)
+    try:
+        be.paused = True
+        for sector in (0, 8, 16):
+            fr.submit(blkif.BLKIF_OP_WRITE, sector, data=pattern(8192, sector))
+        fr.push()
+        assert fr.poll(0.1) == [] and fr.in_flight == 3
+        be.stop()  # the backend goes away without answering
+        assert fr.close() == []
+        # 6 data pages + the ring page
+        assert fr.stats.grants_issued + 1 == fr.stats.grants_ended == 7
+    finally:
+        guest.close()
