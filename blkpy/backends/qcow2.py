@@ -181,6 +181,12 @@ class Qcow2Disk(Disk):
         views = _byte_views(bufs)
         length = sum(len(v) for v in views)
         self.check_range(offset, length)
+        host = self.meta.fast_host(offset, length, write=False)
+        if host is not None:  # one cluster of plain data: the common case
+            n = os.preadv(self._fd, views, host)
+            if n < length:
+                _zero(_slices(views, n, length - n))
+            return
         try:
             self._read(offset, length, views)
         except CorruptImage:
@@ -233,6 +239,13 @@ class Qcow2Disk(Disk):
         views = _byte_views(bufs)
         length = sum(len(v) for v in views)
         self.check_range(offset, length)
+        host = self.meta.fast_host(offset, length, write=True)
+        if host is not None:  # rewrite of data we own: no metadata involved
+            if os.pwritev(self._fd, views, host) != length:
+                raise OSError(f"short write at 0x{host:x}")
+            self.meta.data_written()
+            self._last_compressed = None
+            return
         try:
             self._write(offset, length, views)
         except CorruptImage:
@@ -246,7 +259,10 @@ class Qcow2Disk(Disk):
             lo = max(step.guest, offset)
             hi = min(step.guest + step.length, offset + length)
             data = _slices(views, lo - offset, hi - lo)
-            if step.guest < lo or step.guest + step.length > hi:
+            host = step.host
+            if step.skip_cow:
+                host += lo - step.guest
+            elif step.guest < lo or step.guest + step.length > hi:
                 # copy-on-write: fill the widened region with what the guest reads now
                 region = bytearray(step.length)
                 rv = memoryview(region)
@@ -260,8 +276,8 @@ class Qcow2Disk(Disk):
                     rv[pos:pos + len(d)] = d
                     pos += len(d)
                 data = [rv]
-            if os.pwritev(self._fd, data, step.host) != step.length:
-                raise OSError(f"short write at 0x{step.host:x}")
+            if os.pwritev(self._fd, data, host) != sum(len(d) for d in data):
+                raise OSError(f"short write at 0x{host:x}")
             meta.data_written()
             meta.commit(step)
         self._last_compressed = None

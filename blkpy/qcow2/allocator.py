@@ -253,6 +253,11 @@ class Allocator:
         self._reftable_dirty.clear()
         return ops
 
+    @property
+    def real_end(self) -> int:
+        """Size of the file as last extended by us: clusters at or past it read as zeros."""
+        return self._real_end
+
     def resize_op(self) -> list[Op]:
         """A Resize if allocations went past the end of the file."""
         if self.file_end > self._real_end:

@@ -62,6 +62,9 @@ class ClusterWrite:
     value: int = 0
     bitmap: int = 0
     frees: tuple[int, ...] = ()
+    #: the widened parts read as zeros and the host area lies past the end of the file
+    #: (reads as zeros too): only the caller's bytes need writing
+    skip_cow: bool = False
 
 
 def read_header(storage: Storage, file_size: int) -> Header:
@@ -85,6 +88,7 @@ class Metadata:
                                file_size, max(cache_size // 4, 4 * cs))
         self.l2_cache = TableCache(cache_size, cs)
         self._data_unsynced = False
+        self._l1_shift = h.cluster_bits + self.geo.l2_bits
         if writable:
             self._prepare_for_writing()
 
@@ -190,6 +194,38 @@ class Metadata:
         self._shrink_l2_cache()
         return new
 
+    def fast_host(self, guest: int, length: int, write: bool) -> int | None:
+        """Host offset of [guest, guest+length) if it lies in one cluster whose L2 table is
+        cached and whose bytes there are plain host data (for writes: ours alone, so
+        writable in place). None means: take the general path. The hot path of both
+        reads and in-place writes, so it works on raw entries."""
+        cs = self.geo.cluster_size
+        inoff = guest & (cs - 1)
+        if inoff + length > cs:
+            return None
+        l1_index = guest >> self._l1_shift
+        if l1_index >= len(self.l1):
+            return None
+        l1v = int(self.l1[l1_index])
+        table = self.l2_cache.get(l1v & l2.L1E_OFFSET_MASK)
+        if table is None or l1v & l2.L1E_RESERVED_MASK or (
+                write and not l1v & l2.OFLAG_COPIED):
+            return None
+        i = ((guest >> self.geo.cluster_bits) & (self.geo.l2_entries - 1)) * self._wide
+        v = int(table[i])
+        host = v & l2.L2E_OFFSET_MASK
+        if (not host or v & (l2.OFLAG_COMPRESSED | l2.L2E_STD_RESERVED_MASK | l2.OFLAG_ZERO)
+                or host & (cs - 1) or host >= self.alloc.file_end
+                or (write and not v & l2.OFLAG_COPIED)):
+            return None
+        if self._wide == 2:
+            scs = self.geo.subcluster_size
+            mask = l2.subcluster_mask(inoff // scs, (inoff + length + scs - 1) // scs)
+            bitmap = int(table[i + 1])
+            if bitmap & mask != mask or (bitmap >> 32) & mask:
+                return None
+        return host + inoff
+
     # ---- reads --------------------------------------------------------------------------
 
     def map_read(self, guest: int, length: int) -> list[Extent]:
@@ -246,6 +282,7 @@ class Metadata:
         inoff = pos - cstart
         a, b = inoff // scs, (inoff + n + scs - 1) // scs
         mask = l2.subcluster_mask(a, b)
+        skip_cow = False
         if e.kind is not Kind.COMPRESSED and e.host and e.copied:
             if e.alloc & mask == mask and not e.zero & mask:
                 return ClusterWrite(pos, n, e.host + inoff)  # in place, no metadata change
@@ -253,6 +290,7 @@ class Metadata:
             region = (a * scs, b * scs)
             alloc, zero = e.alloc | mask, e.zero & ~mask
         else:
+            fresh_from = self.alloc.real_end
             host = self.alloc.alloc()
             if e.kind is Kind.COMPRESSED:
                 frees = tuple(l2.compressed_host_clusters(e, cs))
@@ -263,10 +301,12 @@ class Metadata:
             else:
                 frees = ()
                 region, alloc, zero = (a * scs, b * scs), mask, e.zero & ~mask
+                reads_zero = not self.has_backing or e.zero & mask == mask
+                skip_cow = reads_zero and host >= fresh_from
         table = self._writable_l2(geo.l1_index(pos))
         value, bitmap = l2.encode(geo, host, alloc, zero)
         return ClusterWrite(cstart + region[0], region[1] - region[0], host + region[0],
-                            table, geo.l2_index(pos), value, bitmap, frees)
+                            table, geo.l2_index(pos), value, bitmap, frees, skip_cow)
 
     def data_written(self) -> None:
         """The I/O layer wrote guest data (the next write-back must sync it first)."""

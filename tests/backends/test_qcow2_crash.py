@@ -45,15 +45,17 @@ def _run_and_kill(path: str, seed: int, cache: int, rnd: random.Random) -> int:
     return acked
 
 
-@pytest.mark.parametrize("cluster_size", [512, 65536])
-def test_sigkill_keeps_flushed_writes_and_metadata(tmp_path, cluster_size):
-    rnd = random.Random(cluster_size)
+@pytest.mark.parametrize("cluster_size,with_backing", [(512, True), (65536, True),
+                                                       (65536, False)])
+def test_sigkill_keeps_flushed_writes_and_metadata(tmp_path, cluster_size, with_backing):
+    rnd = random.Random(cluster_size + with_backing)
     backing = tmp_path / "base.raw"
-    backing.write_bytes(random.Random(3).randbytes(SIZE * 3 // 4))
+    backing.write_bytes(random.Random(3).randbytes(SIZE * 3 // 4) if with_backing else b"")
     for trial in range(5):
         path = str(tmp_path / f"img{trial}.qcow2")
-        qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster_size}",
-                 "-b", str(backing), "-F", "raw", path, str(SIZE))
+        args = ["-b", str(backing), "-F", "raw"] if with_backing else []
+        qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster_size}", *args,
+                 path, str(SIZE))
         seed = rnd.randrange(1 << 30)
         acked = _run_and_kill(path, seed, rnd.choice([4096, 1 << 20]), rnd)
         r = qemu_img("check", path, check=False)
