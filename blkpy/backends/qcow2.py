@@ -6,16 +6,18 @@ reads, copy-on-write composition) and runs the core's write-back plans.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import zlib
 from collections.abc import Sequence
 
 from blkpy.backends.base import CorruptImage, Disk, DiskError, UnsupportedImage
+from blkpy.backends.raw import _punch_hole as punch_hole
 from blkpy.qcow2.header import COMPRESSION_ZSTD, MAGIC
 from blkpy.qcow2.l2 import Entry, Kind
 from blkpy.qcow2.metadata import DEFAULT_CACHE_SIZE, Metadata
-from blkpy.qcow2.plan import Op, Resize, Sync, Write
+from blkpy.qcow2.plan import Op, Punch, Resize, Sync, Write
 
 MAX_BACKING_DEPTH = 64  # QEMU's limit too; a deeper chain is most likely a loop
 _ZEROS = bytes(1 << 20)
@@ -42,6 +44,9 @@ class FileStorage:
                 os.fdatasync(self.fd)
             elif isinstance(op, Resize) and os.fstat(self.fd).st_size < op.size:
                 os.ftruncate(self.fd, op.size)
+            elif isinstance(op, Punch):
+                with contextlib.suppress(OSError):  # space saving only: EOPNOTSUPP is fine
+                    punch_hole(self.fd, op.offset, op.length)
 
 
 def _zero(views: Sequence[memoryview]) -> None:

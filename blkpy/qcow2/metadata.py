@@ -29,7 +29,7 @@ from blkpy.qcow2.header import (
     parse_header,
 )
 from blkpy.qcow2.l2 import Entry, Kind
-from blkpy.qcow2.plan import Op, Storage, Sync, Write
+from blkpy.qcow2.plan import Op, Punch, Storage, Sync, Write
 from blkpy.qcow2.snapshot import Snapshot, parse_snapshots
 
 DEFAULT_CACHE_SIZE = 4 * 1024 * 1024  # bytes of L2 tables (refcount blocks get a quarter)
@@ -383,9 +383,11 @@ class Metadata:
         if self._l1_dirty:
             run(self._l1_writes() + [Sync()])
         if a.pending_frees:
-            for off in a.apply_pending_frees():
+            freed = a.apply_pending_frees()
+            for off in freed:
                 self.l2_cache.discard(off)
-            run(a.block_writes() + [Sync()])
+            cs = self.geo.cluster_size
+            run(a.block_writes() + [Sync()] + [Punch(off, cs) for off in freed])
 
     def _l1_writes(self) -> list[Op]:
         per_sector = 512 // 8

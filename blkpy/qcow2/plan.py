@@ -27,7 +27,15 @@ class Resize:
     size: int
 
 
-Op = Write | Sync | Resize
+@dataclasses.dataclass(frozen=True)
+class Punch:
+    """Release the space of a free cluster (it reads as zeros afterwards); best effort."""
+
+    offset: int
+    length: int
+
+
+Op = Write | Sync | Resize | Punch
 
 
 class Storage(Protocol):
@@ -61,3 +69,6 @@ class MemoryStorage:
                 self.data[op.offset:end] = op.data
             elif isinstance(op, Resize) and op.size > len(self.data):
                 self.data.extend(bytes(op.size - len(self.data)))
+            elif isinstance(op, Punch):
+                end = min(op.offset + op.length, len(self.data))
+                self.data[op.offset:end] = bytes(max(0, end - op.offset))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 
@@ -172,3 +173,16 @@ def test_dirty_image_from_lazy_refcounts_is_repaired_on_open(tmp_path):
     data = as_raw(path, str(tmp_path / "out.raw"))
     assert data[:300 << 10] == b"\x42" * (300 << 10)
     assert data[400 << 10:(400 << 10) + 4096] == b"\x43" * 4096
+
+
+def test_discard_releases_host_space(tmp_path):
+    path = str(tmp_path / "img.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", path, str(SIZE))
+    with Qcow2Disk(path) as disk:
+        disk.writev(0, [memoryview(b"\x01" * SIZE)])
+        disk.flush()
+        full = os.stat(path).st_blocks
+        disk.discard(0, SIZE)
+    assert os.stat(path).st_blocks < full // 2
+    check_clean(path)
+    assert as_raw(path, str(tmp_path / "out.raw")) == bytes(SIZE)
