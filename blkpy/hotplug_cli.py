@@ -100,12 +100,14 @@ def install(directory: str, command: str | None) -> None:
               help="Write each serve's stderr to DIR/serve-<domid>-<devid>.log "
                    "(default: this process's stderr).")
 @click.option("--serve-command", metavar="CMD",
-              help="Command that serves one device, given the backend path "
-                   "(default: this Python running `blkpy serve`).")
+              help="Exec CMD BACKEND_PATH ARGS... per device (default: fork `blkpy serve` "
+                   "from this process, which has its modules imported already).")
+@click.option("--orphan-grace", type=click.FloatRange(0), default=5.0, show_default=True,
+              help="Seconds a serve may outlive its removed device before SIGTERM.")
 @click.option("--serve-arg", "serve_args", multiple=True, metavar="ARG",
               help="Extra argument for every serve (repeatable).")
 def daemon(xenstore_path: str | None, domid: int, platform_name: str, log_dir: str | None,
-           serve_command: str | None, serve_args: tuple[str, ...]) -> None:
+           serve_command: str | None, orphan_grace: float, serve_args: tuple[str, ...]) -> None:
     """Start `blkpy serve` for every new block-blkpy device until SIGTERM."""
     from blkpy.hotplug.watcher import DeviceWatcher, log_to_stderr
 
@@ -115,6 +117,6 @@ def daemon(xenstore_path: str | None, domid: int, platform_name: str, log_dir: s
     with _xenstore(xenstore_path) as xs:
         watcher = DeviceWatcher(xs, domid=domid,  # type: ignore[arg-type]
                                 serve_command=shlex.split(serve_command) if serve_command else None,
-                                serve_args=args, log_dir=log_dir)
+                                serve_args=args, log_dir=log_dir, orphan_grace=orphan_grace)
         status = watcher.run()
     sys.exit(status)

@@ -8,6 +8,12 @@ new device whose ``script`` node names a ``block-blkpy*`` script, spawns
 alone (another backend may serve them). It reaps children and logs how they ended; when a
 device's backend directory disappears while its serve still runs (a forced removal skips the
 hotplug ``remove``), it terminates that serve. On SIGTERM/SIGINT it stops every child and exits.
+
+By default a serve is not exec'd but forked from the watcher, which has imported serve's
+modules once: under emulation a fresh Python needs many seconds to import numpy and the data
+path, more than libxl's 10 s wait for InitWait when several disks start at once. The forked
+child runs exactly what ``blkpy serve`` runs (the same click command). ``--serve-command``
+execs a command instead.
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from blkpy.hotplug import SCRIPT_NAME
 from blkpy.xenstore.client import XenstoreClient, XenstoreError
@@ -34,18 +42,85 @@ ORPHAN_GRACE_S = 5.0
 STOP_GRACE_S = 10.0
 
 
-def default_serve_command() -> list[str]:
-    return [sys.executable, "-m", "blkpy", "serve"]
-
-
 def is_blkpy_script(script: str | None) -> bool:
     return bool(script) and posixpath.basename(script.strip()).startswith(SCRIPT_NAME)
+
+
+class ForkedServe:
+    """A serve forked from the watcher, with the part of Popen's interface used here."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def _serve_in_child(argv: list[str], log_path: Path | None, inherited: list[int]) -> NoReturn:
+    """Body of a forked serve: detach from the watcher, then run the `blkpy` CLI on argv."""
+    code = 1
+    try:
+        os.setsid()
+        for fd in inherited:  # the watcher's xenstore connection is not ours
+            os.close(fd)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        if log_path is not None:
+            out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            os.close(out)
+        logging.root.handlers.clear()  # serve configures its own logging
+        from blkpy.cli import main
+
+        main(args=argv, prog_name="blkpy", standalone_mode=True)
+        code = 0
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def preload_serve() -> None:
+    """Import what a forked serve needs, once, in the watcher."""
+    try:
+        import blkpy.cli  # noqa: F401
+        import blkpy.gntdev.linux  # noqa: F401
+        import blkpy.serve  # noqa: F401
+    except ImportError as exc:  # the child will report it properly
+        log.warning("cannot preload serve's modules: %s", exc)
 
 
 @dataclasses.dataclass
 class Child:
     relpath: str  # backend/vbd/<domid>/<devid>
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | ForkedServe
     started: float
     orphaned_at: float | None = None  # when its backend directory disappeared
     signalled: bool = False
@@ -56,13 +131,16 @@ class DeviceWatcher:
 
     def __init__(self, xs: XenstoreClient, *, domid: int = 0,
                  serve_command: Sequence[str] | None = None,
-                 serve_args: Sequence[str] = (), log_dir: str | None = None) -> None:
+                 serve_args: Sequence[str] = (), log_dir: str | None = None,
+                 orphan_grace: float = ORPHAN_GRACE_S) -> None:
         self.xs = xs
         self.domid = domid
         self.root = f"/local/domain/{domid}/backend/vbd"
-        self.serve_command = list(serve_command or default_serve_command())
+        #: None: fork serves from this process; else exec this command + backend path
+        self.serve_command = list(serve_command) if serve_command else None
         self.serve_args = list(serve_args)
         self.log_dir = Path(log_dir) if log_dir else None
+        self.orphan_grace = orphan_grace
         self.children: dict[str, Child] = {}
         # devices already handled (served, or not ours): never started twice, even if their
         # serve died, until their backend directory goes away
@@ -102,30 +180,42 @@ class DeviceWatcher:
             if child is not None and child.orphaned_at is None:
                 child.orphaned_at = now
                 log.info("%s: backend directory removed; serve pid %d has %.0f s to exit",
-                         rel, child.proc.pid, ORPHAN_GRACE_S)
+                         rel, child.proc.pid, self.orphan_grace)
 
     # ---- children -------------------------------------------------------------------------
 
     def start(self, rel: str) -> None:
-        argv = [*self.serve_command, rel, *self.serve_args]
-        stderr = None
+        log_path = None
         if self.log_dir is not None:
-            name = "serve-" + rel.replace("backend/vbd/", "").replace("/", "-") + ".log"
-            stderr = open(self.log_dir / name, "ab")  # noqa: SIM115 - handed to the child
+            log_path = self.log_dir / ("serve-" + rel.replace("backend/vbd/", "").replace("/", "-")
+                                       + ".log")
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stderr,
-                                    stderr=stderr, start_new_session=True)
+            proc = self._spawn(rel, log_path)
         except OSError as exc:
-            log.error("%s: cannot start serve (%s): %s", rel, argv[0], exc.strerror)
+            log.error("%s: cannot start serve: %s", rel, exc.strerror)
             return
-        finally:
-            if stderr is not None:
-                stderr.close()
         old = self.children.pop(rel, None)
         if old is not None:  # the device was re-created while its old serve still exits
             self.children[f"{rel}#{old.proc.pid}"] = old
         self.children[rel] = Child(rel, proc, time.monotonic())
         log.info("%s: started serve pid %d", rel, proc.pid)
+
+    def _spawn(self, rel: str, log_path: Path | None) -> subprocess.Popen[bytes] | ForkedServe:
+        if self.serve_command is None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                _serve_in_child(["serve", rel, *self.serve_args], log_path, [self.xs.fileno()])
+            return ForkedServe(pid)
+        stderr = open(log_path, "ab") if log_path else None  # noqa: SIM115 - the child's
+        try:
+            return subprocess.Popen([*self.serve_command, rel, *self.serve_args],
+                                    stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
+                                    start_new_session=True)
+        finally:
+            if stderr is not None:
+                stderr.close()
 
     def reap(self) -> None:
         for rel, child in list(self.children.items()):
@@ -144,12 +234,12 @@ class DeviceWatcher:
             if child.orphaned_at is None:
                 continue
             age = now - child.orphaned_at
-            if not child.signalled and age > ORPHAN_GRACE_S:
+            if not child.signalled and age > self.orphan_grace:
                 log.warning("%s: serve pid %d outlived its device; SIGTERM", child.relpath,
                             child.proc.pid)
                 child.proc.send_signal(signal.SIGTERM)
                 child.signalled = True
-            elif child.signalled and age > ORPHAN_GRACE_S + STOP_GRACE_S:
+            elif child.signalled and age > self.orphan_grace + STOP_GRACE_S:
                 log.error("%s: serve pid %d ignores SIGTERM; SIGKILL", child.relpath,
                           child.proc.pid)
                 child.proc.kill()
@@ -177,6 +267,8 @@ class DeviceWatcher:
         """Watch until SIGTERM/SIGINT (or ``request_stop``); returns the exit status."""
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        if self.serve_command is None:
+            preload_serve()
         self.xs.watch(self.root, WATCH_TOKEN)
         log.info("watching %s for %s devices", self.root, SCRIPT_NAME)
         try:

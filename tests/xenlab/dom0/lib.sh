@@ -32,8 +32,6 @@ install_blkpy() {
 PYTHONPATH=/opt/blkpy exec python3 -c 'import sys; from blkpy.cli import main; sys.argv[0] = "blkpy"; main()' "$@"
 SH
   chmod 755 /usr/local/bin/blkpy
-  # compile once now: every later start (hotplug, serve) would otherwise pay for it under TCG
-  python3 -m compileall -q /opt/blkpy >/dev/null
 }
 
 # mkcfg NAME CFG KERNEL-ARGS DISK-SPEC... : a PV busybox guest with the given disks
@@ -59,11 +57,15 @@ CFG
 console_log() { echo "$CONSOLE_DIR/guest-$1.log"; }
 
 # wait_console NAME PATTERN TIMEOUT: wait until the guest's console shows PATTERN
+# (fails early when the domain is gone without showing it)
 wait_console() {
   local log t=0
   log=$(console_log "$1")
   while [ "$t" -lt "$3" ]; do
     grep -q -- "$2" "$log" 2>/dev/null && return 0
+    if ! xl domid "$1" >/dev/null 2>&1; then
+      sleep 1; grep -q -- "$2" "$log" 2>/dev/null; return
+    fi
     sleep 1; t=$((t + 1))
   done
   return 1
@@ -94,3 +96,59 @@ cleanup_domains() {
 }
 
 serve_pids() { pgrep -f 'blkpy serve' | tr '\n' ' '; }
+
+# is_hole FILE START END: no data (only a hole) in [START, END) of FILE
+is_hole() {
+  python3 - "$@" <<'PY'
+import errno, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+try:
+    nxt = os.lseek(fd, int(sys.argv[2]), os.SEEK_DATA)
+except OSError as e:
+    nxt = os.fstat(fd).st_size if e.errno == errno.ENXIO else -1
+sys.exit(0 if nxt >= int(sys.argv[3]) else 1)
+PY
+}
+
+DAEMON_LOG=/var/log/xen/blkpy-daemon.log
+start_daemon() {
+  blkpy hotplug install >/dev/null || { check setup.hotplug-install FAIL "blkpy hotplug install"; return 1; }
+  blkpy hotplug daemon --log-dir /var/log/xen --serve-arg=--log-level=debug >>$DAEMON_LOG 2>&1 &
+  echo $! > /run/blkpy-daemon.pid
+  local i=0
+  until grep -q "watching" $DAEMON_LOG 2>/dev/null; do
+    sleep 0.5; i=$((i + 1))
+    if [ $i -gt 60 ]; then check setup.daemon FAIL "daemon did not start: $(tail -3 $DAEMON_LOG)"; return 1; fi
+  done
+}
+
+stop_daemon() {
+  local pid
+  pid=$(cat /run/blkpy-daemon.pid 2>/dev/null) || return 0
+  kill -TERM "$pid" 2>/dev/null
+  for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+  kill -0 "$pid" 2>/dev/null && { echo "daemon did not stop"; kill -KILL "$pid"; }
+  rm -f /run/blkpy-daemon.pid
+  cp /var/log/xen/*.log /mnt/run/ 2>/dev/null
+}
+
+# check_no_leftovers PHASE: after the guests are gone, nothing of blkpy may remain
+check_no_leftovers() {
+  local i=0 left
+  while [ -n "$(serve_pids)" ] && [ $i -lt 30 ]; do sleep 0.5; i=$((i + 1)); done
+  left=$(serve_pids)
+  check_cond "$1.no-serve-left" "no blkpy serve process left ${left:+(pids $left)}" -- test -z "$left"
+  left=$(xenstore-list /local/domain/0/backend/vbd 2>/dev/null | tr '\n' ' ')
+  check_cond "$1.no-backend-left" "no backend/vbd entries left ${left:+($left)}" -- test -z "$left"
+  left=$(xl list | awk 'NR > 2 {print $1 "(" $2 ")"}' | tr '\n' ' ')
+  check_cond "$1.no-domain-left" "no (dying) domain left ${left:+($left)}" -- test -z "$left"
+}
+
+# show_logs: the daemon's and serves' last lines on the console (for failures)
+show_logs() {
+  local f
+  for f in $DAEMON_LOG /var/log/xen/serve-*.log; do
+    [ -f "$f" ] || continue
+    echo "---- tail $f"; tail -n "${1:-15}" "$f"
+  done
+}
