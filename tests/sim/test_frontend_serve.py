@@ -91,9 +91,10 @@ def test_hostile_slots_get_errors_and_the_device_keeps_serving(make):
     assert s.ok, s.to_text() + backend.log()
 
 
-def test_two_queues_against_serve(make):
-    fe, backend = make(num_queues=2, max_ring_page_order=1)
+def test_two_queues_and_4k_sectors_against_serve(make):
+    fe, backend = make(num_queues=2, max_ring_page_order=1, serve_args=("--sector-size", "4096"))
     assert len(fe.rings) == 2 and fe.rings[0].event_channel != fe.rings[1].event_channel
+    assert fe.info.sector_size == 4096
     s = run_workload(fe, "randrw", requests=400, seed=2, zeroed=True)
     assert s.ok, s.to_text() + backend.log()
     assert all(sum(r.stats.requests.values()) > 50 for r in fe.rings)
