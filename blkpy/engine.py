@@ -1,11 +1,11 @@
 """I/O engines: how a batch of disk operations reaches the image.
 
-The dispatcher hands an engine a whole batch of ``IoOp`` in ring order and later collects
-completed ops, possibly out of order. Engines must keep FLUSH/DISCARD ordered after every op
-submitted before them. ``SyncEngine`` runs a batch at submit time (raw images: one call into
-C that loops over preadv/pwritev with the GIL released); ``ThreadEngine`` runs the same
-work on one worker thread so the event loop keeps consuming the ring while I/O is under
-way, signalling completions through an eventfd.
+The dispatcher hands an engine a whole batch as one ``IoVector`` (entries in ring order)
+and later collects completed vectors; entries may finish out of order, but FLUSH and
+DISCARD stay ordered after every entry submitted before them. ``SyncEngine`` runs a batch
+at submit time (raw images: one call into C that loops over preadv/pwritev with the GIL
+released); ``ThreadEngine`` runs the same work on one worker thread so the event loop keeps
+consuming the ring meanwhile; ``UringEngine`` submits the batch to io_uring.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import dataclasses
 import errno
 import os
 import threading
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -38,21 +37,38 @@ IOVEC_DTYPE = np.dtype([("base", "<u8"), ("len", "<u8")])
 _MAX_IOV = 1024
 
 
-@dataclasses.dataclass(slots=True)
-class IoOp:
-    """One disk operation. ``iov`` holds (address, length) rows of local memory (mapped
-    guest pages or a bounce buffer) for READ/WRITE. ``result`` is 0 or -errno when done."""
+@dataclasses.dataclass(eq=False)
+class IoVector:
+    """The disk operations of one dispatched batch, as parallel arrays in ring order.
 
-    kind: int
-    offset: int
-    length: int
-    iov: np.ndarray | None = None
+    Entry k is ``kind[k]`` (READ/WRITE/FLUSH/DISCARD) at byte ``offset[k]`` for
+    ``length[k]`` bytes; a READ/WRITE moves data through the iovec rows
+    ``iov[iov_first[k] : iov_first[k] + iov_count[k]]`` (address, length) of local memory.
+    ``owner[k]`` is the request it belongs to. Engines fill ``result`` (0 or -errno)."""
+
+    kind: np.ndarray
+    offset: np.ndarray
+    length: np.ndarray
+    iov_first: np.ndarray
+    iov_count: np.ndarray
+    iov: np.ndarray
+    owner: np.ndarray
     tag: object = None
-    result: int | None = None
+    result: np.ndarray = dataclasses.field(init=False)
+    pending: int = dataclasses.field(init=False)
 
+    def __post_init__(self) -> None:
+        self.result = np.zeros(len(self.kind), dtype=np.int64)
+        self.pending = len(self.kind)
+        self.iov = np.ascontiguousarray(self.iov, dtype=np.uint64).reshape(-1, 2)
 
-def _views(iov: np.ndarray) -> list[memoryview]:
-    return [memoryview(ffi.buffer(ffi.cast("char *", int(a)), int(n))) for a, n in iov]
+    def __len__(self) -> int:
+        return len(self.kind)
+
+    def views(self, k: int) -> list[memoryview]:
+        first = int(self.iov_first[k])
+        rows = self.iov[first : first + int(self.iov_count[k])]
+        return [memoryview(ffi.buffer(ffi.cast("char *", int(a)), int(n))) for a, n in rows]
 
 
 def _errno_of(exc: BaseException) -> int:
@@ -61,59 +77,63 @@ def _errno_of(exc: BaseException) -> int:
     return errno.EIO
 
 
-def run_ops(disk: Disk, ops: Sequence[IoOp]) -> None:
-    """Execute ops in order, setting each ``result``. Runs of reads/writes on a raw disk
-    cross into C once; everything else goes through the Disk interface."""
+def run_vector(disk: Disk, vec: IoVector, start: int = 0) -> None:
+    """Execute entries ``start:`` in order, filling ``result``. Runs of reads/writes on a
+    raw disk cross into C once; everything else goes through the Disk interface."""
     fd = disk.direct_fd
-    i = 0
-    while i < len(ops):
-        op = ops[i]
-        if fd is not None and op.kind in (READ, WRITE):
-            j = i
-            while j < len(ops) and ops[j].kind in (READ, WRITE):
-                j += 1
-            _run_direct(fd, ops[i:j])
-            i = j
-            continue
-        try:
-            if op.kind == READ:
-                disk.readv(op.offset, _views(op.iov))
-            elif op.kind == WRITE:
-                disk.writev(op.offset, _views(op.iov))
-            elif op.kind == FLUSH:
-                disk.flush()
-            elif op.kind == DISCARD:
-                disk.discard(op.offset, op.length)
-            op.result = 0
-        except NotImplementedError:
-            op.result = -errno.EOPNOTSUPP
-        except Exception as exc:  # an image error fails this request, never the loop
-            op.result = -_errno_of(exc)
-        i += 1
-
-
-def _run_direct(fd: int, ops: Sequence[IoOp]) -> None:
-    """One blkpy_io_batch call for a run of reads/writes on a raw file."""
-    ios = np.zeros(len(ops), dtype=_IO_DTYPE)
-    iovs = np.concatenate([op.iov for op in ops]).astype(np.uint64, copy=False)
-    first = 0
-    for k, op in enumerate(ops):
-        count = len(op.iov)
-        ios[k] = (fd, op.kind, op.offset, first, count, 0)
-        first += count
-    iov_arr = np.ascontiguousarray(iovs.reshape(-1, 2)).view(IOVEC_DTYPE)
-    if any(len(op.iov) > _MAX_IOV for op in ops):
-        for op in ops:
-            op.result = -errno.EINVAL
+    rw = vec.kind[start:] <= WRITE
+    n = len(vec)
+    if fd is not None and rw.all():
+        _run_direct(fd, vec, start, n)
         return
+    k = start
+    while k < n:
+        if fd is not None and vec.kind[k] <= WRITE:
+            end = k
+            while end < n and vec.kind[end] <= WRITE:
+                end += 1
+            _run_direct(fd, vec, k, end)
+            k = end
+            continue
+        vec.result[k] = _run_one(disk, vec, k)
+        k += 1
+
+
+def _run_one(disk: Disk, vec: IoVector, k: int) -> int:
+    kind = int(vec.kind[k])
+    try:
+        if kind == READ:
+            disk.readv(int(vec.offset[k]), vec.views(k))
+        elif kind == WRITE:
+            disk.writev(int(vec.offset[k]), vec.views(k))
+        elif kind == FLUSH:
+            disk.flush()
+        else:
+            disk.discard(int(vec.offset[k]), int(vec.length[k]))
+    except NotImplementedError:
+        return -errno.EOPNOTSUPP
+    except Exception as exc:  # an image error fails this request, never the loop
+        return -_errno_of(exc)
+    return 0
+
+
+def _run_direct(fd: int, vec: IoVector, start: int, end: int) -> None:
+    """One blkpy_io_batch call for entries start:end (all reads/writes) on a raw file."""
+    n = end - start
+    ios = np.zeros(n, dtype=_IO_DTYPE)
+    ios["fd"] = fd
+    ios["op"] = vec.kind[start:end]
+    ios["offset"] = vec.offset[start:end]
+    ios["iov_first"] = vec.iov_first[start:end]
+    ios["iov_count"] = vec.iov_count[start:end]
     lib.blkpy_io_batch(
         ffi.cast("struct blkpy_io *", ios.ctypes.data),
-        len(ops),
-        ffi.cast("const struct iovec *", iov_arr.ctypes.data),
+        n,
+        ffi.cast("const struct iovec *", vec.iov.ctypes.data),
     )
-    for k, op in enumerate(ops):
-        res = int(ios["result"][k])
-        op.result = res if res < 0 else (0 if res == op.length else -errno.EIO)
+    res = ios["result"]
+    vec.result[start:end] = np.where(res < 0, res, np.where(res == vec.length[start:end], 0,
+                                                             -errno.EIO))
 
 
 class IoEngine(abc.ABC):
@@ -123,16 +143,16 @@ class IoEngine(abc.ABC):
         self.disk = disk
 
     @abc.abstractmethod
-    def submit(self, ops: Sequence[IoOp]) -> None:
+    def submit(self, vec: IoVector) -> None:
         """Queue a batch (kept in order relative to earlier batches' flushes)."""
 
     @abc.abstractmethod
-    def completions(self) -> list[IoOp]:
-        """Ops finished since the last call (never blocks)."""
+    def completions(self) -> list[IoVector]:
+        """Vectors whose every entry finished since the last call (never blocks)."""
 
     @abc.abstractmethod
-    def wait(self, timeout: float | None = None) -> list[IoOp]:
-        """Block until at least one op completes (or timeout); returns completions."""
+    def wait(self, timeout: float | None = None) -> list[IoVector]:
+        """Block until at least one vector completes (or timeout); returns completions."""
 
     def fileno(self) -> int | None:
         """Readable when completions are waiting; None for engines that finish in submit."""
@@ -141,7 +161,7 @@ class IoEngine(abc.ABC):
     @property
     @abc.abstractmethod
     def in_flight(self) -> int:
-        """Ops submitted and not yet returned by completions()."""
+        """Vectors submitted and not yet returned by completions()."""
 
     def close(self) -> None:  # noqa: B027 - engines without resources need nothing
         """Stop; pending work is finished first."""
@@ -152,17 +172,18 @@ class SyncEngine(IoEngine):
 
     def __init__(self, disk: Disk) -> None:
         super().__init__(disk)
-        self._done: list[IoOp] = []
+        self._done: list[IoVector] = []
 
-    def submit(self, ops: Sequence[IoOp]) -> None:
-        run_ops(self.disk, ops)
-        self._done.extend(ops)
+    def submit(self, vec: IoVector) -> None:
+        run_vector(self.disk, vec)
+        vec.pending = 0
+        self._done.append(vec)
 
-    def completions(self) -> list[IoOp]:
+    def completions(self) -> list[IoVector]:
         done, self._done = self._done, []
         return done
 
-    def wait(self, timeout: float | None = None) -> list[IoOp]:
+    def wait(self, timeout: float | None = None) -> list[IoVector]:
         return self.completions()
 
     @property
@@ -176,8 +197,8 @@ class ThreadEngine(IoEngine):
 
     def __init__(self, disk: Disk) -> None:
         super().__init__(disk)
-        self._queue: collections.deque[list[IoOp]] = collections.deque()
-        self._done: list[IoOp] = []
+        self._queue: collections.deque[IoVector] = collections.deque()
+        self._done: list[IoVector] = []
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -194,22 +215,21 @@ class ThreadEngine(IoEngine):
                     self._cond.wait()
                 if not self._queue:
                     return
-                batch = self._queue.popleft()
-            run_ops(self.disk, batch)
+                vec = self._queue.popleft()
+            run_vector(self.disk, vec)
+            vec.pending = 0
             with self._cond:
-                self._done.extend(batch)
+                self._done.append(vec)
                 self._cond.notify_all()
             os.eventfd_write(self._efd, 1)
 
-    def submit(self, ops: Sequence[IoOp]) -> None:
-        if not ops:
-            return
+    def submit(self, vec: IoVector) -> None:
         with self._cond:
-            self._queue.append(list(ops))
-            self._submitted += len(ops)
+            self._queue.append(vec)
+            self._submitted += 1
             self._cond.notify_all()
 
-    def completions(self) -> list[IoOp]:
+    def completions(self) -> list[IoVector]:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._efd)
         with self._lock:
@@ -217,7 +237,7 @@ class ThreadEngine(IoEngine):
         self._returned += len(done)
         return done
 
-    def wait(self, timeout: float | None = None) -> list[IoOp]:
+    def wait(self, timeout: float | None = None) -> list[IoVector]:
         with self._cond:
             if not self._done and self._submitted > self._returned:
                 self._cond.wait_for(lambda: bool(self._done), timeout)
@@ -260,11 +280,11 @@ def _zero_tail(iov: np.ndarray, skip: int) -> None:
 
 
 class UringEngine(IoEngine):
-    """io_uring: a whole batch in one io_uring_enter, completions out of order as the
-    device finishes them, so the guest's queue depth reaches the storage (O_DIRECT and
+    """io_uring: a whole batch in one io_uring_enter, entries completing out of order as
+    the device finishes them, so the guest's queue depth reaches the storage (O_DIRECT and
     real disks). Flushes carry IOSQE_IO_DRAIN, which orders them after every earlier op.
-    Disks without a direct fd (qcow2) and discards run synchronously once the ring has
-    drained."""
+    Vectors with discards, and disks without a direct fd (qcow2), run synchronously once
+    the ring has drained."""
 
     def __init__(self, disk: Disk, entries: int = 256) -> None:
         super().__init__(disk)
@@ -275,80 +295,106 @@ class UringEngine(IoEngine):
             os.close(self._efd)
             raise OSError(err[0], f"io_uring unavailable: {os.strerror(err[0])}")
         self._entries = entries
-        self._pending: dict[int, IoOp] = {}
-        self._backlog: collections.deque[IoOp] = collections.deque()
-        self._done: list[IoOp] = []
-        self._next = 0
+        self._vectors: dict[int, IoVector] = {}
+        self._backlog: collections.deque[tuple[int, int]] = collections.deque()  # (vid, next)
+        self._done: list[IoVector] = []
+        self._in_ring = 0
+        self._next_vid = 0
         self._ud = np.zeros(entries, dtype=np.uint64)
         self._res = np.zeros(entries, dtype=np.int64)
 
-    def submit(self, ops: Sequence[IoOp]) -> None:
-        self._backlog.extend(ops)
+    def submit(self, vec: IoVector) -> None:
+        vid = self._next_vid
+        self._next_vid = (self._next_vid + 1) & 0xFFFFFFFF
+        self._vectors[vid] = vec
+        self._backlog.append((vid, 0))
         self._pump()
 
     def _pump(self) -> None:
         fd = self.disk.direct_fd
-        batch: list[IoOp] = []
         while self._backlog:
-            op = self._backlog[0]
-            if fd is None or op.kind == DISCARD:
-                if batch or self._pending:
-                    break  # ordered after everything before it: wait for a drain
+            vid, first = self._backlog[0]
+            vec = self._vectors[vid]
+            if fd is None or (vec.kind == DISCARD).any():
+                if self._in_ring:
+                    return  # ordered after everything before it: wait for a drain
                 self._backlog.popleft()
-                run_ops(self.disk, [op])
-                self._done.append(op)
+                run_vector(self.disk, vec)
+                self._complete(vid, len(vec))
                 continue
-            if len(batch) + len(self._pending) >= self._entries:
-                break
-            batch.append(self._backlog.popleft())
-        if not batch:
-            return
-        uio = np.zeros(len(batch), dtype=_UIO_DTYPE)
-        for k, op in enumerate(batch):
-            ud = self._next
-            self._next += 1
-            self._pending[ud] = op
-            if op.kind == FLUSH:
-                uio[k] = (fd, 2, 0, 0, 0, ud)
+            room = self._entries - self._in_ring
+            if room == 0:
+                return
+            last = min(len(vec), first + room)
+            nxt = first + self._queue(vid, vec, fd, first, last)
+            if nxt == len(vec):
+                self._backlog.popleft()
             else:
-                uio[k] = (fd, op.kind, op.offset, op.iov.ctypes.data, len(op.iov), ud)
+                self._backlog[0] = (vid, nxt)
+            if nxt < last:
+                return  # the kernel took fewer: retry after completions
+
+    def _queue(self, vid: int, vec: IoVector, fd: int, first: int, last: int) -> int:
+        """Submit entries first:last; returns how many the ring took."""
+        n = last - first
+        uio = np.zeros(n, dtype=_UIO_DTYPE)
+        kind = vec.kind[first:last]
+        uio["fd"] = fd
+        uio["op"] = np.where(kind == FLUSH, 2, kind)
+        uio["offset"] = vec.offset[first:last]
+        uio["iov_addr"] = vec.iov.ctypes.data + vec.iov_first[first:last].astype(np.uint64) * 16
+        uio["iov_count"] = vec.iov_count[first:last]
+        uio["user_data"] = (np.uint64(vid) << np.uint64(32)) | np.arange(first, last,
+                                                                          dtype=np.uint64)
         queued = lib.blkpy_uring_submit(self._ring, ffi.cast("struct blkpy_uio *",
-                                                             uio.ctypes.data), len(batch))
+                                                             uio.ctypes.data), n)
         if queued < 0:  # the ring refused the batch: fail it rather than hang
-            for k in range(len(batch)):
-                op = self._pending.pop(int(uio["user_data"][k]))
-                op.result = queued
-                self._done.append(op)
+            vec.result[first:last] = queued
+            self._complete(vid, n)
+            return n
+        self._in_ring += queued
+        return queued
+
+    def _complete(self, vid: int, count: int) -> None:
+        vec = self._vectors[vid]
+        vec.pending -= count
+        if vec.pending <= 0:
+            vec.pending = 0
+            del self._vectors[vid]
+            self._done.append(vec)
 
     def _reap(self, min_complete: int) -> None:
         n = lib.blkpy_uring_reap(self._ring, ffi.cast("uint64_t *", self._ud.ctypes.data),
                                  ffi.cast("int64_t *", self._res.ctypes.data), self._entries,
                                  min_complete)
         for k in range(max(n, 0)):
-            op = self._pending.pop(int(self._ud[k]))
-            res = int(self._res[k])
-            if res < 0 or op.kind in (FLUSH, DISCARD):
-                op.result = min(res, 0)
-            elif res == op.length:
-                op.result = 0
-            elif op.kind == READ:
-                _zero_tail(op.iov, res)
-                op.result = 0
+            ud, res = int(self._ud[k]), int(self._res[k])
+            vid, entry = ud >> 32, ud & 0xFFFFFFFF
+            vec = self._vectors[vid]
+            kind = int(vec.kind[entry])
+            if res < 0 or kind == FLUSH:
+                vec.result[entry] = min(res, 0)
+            elif res == vec.length[entry]:
+                vec.result[entry] = 0
+            elif kind == READ:  # end of file: the rest reads as zeros
+                first = int(vec.iov_first[entry])
+                _zero_tail(vec.iov[first : first + int(vec.iov_count[entry])], res)
             else:
-                op.result = -errno.EIO
-            self._done.append(op)
+                vec.result[entry] = -errno.EIO
+            self._in_ring -= 1
+            self._complete(vid, 1)
         self._pump()
 
-    def completions(self) -> list[IoOp]:
+    def completions(self) -> list[IoVector]:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._efd)
-        if self._pending:
+        if self._in_ring:
             self._reap(0)
         done, self._done = self._done, []
         return done
 
-    def wait(self, timeout: float | None = None) -> list[IoOp]:
-        if not self._done and self._pending:
+    def wait(self, timeout: float | None = None) -> list[IoVector]:
+        if not self._done and self._in_ring:
             self._reap(1)
         return self.completions()
 
@@ -357,11 +403,11 @@ class UringEngine(IoEngine):
 
     @property
     def in_flight(self) -> int:
-        return len(self._pending) + len(self._backlog) + len(self._done)
+        return len(self._vectors) + len(self._done)
 
     def close(self) -> None:
-        while self._pending or self._backlog:
-            self._reap(1 if self._pending else 0)
+        while self._vectors:
+            self._reap(1 if self._in_ring else 0)
         lib.blkpy_uring_free(self._ring)
         os.close(self._efd)
 

@@ -10,8 +10,6 @@ used the bad grant: a failed batch map is retried request by request to isolate 
 from __future__ import annotations
 
 import abc
-import dataclasses
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -23,24 +21,16 @@ from blkpy.ring import PAGE_SIZE, SECTOR_SHIFT, SEGMENT_DTYPE, SEGS_PER_INDIRECT
 MAX_PERSISTENT_GRANTS = 1056
 
 
-@dataclasses.dataclass
-class PageRequest:
-    """The data segments of one request: ``index`` is the request's position in the batch."""
-
-    index: int
-    to_guest: bool  # a READ: data flows from the disk into the guest's pages
-    segs: np.ndarray  # SEGMENT_DTYPE records, all already validated
-
-
 class Acquired(abc.ABC):
-    """Data pages of a batch, held until release()."""
+    """Data pages of a batch, held until release(). ``iov`` has one (address, length) row
+    per segment given to acquire(), in the same order."""
 
-    def __init__(self) -> None:
-        self.iov: dict[int, np.ndarray] = {}  # request index -> (k, 2) uint64 addr/len
-        self.failed: set[int] = set()
+    def __init__(self, nsegs: int) -> None:
+        self.iov = np.zeros((nsegs, 2), dtype=np.uint64)
+        self.failed: set[int] = set()  # owners (requests) whose grants were bad
 
-    def finish(self, ok_reads: Sequence[int]) -> set[int]:
-        """After I/O: deliver READ data to the guest where needed; returns requests whose
+    def finish(self, ok_reads: np.ndarray) -> set[int]:
+        """After I/O: deliver READ data to the guest where needed; returns the owners whose
         delivery failed."""
         return set()
 
@@ -49,19 +39,21 @@ class Acquired(abc.ABC):
         """Drop transient mappings (must happen before the responses are pushed)."""
 
 
-def _segment_iov(base: np.ndarray, segs: np.ndarray) -> np.ndarray:
-    """iovec rows for segments whose pages start at the addresses in ``base``."""
+def segment_lengths(segs: np.ndarray) -> np.ndarray:
     first = segs["first_sect"].astype(np.uint64)
-    last = segs["last_sect"].astype(np.uint64)
-    iov = np.empty((len(segs), 2), dtype=np.uint64)
-    iov[:, 0] = base + (first << np.uint64(SECTOR_SHIFT))
-    iov[:, 1] = (last - first + np.uint64(1)) << np.uint64(SECTOR_SHIFT)
-    return iov
+    return (segs["last_sect"].astype(np.uint64) - first + np.uint64(1)) << np.uint64(SECTOR_SHIFT)
+
+
+def _fill_iov(iov: np.ndarray, sel: np.ndarray, page_addr: np.ndarray, segs: np.ndarray) -> None:
+    """iovec rows ``sel`` for segments whose pages start at ``page_addr``."""
+    first = segs["first_sect"].astype(np.uint64)
+    iov[sel, 0] = page_addr + (first << np.uint64(SECTOR_SHIFT))
+    iov[sel, 1] = segment_lengths(segs)
 
 
 class _Mapped(Acquired):
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, nsegs: int) -> None:
+        super().__init__(nsegs)
         self.transient: list[GrantMapping] = []
 
     def release(self) -> None:
@@ -74,53 +66,47 @@ class GrantMapper:
     """Batched mapping: one map call for every new grant of a batch (per access mode),
     and with persistent grants a cache that keeps the frontend's pages mapped."""
 
-    def __init__(self, platform: Platform, domid: int, persistent: bool) -> None:
+    def __init__(self, platform: Platform, domid: int, persistent: bool,
+                 max_persistent: int = MAX_PERSISTENT_GRANTS) -> None:
         self.platform = platform
         self.domid = domid
         self.persistent = persistent
-        self._cache: dict[int, tuple[GrantMapping, int]] = {}
+        self.max_persistent = max_persistent
+        self._cache: dict[int, int] = {}  # gref -> address of its mapped page
         self._cached_maps: list[GrantMapping] = []
 
     @property
     def persistent_grants(self) -> int:
         return len(self._cache)
 
-    def acquire(self, reqs: Sequence[PageRequest]) -> Acquired:
-        held = _Mapped()
-        if self.persistent:
-            reqs = self._from_cache(reqs, held)
-        for to_guest in (True, False):
-            group = [r for r in reqs if r.to_guest == to_guest]
-            if group:
-                self._map_transient(group, held, writable=to_guest)
+    def acquire(self, segs: np.ndarray, owner: np.ndarray, to_guest: np.ndarray) -> Acquired:
+        """Map the pages of ``segs`` (one row per segment, ``owner`` its request,
+        ``to_guest`` whether data flows into the guest page)."""
+        held = _Mapped(len(segs))
+        need = np.ones(len(segs), dtype=bool)
+        if self.persistent and len(segs):
+            addr = self.cache_addresses(segs["gref"])
+            cached = addr != 0
+            _fill_iov(held.iov, cached, addr[cached], segs[cached])
+            need = ~cached
+        for direction in (True, False):
+            sel = np.flatnonzero(need & (to_guest == direction))
+            if len(sel):
+                self._map_transient(segs, owner, sel, held, writable=direction)
         return held
 
-    def cache_pages(self, grefs: np.ndarray) -> np.ndarray | None:
-        """Addresses of persistently mapped pages for ``grefs``, mapping new ones while
-        the cache has room; None if any of them cannot be served from the cache."""
-        new = sorted({int(g) for g in grefs} - self._cache.keys())
-        room = MAX_PERSISTENT_GRANTS - len(self._cache)
-        if new and room > 0:
-            self._map_persistent(new[:room])
-        try:
-            entries = [self._cache[int(g)] for g in grefs]
-        except KeyError:
-            return None
-        return np.array([m.address + page * PAGE_SIZE for m, page in entries], np.uint64)
-
-    def _from_cache(self, reqs: Sequence[PageRequest], held: _Mapped) -> list[PageRequest]:
-        """Serve what the cache has (one map call for the batch's new grants); returns
-        the requests left for transient mapping."""
-        self.cache_pages(np.concatenate([r.segs["gref"] for r in reqs]) if reqs
-                         else np.zeros(0, np.uint32))
-        rest = []
-        for r in reqs:
-            base = self.cache_pages(r.segs["gref"])
-            if base is None:
-                rest.append(r)
-            else:
-                held.iov[r.index] = _segment_iov(base, r.segs)
-        return rest
+    def cache_addresses(self, grefs: np.ndarray) -> np.ndarray:
+        """Page address of each gref from the persistent cache (0 where it cannot be
+        cached); new grants are mapped in one call while the cache has room."""
+        uniq, inverse = np.unique(grefs, return_inverse=True)
+        keys = uniq.tolist()
+        cache = self._cache
+        missing = [g for g in keys if g not in cache]
+        room = self.max_persistent - len(cache)
+        if missing and room > 0:
+            self._map_persistent(missing[:room])
+        addr = np.array([cache.get(g, 0) for g in keys], dtype=np.uint64)
+        return addr[inverse]
 
     def _map_persistent(self, grefs: list[int]) -> None:
         # Persistent grants are granted writable by the frontend (blkif.h note 7).
@@ -134,30 +120,27 @@ class GrantMapper:
                 except GrantError:
                     continue
                 self._cached_maps.append(single)
-                self._cache[g] = (single, 0)
+                self._cache[g] = single.address
             return
         self._cached_maps.append(mapping)
         for page, g in enumerate(grefs):
-            self._cache[g] = (mapping, page)
+            self._cache[g] = mapping.address + page * PAGE_SIZE
 
-    def _map_transient(self, group: list[PageRequest], held: _Mapped, writable: bool) -> None:
-        grefs = np.concatenate([r.segs["gref"] for r in group])
+    def _map_transient(self, segs: np.ndarray, owner: np.ndarray, sel: np.ndarray,
+                       held: _Mapped, writable: bool) -> None:
         try:
-            mapping = self.platform.map_grants(self.domid, grefs, writable=writable)
+            mapping = self.platform.map_grants(self.domid, segs["gref"][sel], writable=writable)
         except GrantError:
-            if len(group) > 1:  # isolate the request(s) carrying the bad grant
-                for r in group:
-                    self._map_transient([r], held, writable)
+            owners = np.unique(owner[sel])
+            if len(owners) > 1:  # isolate the request(s) carrying the bad grant
+                for o in owners:
+                    self._map_transient(segs, owner, sel[owner[sel] == o], held, writable)
             else:
-                held.failed.add(group[0].index)
+                held.failed.add(int(owners[0]))
             return
         held.transient.append(mapping)
-        page = 0
-        for r in group:
-            n = len(r.segs)
-            base = mapping.address + (np.arange(page, page + n, dtype=np.uint64) * PAGE_SIZE)
-            held.iov[r.index] = _segment_iov(base, r.segs)
-            page += n
+        pages = mapping.address + np.arange(len(sel), dtype=np.uint64) * np.uint64(PAGE_SIZE)
+        _fill_iov(held.iov, sel, pages, segs[sel])
 
     def close(self) -> None:
         for mapping in self._cached_maps:
@@ -169,19 +152,17 @@ class GrantMapper:
 class _Copied(Acquired):
     def __init__(self, platform: Platform, segments: np.ndarray, owner: np.ndarray,
                  bounce: np.ndarray) -> None:
-        super().__init__()
+        super().__init__(len(segments))
         self._platform = platform
         self._segments = segments
-        self._owner = owner  # request index of each copy segment
+        self._owner = owner
         self._bounce = bounce  # kept alive while the engine writes into it
 
-    def finish(self, ok_reads: Sequence[int]) -> set[int]:
-        if not ok_reads:
+    def finish(self, ok_reads: np.ndarray) -> set[int]:
+        mask = np.isin(self._owner, ok_reads) & (self._segments["to_guest"] == 1)
+        if not mask.any():
             return set()
-        mask = np.isin(self._owner, np.asarray(ok_reads)) & (self._segments["to_guest"] == 1)
         segs = self._segments[mask]
-        if not len(segs):
-            return set()
         self._platform.grant_copy(segs)
         return {int(i) for i in self._owner[mask][segs["status"] != GNTST_OKAY]}
 
@@ -193,51 +174,33 @@ class GrantCopier:
     """Grant copy (QEMU's and tapdisk3's choice): data moves through a local bounce buffer
     with one copy call per direction per batch; no guest page is ever mapped."""
 
+    persistent = False
+    persistent_grants = 0
+
     def __init__(self, platform: Platform, domid: int) -> None:
         self.platform = platform
         self.domid = domid
-        self.persistent = False
-        self.persistent_grants = 0
 
-    def acquire(self, reqs: Sequence[PageRequest]) -> Acquired:
-        total = sum(len(r.segs) for r in reqs)
-        segments = np.zeros(total, dtype=COPY_SEGMENT_DTYPE)
-        owner = np.empty(total, dtype=np.int64)
-        lengths = np.concatenate([
-            ((r.segs["last_sect"].astype(np.int64) - r.segs["first_sect"] + 1) << SECTOR_SHIFT)
-            for r in reqs
-        ]) if reqs else np.zeros(0, np.int64)
+    def acquire(self, segs: np.ndarray, owner: np.ndarray, to_guest: np.ndarray) -> Acquired:
+        lengths = segment_lengths(segs)
         bounce = np.empty(int(lengths.sum()), dtype=np.uint8)
-        base = bounce.ctypes.data
-        offsets = np.concatenate(([0], np.cumsum(lengths)[:-1])) if total else lengths
-        k = 0
-        for r in reqs:
-            n = len(r.segs)
-            sl = slice(k, k + n)
-            segments["local_addr"][sl] = base + offsets[sl]
-            segments["ref"][sl] = r.segs["gref"]
-            segments["domid"][sl] = self.domid
-            segments["offset"][sl] = r.segs["first_sect"].astype(np.uint16) << SECTOR_SHIFT
-            segments["length"][sl] = lengths[sl]
-            segments["to_guest"][sl] = 1 if r.to_guest else 0
-            owner[sl] = r.index
-            k += n
+        offsets = np.cumsum(lengths) - lengths
+        segments = np.zeros(len(segs), dtype=COPY_SEGMENT_DTYPE)
+        segments["local_addr"] = np.uint64(bounce.ctypes.data) + offsets
+        segments["ref"] = segs["gref"]
+        segments["domid"] = self.domid
+        segments["offset"] = segs["first_sect"].astype(np.uint16) << SECTOR_SHIFT
+        segments["length"] = lengths
+        segments["to_guest"] = to_guest
         held = _Copied(self.platform, segments, owner, bounce)
+        held.iov[:, 0] = segments["local_addr"]
+        held.iov[:, 1] = lengths
         # WRITE data comes in before the I/O; READ data goes out in finish().
-        inbound = segments["to_guest"] == 0
+        inbound = ~to_guest
         if inbound.any():
             incoming = segments[inbound]
             self.platform.grant_copy(incoming)
-            segments["status"][inbound] = incoming["status"]
             held.failed |= {int(i) for i in owner[inbound][incoming["status"] != GNTST_OKAY]}
-        k = 0
-        for r in reqs:
-            n = len(r.segs)
-            iov = np.empty((n, 2), dtype=np.uint64)
-            iov[:, 0] = segments["local_addr"][k : k + n]
-            iov[:, 1] = lengths[k : k + n]
-            held.iov[r.index] = iov
-            k += n
         return held
 
     def close(self) -> None:
@@ -263,8 +226,8 @@ def fetch_indirect(
     out: dict[int, np.ndarray | None] = {}
     if mapper is not None and mapper.persistent:
         for i in list(grefs):
-            addresses = mapper.cache_pages(grefs[i])
-            if addresses is not None:
+            addresses = mapper.cache_addresses(grefs[i])
+            if addresses.all():
                 out[i] = _copy_descriptors(addresses, counts[i])
                 del grefs[i]
     if not grefs:

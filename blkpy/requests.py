@@ -46,19 +46,65 @@ class DiskGeometry:
     max_indirect_segments: int = 256
 
 
+# Refusal reasons, in the order the checks run (the first failing check is reported).
+REASONS = (
+    None,
+    "unknown operation",
+    "barrier not supported",
+    "flush not supported",
+    "discard not advertised",
+    "bad segment count",
+    "bad segment bounds",
+    "sector range outside the disk",
+    "secure discard not supported",
+    "discard range outside the disk",
+    "misaligned discard",
+    "indirect_op not read/write",
+    "bad indirect segment count",
+    "write to a read-only disk",
+)
+_NOTSUPP_REASONS = {1, 2, 3, 4, 8}
+_STATUS_OF = np.array(
+    [PENDING] + [BLKIF_RSP_EOPNOTSUPP if c in _NOTSUPP_REASONS else BLKIF_RSP_ERROR
+                 for c in range(1, len(REASONS))],
+    dtype=np.int16,
+)
+
+
+def _op_table(*ops: int) -> np.ndarray:
+    """A boolean lookup table over all 256 operation values."""
+    table = np.zeros(256, dtype=bool)
+    table[list(ops)] = True
+    return table
+
+
+_KNOWN = _op_table(BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER,
+                   BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_DISCARD, BLKIF_OP_INDIRECT)
+_INLINE = _op_table(BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER,
+                    BLKIF_OP_FLUSH_DISKCACHE)
+_RW = _op_table(BLKIF_OP_READ, BLKIF_OP_WRITE)
+_MODIFIES = _op_table(BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_OP_FLUSH_DISKCACHE,
+                      BLKIF_OP_DISCARD)
+
+
 @dataclasses.dataclass
 class Verdict:
     """Per-request result of validating one batch (arrays of len(batch))."""
 
     status: np.ndarray  # int16: BLKIF_RSP_* for refused requests, PENDING for good ones
-    reason: list[str | None]  # why a request was refused (for the rate-limited log)
+    code: np.ndarray  # index into REASONS (0: accepted so far)
     rsp_operation: np.ndarray  # operation to echo (indirect -> indirect_op)
     io_op: np.ndarray  # effective op: READ/WRITE/FLUSH/BARRIER/DISCARD/INDIRECT
     nbytes: np.ndarray  # int64 data bytes (0 for pure flush/barrier; discard length)
+    late: dict[int, str] = dataclasses.field(default_factory=dict)
 
     def refuse(self, i: int, status: int, reason: str) -> None:
+        """Refuse request i after the vectorised checks (bad grants, indirect pages)."""
         self.status[i] = status
-        self.reason[i] = reason
+        self.late[i] = reason
+
+    def reason(self, i: int) -> str | None:
+        return self.late.get(i) or REASONS[int(self.code[i])]
 
 
 def segment_totals(
@@ -92,72 +138,62 @@ def range_ok(start: np.ndarray, nbytes: np.ndarray, geom: DiskGeometry) -> np.nd
 
 def validate_batch(batch: np.ndarray, abi: ring.Abi, geom: DiskGeometry) -> Verdict:
     """First-stage verdict for a batch (indirect requests are checked up to their header;
-    their segments are checked by ``validate_indirect_segments`` once fetched)."""
+    their segments are checked by ``validate_indirect`` once fetched)."""
     n = len(batch)
-    op = batch["operation"].astype(np.int64)
-    status = np.full(n, PENDING, dtype=np.int16)
-    verdict = Verdict(status, [None] * n, batch["operation"].copy(), op.copy(), np.zeros(n, np.int64))
+    op = batch["operation"]
+    code = np.zeros(n, dtype=np.int8)
 
-    def refuse(mask: np.ndarray, code: int, reason: str) -> None:
-        for i in np.flatnonzero(mask & (verdict.status == PENDING)):
-            verdict.refuse(int(i), code, reason)
+    def fail(mask: np.ndarray | bool, reason: int) -> None:
+        np.copyto(code, reason, where=mask & (code == 0))
 
-    known = np.isin(op, (BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER,
-                         BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_DISCARD, BLKIF_OP_INDIRECT))
-    refuse(~known, BLKIF_RSP_EOPNOTSUPP, "unknown operation")
-    refuse((op == BLKIF_OP_WRITE_BARRIER) & (not geom.barrier), BLKIF_RSP_EOPNOTSUPP,
-           "barrier not supported")
-    refuse((op == BLKIF_OP_FLUSH_DISKCACHE) & (not geom.flush), BLKIF_RSP_EOPNOTSUPP,
-           "flush not supported")
-    refuse((op == BLKIF_OP_DISCARD) & (not geom.discard), BLKIF_RSP_EOPNOTSUPP,
-           "discard not advertised")
+    fail(~_KNOWN[op], 1)
+    if not geom.barrier:
+        fail(op == BLKIF_OP_WRITE_BARRIER, 2)
+    if not geom.flush:
+        fail(op == BLKIF_OP_FLUSH_DISKCACHE, 3)
+    is_disc = op == BLKIF_OP_DISCARD
+    if not geom.discard:
+        fail(is_disc, 4)
 
     # Inline-segment requests: read, write, flush, barrier.
-    inline = np.isin(op, (BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER,
-                          BLKIF_OP_FLUSH_DISKCACHE))
+    inline = _INLINE[op]
     nseg = batch["nr_segments"].astype(np.int64)
-    min_seg = np.where(np.isin(op, (BLKIF_OP_READ, BLKIF_OP_WRITE)), 1, 0)
-    refuse(inline & ((nseg < min_seg) | (nseg > ring.BLKIF_MAX_SEGMENTS_PER_REQUEST)),
-           BLKIF_RSP_ERROR, "bad segment count")
-    counts = np.clip(nseg, 0, ring.BLKIF_MAX_SEGMENTS_PER_REQUEST)
+    fail(inline & ((nseg < _RW[op]) | (nseg > ring.BLKIF_MAX_SEGMENTS_PER_REQUEST)), 5)
+    counts = np.minimum(nseg, ring.BLKIF_MAX_SEGMENTS_PER_REQUEST)
     nbytes, segs_ok = segment_totals(batch["seg"], counts, geom.sector_size)
-    refuse(inline & ~segs_ok, BLKIF_RSP_ERROR, "bad segment bounds")
-    refuse(inline & ~range_ok(batch["sector_number"], nbytes, geom), BLKIF_RSP_ERROR,
-           "sector range outside the disk")
-    verdict.nbytes[inline] = nbytes[inline]
+    fail(inline & ~segs_ok, 6)
+    fail(inline & ~range_ok(batch["sector_number"], nbytes, geom), 7)
+    nbytes = np.where(inline, nbytes, 0)
 
-    # Discard.
-    disc = batch.view(abi.discard)
-    is_disc = op == BLKIF_OP_DISCARD
-    secure = (disc["flag"] & ring.BLKIF_DISCARD_SECURE) != 0
-    refuse(is_disc & secure & (not geom.secure_discard), BLKIF_RSP_EOPNOTSUPP,
-           "secure discard not supported")
-    dsec = disc["nr_sectors"].astype(np.uint64)
-    too_big = dsec > np.uint64(geom.sectors)
-    dbytes = np.where(too_big, 0, dsec).astype(np.int64) << SECTOR_SHIFT
-    refuse(is_disc & (too_big | ~range_ok(disc["sector_number"], dbytes, geom)),
-           BLKIF_RSP_ERROR, "discard range outside the disk")
-    per = geom.sector_size >> SECTOR_SHIFT
-    refuse(is_disc & (dsec % np.uint64(per) != 0), BLKIF_RSP_ERROR, "misaligned discard")
-    verdict.nbytes[is_disc] = dbytes[is_disc]
+    if is_disc.any():
+        disc = batch.view(abi.discard)
+        fail(is_disc & ((disc["flag"] & ring.BLKIF_DISCARD_SECURE) != 0)
+             & (not geom.secure_discard), 8)
+        dsec = disc["nr_sectors"].astype(np.uint64)
+        too_big = dsec > np.uint64(geom.sectors)
+        dbytes = np.where(too_big, 0, dsec).astype(np.int64) << SECTOR_SHIFT
+        fail(is_disc & (too_big | ~range_ok(disc["sector_number"], dbytes, geom)), 9)
+        per = np.uint64(geom.sector_size >> SECTOR_SHIFT)
+        fail(is_disc & (dsec % per != 0), 10)
+        nbytes = np.where(is_disc, dbytes, nbytes)
 
-    # Indirect header.
-    ind = batch.view(abi.indirect)
+    rsp_op = op.copy()
+    io_op = op.astype(np.int64)
     is_ind = op == BLKIF_OP_INDIRECT
-    iop = ind["indirect_op"].astype(np.int64)
-    refuse(is_ind & ~np.isin(iop, (BLKIF_OP_READ, BLKIF_OP_WRITE)), BLKIF_RSP_ERROR,
-           "indirect_op not read/write")
-    inseg = ind["nr_segments"].astype(np.int64)
-    refuse(is_ind & ((inseg < 1) | (inseg > geom.max_indirect_segments)), BLKIF_RSP_ERROR,
-           "bad indirect segment count")
-    verdict.rsp_operation[is_ind] = ind["indirect_op"][is_ind]
-    verdict.io_op[is_ind] = np.where(np.isin(iop[is_ind], (BLKIF_OP_READ, BLKIF_OP_WRITE)),
-                                     iop[is_ind], BLKIF_OP_INDIRECT)
+    if is_ind.any():
+        ind = batch.view(abi.indirect)
+        iop = ind["indirect_op"]
+        good_op = _RW[iop]
+        fail(is_ind & ~good_op, 11)
+        inseg = ind["nr_segments"].astype(np.int64)
+        fail(is_ind & ((inseg < 1) | (inseg > geom.max_indirect_segments)), 12)
+        rsp_op = np.where(is_ind, iop, rsp_op)
+        io_op = np.where(is_ind & good_op, iop, io_op)
 
-    writes = np.isin(verdict.io_op, (BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER,
-                                     BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_DISCARD))
-    refuse(writes & geom.readonly, BLKIF_RSP_ERROR, "write to a read-only disk")
-    return verdict
+    if geom.readonly:
+        fail(_MODIFIES[io_op & 0xFF], 13)
+    status = _STATUS_OF[code]
+    return Verdict(status, code, rsp_op, io_op, nbytes.astype(np.int64))
 
 
 def indirect_pages(nr_segments: int) -> int:
@@ -179,6 +215,7 @@ def validate_indirect(
 
 __all__ = [
     "BLKIF_RSP_OKAY",
+    "REASONS",
     "PENDING",
     "DiskGeometry",
     "Verdict",

@@ -18,12 +18,20 @@ from collections.abc import Callable
 import numpy as np
 
 from blkpy import engine as io
+from blkpy import ring
 from blkpy.backends.base import Disk
-from blkpy.engine import IoEngine, IoOp
-from blkpy.grants import GrantCopier, GrantMapper, PageRequest, fetch_indirect
+from blkpy.engine import IoEngine, IoVector
+from blkpy.grants import Acquired, GrantCopier, GrantMapper, fetch_indirect
 from blkpy.platform import EventChannel, Platform
 from blkpy.ratelimit import RateLimitedLog
-from blkpy.requests import PENDING, DiskGeometry, indirect_pages, validate_batch, validate_indirect
+from blkpy.requests import (
+    PENDING,
+    DiskGeometry,
+    Verdict,
+    indirect_pages,
+    validate_batch,
+    validate_indirect,
+)
 from blkpy.ring import (
     BLKIF_OP_DISCARD,
     BLKIF_OP_FLUSH_DISKCACHE,
@@ -61,17 +69,27 @@ class VbdStats:
         return dataclasses.asdict(self)
 
 
+# Lookup tables indexed by operation (hostile values beyond 6 map to "none of these").
+_OPS = np.arange(256)
+_INLINE = np.isin(_OPS, (BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER,
+                         BLKIF_OP_FLUSH_DISKCACHE))
+_FLUSHING = np.isin(_OPS, (BLKIF_OP_WRITE_BARRIER, BLKIF_OP_FLUSH_DISKCACHE))
+# engine kind of the (last) entry of each effective operation
+_KIND = np.full(256, io.WRITE, dtype=np.int32)
+_KIND[BLKIF_OP_READ] = io.READ
+_KIND[BLKIF_OP_DISCARD] = io.DISCARD
+
+
 @dataclasses.dataclass
 class _Batch:
-    """Requests of one consumed batch that are waiting for I/O."""
+    """A dispatched batch waiting for its I/O."""
 
     ids: np.ndarray
     rsp_ops: np.ndarray
     status: np.ndarray
-    pages: object  # Acquired
+    pages: Acquired
     members: np.ndarray  # indices of the requests that went to I/O
-    waiting: int  # ops not yet completed
-    reads: list[int]
+    reads: np.ndarray  # indices of the READ requests among them
 
 
 class Vbd:
@@ -187,89 +205,96 @@ class Vbd:
         st = self.stats
         st.batches += 1
         st.max_batch = max(st.max_batch, len(batch))
-        abi = self.ring.abi
-        v = validate_batch(batch, abi, self.geometry)
-        segs: dict[int, np.ndarray] = {}
+        n = len(batch)
+        v = validate_batch(batch, self.ring.abi, self.geometry)
         ops = v.io_op
-        pend = v.status == PENDING
-        inline = pend & np.isin(batch["operation"], (BLKIF_OP_READ, BLKIF_OP_WRITE,
-                                                     BLKIF_OP_WRITE_BARRIER,
-                                                     BLKIF_OP_FLUSH_DISKCACHE))
-        for i in np.flatnonzero(inline):
-            n = int(batch["nr_segments"][i])
-            if n:
-                segs[int(i)] = batch["seg"][i, :n]
-        self._fetch_indirect(batch, v, segs)
+        op = batch["operation"]
 
-        page_reqs = [
-            PageRequest(i, bool(ops[i] == BLKIF_OP_READ), s)
-            for i, s in segs.items()
-            if v.status[i] == PENDING
-        ]
-        held = self.pages.acquire(page_reqs)
+        # Every data segment of the batch, flattened: inline ones first (in request
+        # order), then the fetched descriptors of indirect requests.
+        nseg = np.where((v.status == PENDING) & _INLINE[op], batch["nr_segments"], 0)
+        used = np.arange(ring.BLKIF_MAX_SEGMENTS_PER_REQUEST)[None, :] < nseg[:, None]
+        seg_parts = [batch["seg"][used]]
+        owner_parts = [np.repeat(np.arange(n), nseg)]
+        seg_first = np.concatenate(([0], np.cumsum(nseg)[:-1])).astype(np.int64)
+        seg_count = nseg.astype(np.int64)
+        total = int(nseg.sum())
+        for i, descs in self._fetch_indirect(batch, v).items():
+            seg_parts.append(descs)
+            owner_parts.append(np.full(len(descs), i))
+            seg_first[i], seg_count[i] = total, len(descs)
+            total += len(descs)
+        segs = np.concatenate(seg_parts) if len(seg_parts) > 1 else seg_parts[0]
+        owner = np.concatenate(owner_parts) if len(owner_parts) > 1 else owner_parts[0]
+
+        held = self.pages.acquire(segs, owner, ops[owner] == BLKIF_OP_READ)
         for i in held.failed:
             v.refuse(i, BLKIF_RSP_ERROR, "bad grant reference")
 
-        io_ops: list[IoOp] = []
-        reads: list[int] = []
-        bid = self._next_batch
-        self._next_batch += 1
-        for i in np.flatnonzero(v.status == PENDING):
-            i = int(i)
-            op = int(ops[i])
-            offset = int(batch["sector_number"][i]) << SECTOR_SHIFT
-            nbytes = int(v.nbytes[i])
-            tag = (bid, i)
-            if op in (BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_WRITE_BARRIER):
-                # Flush first, then the data (QEMU's presync, Linux's PREFLUSH write). A
-                # barrier's drain is implied: engines complete ops in submission order
-                # relative to flushes.
-                st.f_req += 1
-                io_ops.append(IoOp(io.FLUSH, 0, 0, None, tag))
-                if nbytes:
-                    io_ops.append(IoOp(io.WRITE, offset, nbytes, held.iov[i], tag))
-                    st.wr_sect += nbytes >> SECTOR_SHIFT
-            elif op == BLKIF_OP_DISCARD:
-                st.ds_req += 1
-                io_ops.append(IoOp(io.DISCARD, offset, nbytes, None, tag))
-            elif op == BLKIF_OP_READ:
-                st.rd_req += 1
-                st.rd_sect += nbytes >> SECTOR_SHIFT
-                reads.append(i)
-                io_ops.append(IoOp(io.READ, offset, nbytes, held.iov[i], tag))
-            else:
-                st.wr_req += 1
-                st.wr_sect += nbytes >> SECTOR_SHIFT
-                io_ops.append(IoOp(io.WRITE, offset, nbytes, held.iov[i], tag))
-
         refused = v.status != PENDING
-        for i in np.flatnonzero(refused):
-            self._log.warning(
-                "request id=%d op=%d refused: %s",
-                int(batch["id"][i]), int(batch["operation"][i]), v.reason[i],
-            )
-        if not io_ops:
+        if refused.any():
+            for i in np.flatnonzero(refused):
+                self._log.warning(
+                    "request id=%d op=%d refused: %s",
+                    int(batch["id"][i]), int(op[i]), v.reason(i),
+                )
+        go = np.flatnonzero(~refused)
+        if not len(go):
             held.release()
             self._answer(batch["id"], v.rsp_operation, v.status)
             return
-        # Refused requests need no grants: answer them now, the rest when their I/O ends.
+        # Refused requests hold no grants: answer them now, the rest when their I/O ends.
         if refused.any():
             self._answer(batch["id"][refused], v.rsp_operation[refused], v.status[refused])
-        members = np.unique(np.array([op.tag[1] for op in io_ops], dtype=np.int64))
-        self._batches[bid] = _Batch(batch["id"], v.rsp_operation, v.status, held, members,
-                                    len(io_ops), reads)
-        self.engine.submit(io_ops)
 
-    def _fetch_indirect(self, batch: np.ndarray, v, segs: dict[int, np.ndarray]) -> None:
+        # One engine entry per request, two for a flush/barrier carrying data (flush
+        # first: QEMU's presync, Linux's PREFLUSH write), all in ring order.
+        gop = ops[go]
+        flushing = _FLUSHING[gop]
+        nbytes = v.nbytes[go]
+        count = 1 + (flushing & (nbytes > 0))
+        owner_e = np.repeat(go, count)
+        first_entry = np.repeat(np.cumsum(count) - count, count)
+        lead = np.arange(len(owner_e)) == first_entry
+        kind = _KIND[ops[owner_e]]
+        kind = np.where(_FLUSHING[ops[owner_e]] & lead, io.FLUSH, kind)
+        has_data = (kind == io.READ) | (kind == io.WRITE)
+        vec = IoVector(
+            kind=kind,
+            offset=np.where(kind == io.FLUSH, 0,
+                            batch["sector_number"][owner_e].astype(np.uint64) << SECTOR_SHIFT),
+            length=np.where(kind == io.FLUSH, 0, v.nbytes[owner_e]),
+            iov_first=np.where(has_data, seg_first[owner_e], 0),
+            iov_count=np.where(has_data, seg_count[owner_e], 0),
+            iov=held.iov,
+            owner=owner_e,
+        )
+        reads = go[gop == BLKIF_OP_READ]
+        st.rd_req += len(reads)
+        st.rd_sect += int(v.nbytes[reads].sum()) >> SECTOR_SHIFT
+        writes = go[(gop == BLKIF_OP_WRITE) | flushing]
+        st.wr_req += int(np.count_nonzero(gop == BLKIF_OP_WRITE))
+        st.wr_sect += int(v.nbytes[writes].sum()) >> SECTOR_SHIFT
+        st.f_req += int(np.count_nonzero(flushing))
+        st.ds_req += int(np.count_nonzero(gop == BLKIF_OP_DISCARD))
+        bid = self._next_batch
+        self._next_batch += 1
+        vec.tag = bid
+        self._batches[bid] = _Batch(batch["id"], v.rsp_operation, v.status, held, go, reads)
+        self.engine.submit(vec)
+
+    def _fetch_indirect(self, batch: np.ndarray, v: Verdict) -> dict[int, np.ndarray]:
+        """Validated descriptors of the batch's indirect requests (bad ones refused)."""
         ind = batch.view(self.ring.abi.indirect)
         todo = np.flatnonzero((v.status == PENDING) & (batch["operation"] == BLKIF_OP_INDIRECT))
+        good: dict[int, np.ndarray] = {}
         if not len(todo):
-            return
+            return good
         grefs, counts = {}, {}
-        for i in todo:
+        for i in todo.tolist():
             n = int(ind["nr_segments"][i])
-            grefs[int(i)] = ind["indirect_grefs"][i, : indirect_pages(n)].copy()
-            counts[int(i)] = n
+            grefs[i] = ind["indirect_grefs"][i, : indirect_pages(n)].copy()
+            counts[i] = n
         mapper = self.pages if isinstance(self.pages, GrantMapper) else None
         fetched = fetch_indirect(self.platform, self.domid, grefs, counts, mapper)
         for i, descs in fetched.items():
@@ -281,26 +306,28 @@ class Vbd:
                 v.refuse(i, BLKIF_RSP_ERROR, reason)
             else:
                 v.nbytes[i] = nbytes
-                segs[i] = descs
+                good[i] = descs
+        return good
 
-    def _account(self, done: list[IoOp]) -> None:
-        for op in done:
-            bid, i = op.tag
-            b = self._batches[bid]
-            if op.result and b.status[i] == PENDING:
-                if op.result == -errno.EOPNOTSUPP:
-                    b.status[i] = BLKIF_RSP_EOPNOTSUPP
-                else:
-                    b.status[i] = BLKIF_RSP_ERROR
-                    self._log.warning("I/O error on request id=%d: %s", int(b.ids[i]),
-                                      errno.errorcode.get(-op.result, op.result))
-            b.waiting -= 1
-            if b.waiting == 0:
-                self._finish(bid)
+    def _account(self, done: list[IoVector]) -> None:
+        for vec in done:
+            b = self._batches.pop(vec.tag)
+            res = vec.result
+            if res.any():
+                for k in np.flatnonzero(res):
+                    i = int(vec.owner[k])
+                    if b.status[i] != PENDING:
+                        continue
+                    if res[k] == -errno.EOPNOTSUPP:
+                        b.status[i] = BLKIF_RSP_EOPNOTSUPP
+                    else:
+                        b.status[i] = BLKIF_RSP_ERROR
+                        self._log.warning("I/O error on request id=%d: %s", int(b.ids[i]),
+                                          errno.errorcode.get(int(-res[k]), int(res[k])))
+            self._finish(b)
 
-    def _finish(self, bid: int) -> None:
-        b = self._batches.pop(bid)
-        ok_reads = [i for i in b.reads if b.status[i] == PENDING]
+    def _finish(self, b: _Batch) -> None:
+        ok_reads = b.reads[b.status[b.reads] == PENDING]
         for i in b.pages.finish(ok_reads):
             b.status[i] = BLKIF_RSP_ERROR
         b.pages.release()  # grants dropped before the guest can see any response
