@@ -327,8 +327,11 @@ class Metadata:
 
     def discard(self, guest: int, length: int) -> None:
         """QEMU's guest discard: whole clusters only (plus a partial last cluster that ends
-        the disk); they read as zeros afterwards except on v2 images with a backing file,
-        where they show the backing file again. Host clusters are released."""
+        the disk), which read as zeros afterwards and release their host clusters. On v2
+        images with a backing file QEMU does nothing (no zero flag to hide the backing
+        file), and neither do we."""
+        if self.geo.version < 3 and self.has_backing:
+            return
         geo = self.geo
         cs = geo.cluster_size
         first = -(-guest // cs) * cs
