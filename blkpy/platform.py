@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import errno
 from collections.abc import Sequence
 
 import numpy as np
@@ -40,6 +41,10 @@ COPY_SEGMENT_DTYPE = np.dtype(
         ("_pad2", "<u2"),
     ]
 )
+
+
+#: gntdev's default per-call limit (module parameter ``limit``); both platforms refuse more.
+MAX_GRANTS_PER_MAP = 65536
 
 
 class PlatformError(OSError):
@@ -157,6 +162,17 @@ class Platform(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - platforms without handles need nothing
         """Release device handles; idempotent."""
+
+
+def grant_ref_array(refs: Sequence[int] | np.ndarray) -> np.ndarray:
+    """The refs of one map call as uint32, refusing what gntdev would refuse."""
+    try:
+        ref_array = np.array(refs, dtype=np.uint32).reshape(-1)
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise GrantError(errno.EINVAL, f"bad grant refs: {exc}") from None
+    if not 0 < ref_array.size <= MAX_GRANTS_PER_MAP:
+        raise GrantError(errno.EINVAL, f"cannot map {ref_array.size} grants at once")
+    return ref_array
 
 
 def open_platform(name: str, **options: object) -> Platform:

@@ -29,6 +29,7 @@ from blkpy.platform import (
     GrantError,
     Platform,
     PlatformError,
+    grant_ref_array,
 )
 
 GNTDEV_PATH = "/dev/xen/gntdev"
@@ -212,13 +213,8 @@ class LinuxPlatform(Platform):
         self, domid: int, refs: Sequence[int] | np.ndarray, writable: bool
     ) -> LinuxGrantMapping:
         self.stats.map_calls += 1
-        try:
-            ref_array = np.array(refs, dtype=np.uint32).reshape(-1)
-        except (OverflowError, ValueError, TypeError) as exc:
-            raise GrantError(errno.EINVAL, f"bad grant refs: {exc}") from None
+        ref_array = grant_ref_array(refs)
         count = int(ref_array.size)
-        if count == 0:
-            raise GrantError(errno.EINVAL, "no grant refs to map")
         if not 0 <= domid <= 0xFFFF:
             raise GrantError(errno.EINVAL, f"bad domain id {domid}")
         arg = abi.map_grant_ref_arg(domid, ref_array)

@@ -25,13 +25,13 @@ from blkpy.platform import (
     GrantError,
     Platform,
     PlatformError,
+    grant_ref_array,
 )
 from blkpy.sim import hypervisor
 from blkpy.sim.hypervisor import Domain, SimEventPort
 
 XENSTORED_PATH_ENV = "XENSTORED_PATH"
 # gntdev's `limit` module parameter (Linux >= 5.5): a bigger MAP_GRANT_REF fails with EINVAL.
-MAX_GRANTS_PER_MAP = 65536
 
 
 def _ptr(ctype: str, array: np.ndarray) -> object:
@@ -133,13 +133,8 @@ class SimPlatform(Platform):
         self, domid: int, refs: Sequence[int] | np.ndarray, writable: bool
     ) -> SimGrantMapping:
         self.stats.map_calls += 1
-        try:
-            ref_array = np.array(refs, dtype=np.uint32).reshape(-1)
-        except (OverflowError, ValueError, TypeError) as exc:
-            raise GrantError(errno.EINVAL, f"bad grant refs: {exc}") from None
+        ref_array = grant_ref_array(refs)
         count = int(ref_array.size)
-        if not 0 < count <= MAX_GRANTS_PER_MAP:
-            raise GrantError(errno.EINVAL, f"cannot map {count} grants at once")
         frames = np.empty(count, dtype=np.uint32)
         status = ffi.new("int16_t *")
         with self._lock:
