@@ -45,8 +45,9 @@ def _setup_logging(level: str) -> None:
 @click.option("--image", metavar="PATH", help="Image to serve instead of the params node.")
 @click.option("--engine", type=click.Choice(sorted(ENGINES)), default="sync",
               show_default=True, help="I/O engine.")
-@click.option("--grant-mode", type=click.Choice(["map", "copy"]), default="map",
-              show_default=True, help="Batched grant mapping or grant copy.")
+@click.option("--grant-mode", type=click.Choice(["auto", "map", "copy"]), default="auto",
+              show_default=True, help="Batched grant mapping or grant copy; auto: map when "
+              "persistent grants were negotiated, else copy.")
 @click.option("--persistent/--no-persistent", default=True, show_default=True,
               help="Offer persistent grants.")
 @click.option("--max-indirect-segments", type=click.IntRange(0, 4096), default=256,

@@ -259,3 +259,12 @@ def test_multi_queue_frontend(host, raw_image):
     assert host.wait_backend_state(spec, XenbusState.CLOSED, 10)
     assert host.remove_disk(spec)
     assert backend.wait(10) == 0
+
+
+def test_grant_mode_choice():
+    from blkpy.serve import choose_grant_mode
+
+    assert choose_grant_mode("auto", persistent=True) == "map"
+    assert choose_grant_mode("auto", persistent=False) == "copy"
+    assert choose_grant_mode("map", persistent=False) == "map"
+    assert choose_grant_mode("copy", persistent=True) == "copy"

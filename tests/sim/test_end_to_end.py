@@ -13,7 +13,8 @@ DEVID = 51712
 
 VARIANTS = {
     "x86_64 map+persistent": ("x86_64-abi", 0, True, []),
-    "x86_32 order2 no-persistent": ("x86_32-abi", 2, False, []),
+    "x86_32 order2 transient maps": ("x86_32-abi", 2, False, ["--grant-mode", "map"]),
+    "x86_64 no-persistent auto copy": ("x86_64-abi", 0, False, []),
     "arm grant-copy": ("arm-abi", 1, True, ["--grant-mode", "copy"]),
     "x86_64 thread engine": ("x86_64-abi", 4, False, ["--engine", "thread"]),
     "x86_32 no persistent offered": ("x86_32-abi", 0, True, ["--no-persistent"]),
