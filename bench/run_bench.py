@@ -24,6 +24,8 @@ from blkpy.benchmark import run_benchmark
               help="How long the guest polls its ring before sleeping.")
 @click.option("--fio-engine", "fio_engines", multiple=True, default=("psync", "io_uring"),
               show_default=True, help="fio ioengines to compare with (repeatable).")
+@click.option("--repeats", default=1, show_default=True,
+              help="Runs per measurement; the one least disturbed by other load is kept.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def main(as_json: bool, **options: object) -> None:
     """Measure blkpy against fio on the same file and patterns."""

@@ -1,6 +1,7 @@
 """The benchmark's helpers and one short end-to-end run (figures are not asserted: speed
 belongs in the report, not in tests)."""
 
+import dataclasses
 import json
 import os
 import resource
@@ -13,7 +14,13 @@ from blkpy.benchmark import BenchReport, Pattern, Run
 
 
 def make_run(side, pattern="randread 4k QD32", iops=100.0):
-    return Run(pattern, side, 32, iops, iops * 4096 / 1e6, 1.0, {"x": 0.5}, 0.1)
+    return Run(pattern, side, 32, iops, iops * 4096 / 1e6, 1.0, {"x": 0.5}, 0.1, 1.2)
+
+
+def test_noisy_runs_are_flagged():
+    assert not make_run("blkpy").noisy  # 0.1 CPU-s of others in 1.2 s
+    loud = dataclasses.replace(make_run("blkpy"), foreign_cpu_seconds=0.5)
+    assert loud.noisy and "(noisy)" in BenchReport(1, 1.0, 2, [], [loud]).to_text()
 
 
 def test_pattern_labels():
