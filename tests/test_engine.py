@@ -1,0 +1,99 @@
+"""I/O engines: ordering, errors and the non-raw (Disk interface) path."""
+
+import errno
+
+import numpy as np
+import pytest
+
+from blkpy import engine as io
+from blkpy.backends.base import Disk
+from blkpy.backends.raw import RawDisk
+
+
+class MemoryDisk(Disk):
+    """A Disk without a direct fd (like qcow2), recording the order of calls."""
+
+    def __init__(self, size=1 << 20, fail_at=None):
+        self.size, self.readonly, self.data = size, False, bytearray(size)
+        self.calls, self.fail_at = [], fail_at
+
+    def readv(self, offset, bufs):
+        self.calls.append(("read", offset))
+        for b in bufs:
+            b[:] = self.data[offset:offset + len(b)]
+            offset += len(b)
+
+    def writev(self, offset, bufs):
+        self.calls.append(("write", offset))
+        if offset == self.fail_at:
+            raise OSError(errno.ENOSPC, "full")
+        for b in bufs:
+            self.data[offset:offset + len(b)] = bytes(b)
+            offset += len(b)
+
+    def flush(self):
+        self.calls.append(("flush", 0))
+
+    def close(self):
+        pass
+
+
+def _vector(entries, buf):
+    """entries: (kind, offset, length) with data from/to consecutive slices of buf."""
+    base = buf.ctypes.data
+    iov, first, pos = [], [], 0
+    for kind, _off, length in entries:
+        first.append(len(iov))
+        if kind in (io.READ, io.WRITE):
+            iov.append((base + pos, length))
+            pos += length
+    return io.IoVector(
+        kind=np.array([e[0] for e in entries], np.int32),
+        offset=np.array([e[1] for e in entries], np.uint64),
+        length=np.array([e[2] for e in entries], np.int64),
+        iov_first=np.array(first, np.int64),
+        iov_count=np.array([1 if e[0] <= io.WRITE else 0 for e in entries], np.int64),
+        iov=np.array(iov or [(0, 0)], np.uint64),
+        owner=np.arange(len(entries)),
+    )
+
+
+@pytest.mark.parametrize("name", sorted(io.ENGINES))
+def test_engines_on_a_disk_without_direct_fd(name):
+    disk = MemoryDisk(fail_at=8192)
+    buf = np.frombuffer(b"\x11" * 4096 + b"\x22" * 4096 + bytes(4096), np.uint8).copy()
+    vec = _vector([(io.WRITE, 0, 4096), (io.FLUSH, 0, 0), (io.WRITE, 8192, 4096),
+                   (io.DISCARD, 0, 4096), (io.READ, 0, 4096)], buf)
+    eng = io.make_engine(name, disk)
+    eng.submit(vec)
+    done = []
+    while not done:
+        done = eng.wait(1.0)
+    eng.close()
+    assert done == [vec]
+    assert vec.result.tolist() == [0, 0, -errno.ENOSPC, -errno.EOPNOTSUPP, 0]
+    assert [c[0] for c in disk.calls] == ["write", "flush", "write", "read"]
+    assert bytes(buf[8192:]) == b"\x11" * 4096
+
+
+@pytest.mark.parametrize("name", sorted(io.ENGINES))
+def test_engines_on_a_raw_file_keep_flush_order(name, raw_image):
+    disk = RawDisk(raw_image)
+    buf = np.zeros(3 * 4096, np.uint8)
+    buf[:4096] = 7
+    vec = _vector([(io.WRITE, 4096, 4096), (io.FLUSH, 0, 0), (io.READ, 4096, 4096),
+                   (io.READ, (4 << 20) - 2048, 2048)], buf)
+    eng = io.make_engine(name, disk)
+    eng.submit(vec)
+    done = []
+    while not done:
+        done = eng.wait(1.0)
+    eng.close()
+    disk.close()
+    assert vec.result.tolist() == [0, 0, 0, 0]
+    assert np.all(buf[4096:8192] == 7)
+
+
+def test_unknown_engine():
+    with pytest.raises(ValueError):
+        io.make_engine("nope", MemoryDisk())

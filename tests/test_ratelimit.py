@@ -1,0 +1,26 @@
+import logging
+
+from blkpy.ratelimit import RateLimitedLog
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_burst_then_suppression_then_summary(caplog):
+    clock = Clock()
+    log = RateLimitedLog(logging.getLogger("t"), burst=3, interval=5.0, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="t"):
+        for i in range(10):
+            log.warning("bad request %d", i)
+        assert [r.getMessage() for r in caplog.records] == [
+            "bad request 0", "bad request 1", "bad request 2"]
+        assert log.suppressed == 7
+        clock.now = 5.0
+        log.error("later")
+    assert [r.getMessage() for r in caplog.records][-2:] == [
+        "7 similar messages suppressed", "later"]
