@@ -49,6 +49,11 @@ from blkpy.ring import (
 
 log = logging.getLogger("blkpy.vbd")
 
+#: Requests taken off the ring per batch. Bounds what one batch can cost us whatever the
+#: guest queues: with 256-segment indirect requests, 64 requests are 16384 pages for one map
+#: call (gntdev allows 65536) or 64 MiB of grant-copy bounce buffer.
+MAX_BATCH = 64
+
 
 @dataclasses.dataclass
 class VbdStats:
@@ -141,7 +146,7 @@ class Vbd:
         did = False
         while not (self.broken or self.closed):
             try:
-                batch = self.ring.consume()
+                batch = self.ring.consume(limit=MAX_BATCH)
             except RingOverflow as exc:
                 self._halt(str(exc))
                 break
