@@ -53,6 +53,9 @@ log = logging.getLogger("blkpy.vbd")
 #: guest queues: with 256-segment indirect requests, 64 requests are 16384 pages for one map
 #: call (gntdev allows 65536) or 64 MiB of grant-copy bounce buffer.
 MAX_BATCH = 64
+#: Batches handed to an asynchronous engine and not yet answered; beyond this the ring is
+#: left alone until a completion arrives (back-pressure, as blkback's request pool).
+MAX_BATCHES_IN_FLIGHT = 4
 
 
 @dataclasses.dataclass
@@ -145,6 +148,10 @@ class Vbd:
         request was seen."""
         did = False
         while not (self.broken or self.closed):
+            if self.engine.in_flight >= MAX_BATCHES_IN_FLIGHT:
+                self.complete()
+                if self.engine.in_flight >= MAX_BATCHES_IN_FLIGHT:
+                    break  # the engine's completion fd wakes us when there is room
             try:
                 batch = self.ring.consume(limit=MAX_BATCH)
             except RingOverflow as exc:
