@@ -199,6 +199,13 @@ class BlkfrontRing:
         return self._mem.ctypes.data + self._ring_frames[0] * PAGE_SIZE
 
     @property
+    def guest_grant_table_address(self) -> int:
+        """Address of the guest's v1 grant table in this process, for C code that
+        grants and revokes per request (the load generator)."""
+        # SimGuest exposes no public accessor yet (asked for one); its table base is it.
+        return int(self.guest._table_base)
+
+    @property
     def event_channel(self) -> int:
         return self.port.port
 
@@ -413,10 +420,10 @@ class BlkfrontRing:
     ) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """One ready slot for each request id below ``count`` (abi.raw records) for ``op`` over
         a page-aligned buffer of ``nbytes``, for a load generator that only fills in
-        sector numbers; their pages stay taken until ``release_templates``. Needs
-        persistent grants (the generator never ends grants) and an idle ring."""
-        if not self.persistent:
-            raise RuntimeError("request templates need persistent grants")
+        sector numbers; their pages stay taken until ``release_templates``. The pages of
+        id i are ``held[i * per_id : (i + 1) * per_id]`` (data pages, then indirect
+        pages); without persistent grants the generator must grant and revoke them per
+        request itself. Needs an idle ring."""
         if self.in_flight:
             raise RingBusy("the frontend's own requests are in flight")
         layout = contiguous_layout(nbytes)

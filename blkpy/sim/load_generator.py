@@ -3,7 +3,9 @@ simfront.c, so the generator is never what limits the backend.
 
     result = run_reads(frontend, nbytes=4096, depth=32, seconds=5, random=True)
 
-The frontend must be connected with persistent grants and idle; the C loop borrows its
+The frontend must be connected and idle; with persistent grants the pages of each
+request id keep their grants, without them the C loop grants them at submission and
+revokes them at completion (a grant still mapped then is a protocol error). The loop borrows its
 ring for the run (Python keeps the event channel: it notifies and sleeps when the loop
 says so) and hands the ring indices back afterwards, so the frontend keeps working.
 """
@@ -36,6 +38,7 @@ class LoadResult:
     cpu_seconds: float  # the generator process (user + system) during the run
     notifies: int  # events sent to the backend
     sleeps: int  # times the generator slept on its event channel
+    grants_ended: int = 0  # transient grants revoked (0 with persistent grants)
 
     @property
     def iops(self) -> float:
@@ -93,6 +96,13 @@ def run_reads(
     f.slots_in_disk = slots
     f.rng = (seed * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF or 1
     f.limit = 0
+    grefs = np.array([ref for _frame, ref in held], dtype=np.uint32)
+    if not ring.persistent:
+        # Transient grants: the C loop validates and revokes each request's entries in
+        # the guest's grant table, as blkfront does per request.
+        f.grant_table = ffi.cast("uint8_t *", ring.guest_grant_table_address)
+        f.id_grefs = ffi.cast("uint32_t *", grefs.ctypes.data)
+        f.grefs_per_id = len(grefs) // depth
     poll_ns = poll_us * 1000
     port = ring.port
     notifies = sleeps = 0
@@ -103,6 +113,8 @@ def run_reads(
         while True:
             flags = lib.simfront_step(f, poll_ns)
             if flags & lib.SIMFRONT_BROKEN:
+                if f.still_mapped:
+                    raise ProtocolError("load generator: backend has not unmapped grant")
                 raise ProtocolError(
                     f"load generator: {f.bad_responses} bad response(s) (id, operation or count)"
                 )
@@ -140,4 +152,5 @@ def run_reads(
         cpu_seconds=cpu,
         notifies=notifies,
         sleeps=sleeps,
+        grants_ended=int(f.grants_ended),
     )

@@ -9,6 +9,9 @@
 #define RSP_EVENT 12
 #define RSP_OFF_OP 8
 #define RSP_OFF_STATUS 10
+#define GTF_PERMIT_ACCESS 1
+#define GTF_READING 0x8
+#define GTF_WRITING 0x10
 
 static inline uint32_t sf_load(const uint8_t *ring, int off)
 {
@@ -67,6 +70,40 @@ void simfront_init(struct simfront *f)
     f->in_flight = 0;
     f->submitted = f->completed = f->errors = f->bad_responses = 0;
     f->pushes = f->polls = 0;
+    f->grants_ended = f->still_mapped = 0;
+}
+
+/* Make the request's grant entries valid (domid and frame never change). */
+static void sf_grant(struct simfront *f, uint32_t id)
+{
+    const uint32_t *refs = f->id_grefs + (size_t)id * f->grefs_per_id;
+    for (uint32_t i = 0; i < f->grefs_per_id; i++)
+        __atomic_store_n((uint16_t *)(f->grant_table + (size_t)refs[i] * 8), GTF_PERMIT_ACCESS,
+                         __ATOMIC_RELEASE);
+}
+
+/* Revoke the request's grants; returns 0 if the backend still maps one of them. */
+static int sf_end_grants(struct simfront *f, uint32_t id)
+{
+    const uint32_t *refs = f->id_grefs + (size_t)id * f->grefs_per_id;
+    int ok = 1;
+    for (uint32_t i = 0; i < f->grefs_per_id; i++) {
+        uint32_t *word = (uint32_t *)(f->grant_table + (size_t)refs[i] * 8);
+        uint32_t cur = __atomic_load_n(word, __ATOMIC_ACQUIRE);
+        for (;;) {
+            if (cur & (GTF_READING | GTF_WRITING)) {
+                f->still_mapped++;
+                ok = 0;
+                break;
+            }
+            if (__atomic_compare_exchange_n(word, &cur, cur & 0xFFFF0000u, 0, __ATOMIC_SEQ_CST,
+                                            __ATOMIC_ACQUIRE)) {
+                f->grants_ended++;
+                break;
+            }
+        }
+    }
+    return ok;
 }
 
 /* Consume every available response; returns how many, or -1 if the ring is broken. */
@@ -91,6 +128,10 @@ static int sf_consume(struct simfront *f)
         }
         if (status != 0)
             f->errors++;
+        if (f->grant_table && !sf_end_grants(f, (uint32_t)id)) {
+            f->rsp_cons = i + 1;
+            return -1; /* "backend has not unmapped grant": the pages must not be reused */
+        }
         f->pending[id] = 0;
         f->free_ids[f->n_free++] = (uint32_t)id;
         f->in_flight--;
@@ -110,6 +151,8 @@ static int sf_fill_and_push(struct simfront *f)
         uint32_t id = f->free_ids[--f->n_free];
         uint8_t *slot = sf_slot(f, f->req_prod_pvt);
         uint64_t id64 = id, sector = sf_next_sector(f);
+        if (f->grant_table)
+            sf_grant(f, id);
         memcpy(slot, f->templates + (size_t)id * f->entry_size, f->entry_size);
         memcpy(slot + f->id_off, &id64, 8);
         memcpy(slot + f->sector_off, &sector, 8);

@@ -46,6 +46,15 @@ struct simfront {
     uint64_t bad_responses;     /* wrong id / not pending / wrong op / overflow */
     uint64_t pushes;
     uint64_t polls;             /* ring checks that found nothing */
+    /* Transient grants (no feature-persistent): each request's grant entries are made
+     * valid at submission and revoked at completion, as blkfront does with
+     * gnttab_grant_foreign_access_ref / gnttab_end_foreign_access_ref. */
+    uint8_t *grant_table;       /* the guest's v1 grant table (8-byte entries), or NULL */
+    const uint32_t *id_grefs;   /* depth * grefs_per_id refs: every page of a request */
+    uint32_t grefs_per_id;
+    uint32_t _pad2;
+    uint64_t grants_ended;
+    uint64_t still_mapped;      /* revocations refused: the backend kept a mapping */
 };
 
 /* Resets indices and counters (the ring header must already be initialised). */

@@ -13,7 +13,7 @@ from blkpy.sim.load_generator import run_reads
 @pytest.fixture
 def pair(request):
     sim_dir = create_sim_dir()
-    guest, fr, be = ring_pair(sim_dir, persistent=True, **getattr(request, "param", {}))
+    guest, fr, be = ring_pair(sim_dir, **{"persistent": True, **getattr(request, "param", {})})
     yield fr, be
     be.stop()
     guest.close()
@@ -66,13 +66,25 @@ def test_request_size_must_be_whole_pages(pair):
         run_reads(fr, nbytes=1000, depth=2, seconds=0.1, random=True)
 
 
-def test_needs_persistent_grants():
-    sim_dir = create_sim_dir()
-    guest, fr, be = ring_pair(sim_dir, persistent=False)
-    try:
-        with pytest.raises(RuntimeError, match="persistent"):
-            run_reads(fr, nbytes=4096, depth=2, seconds=0.1, random=True)
-    finally:
-        be.stop()
-        guest.close()
-        remove_sim_dir(sim_dir)
+@pytest.mark.parametrize("pair", [{"persistent": False}], indirect=True)
+@pytest.mark.parametrize("nbytes", [4096, 16 * 4096])
+def test_transient_grants_are_granted_and_revoked_per_request(pair, nbytes):
+    fr, _be = pair
+    result = run_reads(fr, nbytes=nbytes, depth=4, seconds=0.2, random=True)
+    pages = nbytes // 4096 + (1 if nbytes > 11 * 4096 else 0)  # + the indirect page
+    assert result.completed > 0 and result.errors == 0
+    assert result.grants_ended == result.completed * pages
+    issued, ended = fr.stats.grants_issued, fr.stats.grants_ended
+    assert issued == ended == 4 * pages  # the templates' grants, revoked when handed back
+    fr.submit(blkif.BLKIF_OP_READ, 0, nbytes=4096)
+    fr.push()
+    (c,) = fr.wait_all(5)
+    assert c.status == 0 and fr.stats.grants_issued == fr.stats.grants_ended
+
+
+@pytest.mark.parametrize("pair", [{"persistent": False}], indirect=True)
+def test_transient_grant_left_mapped_is_a_protocol_error(pair):
+    fr, be = pair
+    be.keep_mapped = True
+    with pytest.raises(ProtocolError, match="has not unmapped grant"):
+        run_reads(fr, nbytes=4096, depth=2, seconds=0.2, random=True)
