@@ -636,6 +636,15 @@ class BlkfrontRing:
             self.push()
         return self.collect_raw(timeout)
 
+    def force_req_prod(self, value: int, *, notify: bool = True) -> None:
+        """Publish an arbitrary shared req_prod (e.g. more requests than the ring holds,
+        which a backend must treat as a broken frontend). The ring is unusable after."""
+        f0 = self._ring_frames[0] * PAGE_SIZE
+        self._mem[f0 : f0 + 4].view("<u4")[0] = value & 0xFFFFFFFF
+        self.failed = self.failed or f"req_prod forced to {value}"
+        if notify:
+            self.port.notify()
+
     def collect_raw(self, timeout: float) -> np.ndarray:
         """Responses to raw requests that arrive within ``timeout`` (see submit_raw)."""
         deadline = time.monotonic() + timeout

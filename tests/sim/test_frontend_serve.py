@@ -118,3 +118,16 @@ def test_toolstack_removal_closes_the_frontend(make):
     assert action is neg.Action.CLOSE
     assert fe.state == neg.CLOSED and fe.rings == [] and fe.protocol_errors == []
     assert fe.backend_state in (neg.CLOSED, neg.UNKNOWN), backend.log()
+
+
+def test_impossible_req_prod_makes_the_backend_close(make):
+    fe, backend = make()
+    ring = fe.ring
+    ring.force_req_prod(ring.front.rsp_cons + ring.size + 5)
+    action = neg.Action.IGNORE
+    for _ in range(20):
+        action = fe.service(timeout=0.5)
+        if action is not neg.Action.IGNORE:
+            break
+    assert action is neg.Action.CLOSE, backend.log()
+    assert fe.state == neg.CLOSED

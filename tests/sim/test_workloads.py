@@ -166,3 +166,17 @@ def test_unknown_workload(pair):
     fr, _be = pair
     with pytest.raises(ValueError):
         run_workload(fr, "nope")
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_secure_discards_only_when_offered(sim_dir, secure):
+    guest, fr, be = ring_pair(sim_dir, sectors=SECTORS, discard_secure=secure)
+    try:
+        s = run_workload(fr, "randrw", requests=300, seed=1, zeroed=True)
+        assert s.ok and s.requests["discard"] > 1
+        slots = np.concatenate([b.view(fr.abi.raw) for b in be.seen]).view(fr.abi.discard)
+        flags = slots["flag"][slots["operation"] == 5]
+        assert (flags == 1).any() == secure and set(flags.tolist()) <= {0, 1}
+    finally:
+        be.stop()
+        guest.close()
