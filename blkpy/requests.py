@@ -162,7 +162,10 @@ def validate_batch(batch: np.ndarray, abi: ring.Abi, geom: DiskGeometry) -> Verd
     counts = np.minimum(nseg, ring.BLKIF_MAX_SEGMENTS_PER_REQUEST)
     nbytes, segs_ok = segment_totals(batch["seg"], counts, geom.sector_size)
     fail(inline & ~segs_ok, 6)
-    fail(inline & ~range_ok(batch["sector_number"], nbytes, geom), 7)
+    # Like blkback's xen_vbd_translate, a request moving no data (a flush or barrier without
+    # segments) has no range to check: Linux blkfront sends flushes with whatever
+    # blk_rq_pos() holds as sector_number (seen on real Xen: "empty flush op failed").
+    fail(inline & (nbytes > 0) & ~range_ok(batch["sector_number"], nbytes, geom), 7)
     nbytes = np.where(inline, nbytes, 0)
 
     if is_disc.any():
