@@ -73,10 +73,31 @@ class ForkedServe:
         self.send_signal(signal.SIGKILL)
 
 
+def set_cmdline(argv: list[str]) -> bool:
+    """Rewrite this process's /proc/<pid>/cmdline in place (within its original length), so
+    a forked serve shows as `blkpy serve <backend path>` to ps, pgrep and the hotplug
+    ``remove``, which checks that a pid still belongs to the device's serve."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        # fields after "pid (comm)" start at field 3; arg_start/arg_end are fields 48/49
+        start, end = int(fields[48 - 3]), int(fields[49 - 3])
+        data = b"\0".join(a.encode() for a in argv) + b"\0"
+        if len(data) > end - start:
+            return False
+        with open("/proc/self/mem", "r+b", buffering=0) as mem:
+            mem.seek(start)
+            mem.write(data.ljust(end - start, b"\0"))
+        return True
+    except (OSError, IndexError, ValueError):
+        return False
+
+
 def _serve_in_child(argv: list[str], log_path: Path | None, inherited: list[int]) -> NoReturn:
     """Body of a forked serve: detach from the watcher, then run the `blkpy` CLI on argv."""
     code = 1
     try:
+        set_cmdline(["blkpy", *argv])
         os.setsid()
         for fd in inherited:  # the watcher's xenstore connection is not ours
             os.close(fd)

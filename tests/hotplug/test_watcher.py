@@ -124,3 +124,26 @@ def test_daemon_without_xenstored_fails_cleanly(tmp_path):
     res = subprocess.run([*BLKPY, "hotplug", "daemon", "--xenstore", str(tmp_path / "none")],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and res.stderr.startswith("Error: cannot connect to xenstored")
+
+
+def test_a_forked_serve_is_recognised_by_its_command_line(tmp_path):
+    """Forked serves rewrite their command line, so `remove` (and ps/pgrep) can tell them."""
+    from blkpy.hotplug.device import is_serve_of
+    from blkpy.hotplug.watcher import set_cmdline
+
+    ready = tmp_path / "ready"
+    pid = os.fork()
+    if pid == 0:
+        code = 0 if set_cmdline(["blkpy", "serve", "backend/vbd/3/51712"]) else 1
+        ready.write_text(str(code))
+        time.sleep(5)
+        os._exit(code)
+    try:
+        wait_for(ready.exists, what="the child")
+        assert ready.read_text() == "0"
+        assert is_serve_of(pid, "backend/vbd/3/51712")
+        assert is_serve_of(pid, "/local/domain/0/backend/vbd/3/51712")
+        assert not is_serve_of(pid, "backend/vbd/3/51728")
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)

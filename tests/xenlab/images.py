@@ -50,6 +50,9 @@ STAGE1_MODULES = ["virtio_pci", "virtio_blk", "ext4"]
 # Binaries the domU test programs need beyond busybox (copied with their libraries).
 DOMU_BINARIES = ["/sbin/mkfs.ext4", "/sbin/e2fsck", "/sbin/blkdiscard", "/sbin/blockdev"]
 
+# Modules of the domU initramfs (Debian builds ext4 as a module too).
+DOMU_MODULES = ["xen-blkfront", "ext4"]
+
 HOST_TOOLS = {  # command -> Debian package providing it
     "qemu-system-x86_64": "qemu-system-x86",
     "debootstrap": "debootstrap",

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .images import DOMU_BINARIES, BuildError, ImageBuilder, Images, _digest, _run
+from .images import DOMU_BINARIES, DOMU_MODULES, BuildError, ImageBuilder, Images, _digest, _run
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -101,7 +101,7 @@ def _in_root(root: Path, path: str) -> Path:
 
 def domu_base_archive(builder: ImageBuilder, images: Images) -> bytes:
     """busybox + xen-blkfront + test tools with their libraries (cached per image set)."""
-    cached = images.root / "domU-base.cpio"
+    cached = images.root / f"domU-base-{_digest(*DOMU_MODULES, *DOMU_BINARIES)}.cpio"
     if cached.exists():
         return cached.read_bytes()
     d = builder.cache / "build" / "domU-base"
@@ -109,10 +109,10 @@ def domu_base_archive(builder: ImageBuilder, images: Images) -> bytes:
     for sub in ("bin", "sbin", "proc", "sys", "dev", "tmp", "mnt", "lib/modules"):
         (d / sub).mkdir(parents=True)
     shutil.copy(builder.package("busybox-static") / "bin" / "busybox", d / "bin" / "busybox")
-    for ko in builder.module_files(images, ["xen-blkfront"]):
+    modules = builder.module_files(images, DOMU_MODULES)
+    for ko in modules:
         shutil.copy(ko, d / "lib" / "modules" / ko.name)
-    (d / "lib" / "modules" / "order").write_text(
-        "\n".join(k.name for k in builder.module_files(images, ["xen-blkfront"])) + "\n")
+    (d / "lib" / "modules" / "order").write_text("\n".join(k.name for k in modules) + "\n")
     for path in DOMU_BINARIES + _shared_libs(images.rootfs, DOMU_BINARIES):
         dest = d / path.lstrip("/")
         dest.parent.mkdir(parents=True, exist_ok=True)
