@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import stat
 import zlib
 from collections.abc import Sequence
 
@@ -74,6 +75,17 @@ def _slices(bufs: Sequence[memoryview], start: int, length: int) -> list[memoryv
 
 def _byte_views(bufs: Sequence[memoryview | bytes | bytearray]) -> list[memoryview]:
     return [memoryview(b).cast("B") for b in bufs]
+
+
+def _check_backing_path(path: str) -> None:
+    """A backing file must be a regular file or a block device: an image naming a FIFO
+    or a socket would otherwise hang the open."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise DiskError(f"cannot open backing file {path}: {exc.strerror}") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise DiskError(f"backing file {path} is neither a regular file nor a block device")
 
 
 class _RawBacking:
@@ -161,12 +173,11 @@ class Qcow2Disk(Disk):
                                "(a loop?)")
         path = name if os.path.isabs(name) else os.path.join(
             os.path.dirname(os.path.abspath(self.path)), name)
+        _check_backing_path(path)
         fmt = h.backing_format or _probe(path)
         if fmt == "raw":
             return _RawBacking(path)
         if fmt == "qcow2":
-            if not os.path.exists(path):
-                raise DiskError(f"cannot open backing file {path}: No such file or directory")
             return Qcow2Disk(path, readonly=True, _depth=depth + 1)
         raise UnsupportedImage(f"{self.path}: backing format {fmt!r} is not supported")
 

@@ -191,3 +191,12 @@ def test_corrupt_bit_is_refused_and_set_on_detected_corruption(tmp_path):
     with pytest.raises(CorruptImage, match="marked corrupt"):
         Qcow2Disk(path)
     assert '"corrupt": true' in qemu_img("info", "--output=json", path).stdout
+
+
+def test_backing_file_that_is_a_fifo_is_refused(tmp_path):
+    fifo = str(tmp_path / "pipe")
+    os.mkfifo(fifo)
+    top = str(tmp_path / "top.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", fifo, "-F", "raw", top, "1M")
+    with pytest.raises(DiskError, match="neither a regular file"):
+        Qcow2Disk(top, readonly=True)

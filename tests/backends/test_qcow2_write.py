@@ -92,11 +92,7 @@ op = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(cfg=configs, ops=st.lists(op, min_size=1, max_size=30), seed=st.integers(0, 2**16))
-def test_random_sequences_match_model_and_pass_qemu_check(tmp_path_factory, cfg, ops, seed):
-    d = str(tmp_path_factory.mktemp("w"))
+def _run_sequence(d: str, cfg: dict, ops: list, seed: int) -> None:
     v2 = cfg["compat"] == "0.10"
     ext_l2 = cfg["ext_l2"] and not v2 and cfg["cs"] >= 16384
     refbits = 16 if v2 else cfg["refbits"]
@@ -132,6 +128,21 @@ def test_random_sequences_match_model_and_pass_qemu_check(tmp_path_factory, cfg,
         f.write(model)
     r = qemu_img("compare", "-f", "qcow2", "-F", "raw", path, f"{d}/model.raw", check=False)
     assert r.returncode == 0, r.stdout
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(cfg=configs, ops=st.lists(op, min_size=1, max_size=30), seed=st.integers(0, 2**16))
+def test_random_sequences_match_model_and_pass_qemu_check(tmp_path_factory, cfg, ops, seed):
+    _run_sequence(str(tmp_path_factory.mktemp("w")), cfg, ops, seed)
+
+
+@pytest.mark.soak
+@settings(max_examples=1000, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(cfg=configs, ops=st.lists(op, min_size=1, max_size=200), seed=st.integers(0, 2**16))
+def test_soak_random_sequences(tmp_path_factory, cfg, ops, seed):
+    _run_sequence(str(tmp_path_factory.mktemp("soak")), cfg, ops, seed)
 
 
 def test_writes_into_compressed_and_shared_clusters_leave_snapshot_intact(tmp_path):
