@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from vbd_harness import VbdHarness
 
 from blkpy import ring
 from blkpy.ring import (
@@ -21,6 +20,7 @@ from blkpy.ring import (
     BLKIF_RSP_ERROR,
     BLKIF_RSP_OKAY,
 )
+from blkpy.sim.inprocess import InProcessDevice as VbdHarness
 
 OK, ERR, NOTSUPP = BLKIF_RSP_OKAY, BLKIF_RSP_ERROR, BLKIF_RSP_EOPNOTSUPP
 

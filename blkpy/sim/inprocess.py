@@ -1,5 +1,6 @@
-"""An in-process guest + Vbd pair on the sim platform, for dispatcher tests: the test plays
-a frontend that writes raw request slots (any field values) and reads the responses."""
+"""A guest and a Vbd in one process on the sim platform: the caller plays a frontend that
+writes raw request slots (any field values) and reads the responses. The dispatcher's
+tests and its cost benchmark use it; there is no xenstore and no second process."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from blkpy.vbd import Vbd
 GUEST = 1
 
 
-class VbdHarness:
+class InProcessDevice:
     def __init__(self, image: str, *, abi: str = "x86_64-abi", order: int = 0,
                  readonly: bool = False, persistent: bool = False, grant_mode: str = "map",
                  engine: str = "sync", sector_size: int = 512, discard: bool = True) -> None:
