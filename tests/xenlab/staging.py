@@ -14,6 +14,7 @@ import gzip
 import io
 import os
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -125,6 +126,30 @@ def domu_base_archive(builder: ImageBuilder, images: Images) -> bytes:
     return data
 
 
+#: where dom0 keeps the file that the guest's fake qcow2 header names as its backing file
+PROBE_BACKING_FILE = "/var/lib/lab/secret.img"
+
+
+def qcow2_probe_header(backing: str = PROBE_BACKING_FILE, size: int = 16 << 20) -> bytes:
+    """Three 64 KiB clusters of a qcow2 v2 image whose L1 table is empty and whose backing
+    file is ``backing``: a backend that probed formats would serve the host file's bytes
+    for every read. The guest writes this into a disk the operator declared raw."""
+    name = backing.encode()
+    header = struct.pack(
+        ">4sIQIIQIIQQIIQ",
+        b"QFI\xfb", 2,  # magic, version
+        512, len(name),  # backing file name offset and length
+        16, size, 0,  # cluster_bits, virtual size, no encryption
+        1, 0x10000,  # l1_size, l1_table_offset (cluster 1, all zero: nothing allocated)
+        0x20000, 1,  # refcount table offset and clusters
+        0, 0,  # no snapshots
+    )
+    data = bytearray(3 * 0x10000)
+    data[: len(header)] = header
+    data[512 : 512 + len(name)] = name
+    return bytes(data)
+
+
 def build_domu_initrd(builder: ImageBuilder, images: Images, dest: Path) -> None:
     """Write the domU initramfs (base archive + the checkout's guest scripts) to ``dest``."""
     base = domu_base_archive(builder, images)
@@ -135,6 +160,7 @@ def build_domu_initrd(builder: ImageBuilder, images: Images, dest: Path) -> None
         if p.is_file():
             shutil.copy(p, scripts / "lab" / p.name)
             os.chmod(scripts / "lab" / p.name, 0o755)
+    (scripts / "lab" / "probe-qcow2.bin").write_bytes(qcow2_probe_header())
     os.symlink("lab/init", scripts / "init")
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=1, mtime=0) as gz:

@@ -44,6 +44,7 @@ for phase in $LAB_PHASES; do
     echo "LAB-CHECK: $phase.completed PASS"
   fi
   cleanup_domains
+  stop_daemon  # a phase that gave up early may have left it running
   mark "phase $phase end"
 done
 cp /var/log/xen/*.log /mnt/run/ 2>/dev/null

@@ -56,14 +56,32 @@ CFG
 
 console_log() { echo "$CONSOLE_DIR/guest-$1.log"; }
 
-# wait_console NAME PATTERN TIMEOUT: wait until the guest's console shows PATTERN
-# (fails early when the domain is gone without showing it)
+# xl_create CFG NAME: create a domain, with xl monitoring it (on_reboot etc.) in the
+# background. Not plain `xl create`: its daemonizing monitor child sometimes dies with a
+# segfault in libc under this dom0 ("domain monitoring daemonizing child [364] died due to
+# fatal signal Segmentation fault"), and the guest is then never restarted on reboot.
+xl_create() {
+  xl create -F "$1" >>"/var/log/xen/xl-$2.log" 2>&1 &
+  local pid=$! t=0 state
+  while [ $t -lt 240 ]; do
+    if ! kill -0 $pid 2>/dev/null; then
+      wait $pid; echo "xl create $1 ended early (rc $?)"; tail -5 "/var/log/xen/xl-$2.log"; return 1
+    fi
+    state=$(xl list "$2" 2>/dev/null | awk 'NR == 2 {print $5}')
+    case $state in "" | *p*) ;; *) return 0 ;; esac  # paused while its devices attach
+    sleep 0.5; t=$((t + 1))
+  done
+  echo "xl create $1: domain not running after 120 s"; return 1
+}
+
+# wait_console NAME PATTERN TIMEOUT [through-reboot]: wait until the guest's console shows
+# PATTERN; fails early when the domain is gone, unless a reboot may be in between
 wait_console() {
   local log t=0
   log=$(console_log "$1")
   while [ "$t" -lt "$3" ]; do
     grep -q -- "$2" "$log" 2>/dev/null && return 0
-    if ! xl domid "$1" >/dev/null 2>&1; then
+    if [ -z "$4" ] && ! xl domid "$1" >/dev/null 2>&1; then
       sleep 1; grep -q -- "$2" "$log" 2>/dev/null; return
     fi
     sleep 1; t=$((t + 1))

@@ -6,7 +6,7 @@ modprobe xen-blkback || { check blkback.module FAIL "modprobe xen-blkback"; exit
 rm -f $LAB/perf-blkback.img; truncate -s 256M $LAB/perf-blkback.img
 mkcfg kb /tmp/kb.cfg labjob=perf "format=raw,vdev=xvda,access=rw,backendtype=phy,target=$LAB/perf-blkback.img"
 t0=$(up)
-xl create /tmp/kb.cfg
+xl_create /tmp/kb.cfg kb
 check_cond blkback.xl-create "xl create with kernel blkback" -- test $? -eq 0
 wait_console kb '^DONE' 240 || check blkback.guest-done FAIL "guest did not finish in 240 s"
 mark "blkback guest finished after $(awk -v a="$t0" -v b="$(up)" 'BEGIN{print b-a}') s"

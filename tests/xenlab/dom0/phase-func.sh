@@ -8,12 +8,12 @@ rm -f $LAB/func-a.img $LAB/func-b.img $LAB/func-c.img
 truncate -s 256M $LAB/func-a.img; truncate -s 128M $LAB/func-b.img
 yes LAB-RO-PATTERN | head -c 33554432 > $LAB/func-c.img
 RO_MD5=$(md5sum < $LAB/func-c.img)
-mkcfg fn /tmp/fn.cfg labjob=func,perf \
+mkcfg fn /tmp/fn.cfg labjob=func,ro,perf \
   "format=raw,vdev=xvda,access=rw,backendtype=phy,script=block-blkpy,target=$LAB/func-a.img" \
   "format=raw,vdev=xvdb,access=rw,backendtype=phy,script=block-blkpy,target=raw:$LAB/func-b.img" \
   "format=raw,vdev=xvdc,access=ro,backendtype=phy,script=block-blkpy,target=$LAB/func-c.img"
 t0=$(up)
-xl create /tmp/fn.cfg
+xl_create /tmp/fn.cfg fn
 check_cond func.xl-create "xl create with three block-blkpy disks" -- test $? -eq 0
 mark "func: serve processes: $(serve_pids)"
 wait_console fn '^DONE' 480 || check func.guest-done FAIL "guest did not finish in 480 s"
