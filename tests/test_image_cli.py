@@ -195,3 +195,22 @@ def test_damaged_headers_never_give_a_traceback(tmp_path, pos, value):
     for args in (["info", path], ["check", path], ["convert", path, path + ".raw"]):
         result = run(*args)
         assert result.exception is None or isinstance(result.exception, SystemExit), args
+
+
+def test_check_counts_bitmaps_until_blkpy_writes(tmp_path):
+    """Consistent persistent bitmaps own their clusters; after a write by a program that
+    keeps no bitmaps (the autoclear bit cleared) QEMU and blkpy both call them leaks."""
+    from blkpy.backends.qcow2 import Qcow2Disk
+
+    path = str(tmp_path / "bm.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", path, "4M")
+    qemu_io(path, "write -P 1 0 1M")
+    qemu_img("bitmap", "--add", path, "bm0")
+    qemu_io(path, "write -P 2 1M 1M")
+    for expected in (0, 3):
+        result = run("check", path)
+        qemu = qemu_img("check", path, check=False)
+        assert result.exit_code == qemu.returncode == expected, result.output
+        assert result.stdout.splitlines()[-1] == qemu.stdout.splitlines()[-1]  # image end
+        with Qcow2Disk(path) as disk:
+            disk.writev(0, [memoryview(b"x" * 4096)])

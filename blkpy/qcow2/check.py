@@ -10,8 +10,9 @@ import dataclasses
 import numpy as np
 
 from blkpy.backends.base import CorruptImage
-from blkpy.qcow2 import l2
+from blkpy.qcow2 import bitmaps, l2
 from blkpy.qcow2 import refcount as rc
+from blkpy.qcow2.header import AUTOCLEAR_BITMAPS, EXT_BITMAPS
 from blkpy.qcow2.l2 import Kind
 from blkpy.qcow2.metadata import Metadata
 from blkpy.qcow2.snapshot import table_length
@@ -78,6 +79,13 @@ class _Walker:
             if off:
                 self.add(off, self.cs, "refcount block")
         self.walk_l1(meta.l1, active=True)
+        ext = h.extension(EXT_BITMAPS)
+        if ext is not None and h.autoclear_features & AUTOCLEAR_BITMAPS:
+            # consistent bitmaps own their clusters; inconsistent ones leak (as in QEMU)
+            try:
+                self.walk_bitmaps(bitmaps.parse_extension(ext))
+            except CorruptImage as exc:
+                self.result.error(f"bitmaps: {exc}")
         if h.nb_snapshots:
             try:
                 snaps = meta.snapshots()
@@ -94,6 +102,18 @@ class _Walker:
                 raw = meta.storage.read(s.l1_table_offset, s.l1_size * 8)
                 self.walk_l1(np.frombuffer(raw, ">u8"), active=False)
         return self.refs
+
+    def walk_bitmaps(self, ext: bitmaps.BitmapsExtension) -> None:
+        storage = self.meta.storage
+        self.add(ext.directory_offset, ext.directory_size, "bitmap directory")
+        directory = storage.read(ext.directory_offset,
+                                 min(ext.directory_size, max(0, self.file_end - ext.directory_offset)))
+        for table in bitmaps.parse_directory(directory, ext.count):
+            self.add(table.offset, table.entries * 8, "bitmap table")
+            if table.offset + table.entries * 8 > self.file_end:
+                continue
+            for off in bitmaps.data_clusters(storage.read(table.offset, table.entries * 8)):
+                self.add(off, self.cs, "bitmap data")
 
     def walk_l1(self, l1_table: np.ndarray, active: bool) -> None:
         meta = self.meta
@@ -154,11 +174,14 @@ def _stored_refcounts(meta: Metadata, count: int) -> tuple[np.ndarray, int]:
 
 def check_image(meta: Metadata) -> CheckResult:
     """Compare references with stored refcounts, like ``qemu-img check`` (no repair)."""
-    result = CheckResult(image_end=meta.file_end)
+    result = CheckResult()
     walker = _Walker(meta, result, check_copied=True)
     refs = walker.walk()
     stored, beyond = _stored_refcounts(meta, len(refs))
     result.leaks += beyond
+    used = np.flatnonzero(stored)
+    # as qemu-img: the end of the last cluster in use
+    result.image_end = (int(used[-1]) + 1) * walker.cs if len(used) else 0
     for c in np.flatnonzero(stored != refs):
         have, want = int(stored[c]), int(refs[c])
         if have < want:
