@@ -46,7 +46,32 @@ def parse_figures(text: str) -> dict[str, Figure]:
             for m in FIGURE_LINE.finditer(text)}
 
 
+#: the same guest job ran against the kernel's blkback (phase blkback) and blkpy (phase func)
+BASELINE, CANDIDATE = "blkback.perf.", "func.perf."
+
+
+def side_by_side(figures: dict[str, Figure]) -> list[tuple[str, Figure, Figure, float]]:
+    """(measure, blkback figure, blkpy figure, blkpy/blkback ratio) for every measure both
+    sides reported. Under emulation only the ratio means anything."""
+    rows = []
+    for name, base in figures.items():
+        if not name.startswith(BASELINE):
+            continue
+        measure = name[len(BASELINE):]
+        cand = figures.get(CANDIDATE + measure)
+        if cand is not None and base.value > 0:
+            rows.append((measure, base, cand, cand.value / base.value))
+    return rows
+
+
 def format_summary(checks: dict[str, Check], figures: dict[str, Figure]) -> str:
-    lines = [f"  {c.outcome:4} {c.name}  {c.detail}" for c in checks.values()]
+    counts = {o: sum(c.outcome == o for c in checks.values()) for o in _RANK}
+    lines = [f"checks: {counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped"]
+    lines += [f"  {c.outcome:4} {c.name}  {c.detail}" for c in checks.values()]
     lines += [f"  {f.name} = {f.value:g} {f.unit}  {f.detail}".rstrip() for f in figures.values()]
+    rows = side_by_side(figures)
+    if rows:
+        lines.append("side by side (same guest job; blkpy : kernel blkback):")
+        lines += [f"  {m:18} blkback {b.value:8.1f} {b.unit:5} blkpy {c.value:8.1f} {c.unit:5} "
+                  f"ratio {r:.2f}" for m, b, c, r in rows]
     return "\n".join(lines)

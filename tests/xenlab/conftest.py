@@ -1,0 +1,44 @@
+"""One lab boot per pytest session (marker ``xenlab``): every test reads its own check from
+the same serial log. BLKPY_XENLAB_RUN=<run dir> parses an earlier run instead of booting."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+from .boot import BootResult
+from .images import BuildError
+from .lab import ALL_PHASES, DEFAULT_TIMEOUT, run_lab
+from .results import Check, Figure, parse_checks, parse_figures
+
+
+@dataclasses.dataclass
+class LabRun:
+    result: BootResult
+    checks: dict[str, Check]
+    figures: dict[str, Figure]
+
+    def tail(self) -> str:
+        return f"---- serial log tail ({self.result.serial_log}) ----\n{self.result.tail(40)}"
+
+
+@pytest.fixture(scope="session")
+def lab() -> LabRun:
+    earlier = os.environ.get("BLKPY_XENLAB_RUN")
+    if earlier:
+        run_dir = Path(earlier)
+        serial = run_dir / "serial.log"
+        text = serial.read_text("utf-8", "replace")
+        verdict = "PASS" if "LAB-RESULT: PASS" in text else "FAIL"
+        result = BootResult(verdict, None, 0.0, serial, run_dir)
+    else:
+        timeout = float(os.environ.get("BLKPY_XENLAB_TIMEOUT", DEFAULT_TIMEOUT))
+        try:
+            result = run_lab(ALL_PHASES, timeout)
+        except BuildError as exc:
+            pytest.fail(f"xenlab images could not be built: {exc}", pytrace=False)
+    text = result.text
+    return LabRun(result, parse_checks(text), parse_figures(text))
