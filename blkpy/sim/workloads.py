@@ -1,7 +1,8 @@
 """Workloads the simulated guest runs on a connected Frontend, checked against a DiskModel.
 
     summary = run_workload(frontend, "verify" | "randrw", requests=N, seed=S,
-                           queue_depth=None, span=None, zeroed=False, timeout=10.0)
+                           queue_depth=None, span=None, zeroed=False, timeout=10.0,
+                           model=None)
     print(summary.to_text())   # or json.dumps(summary.as_dict())
     summary.ok                 # no mismatch, no unexpected error, no protocol error
 
@@ -16,8 +17,10 @@
 
 On a read-only disk every write, discard and flush with data must come back
 BLKIF_RSP_ERROR (counted as ``expected_errors``), and later reads must show the old data.
-Requests stay inside ``span`` (default: the whole disk, at most 64 MiB for verify) and are
-aligned to the disk's sector-size; discards also to discard-granularity/alignment.
+Requests stay inside the first ``span`` bytes (default: the whole disk, but at most 64 MiB
+for verify and 256 MiB for randrw, since the model holds every byte written), aligned to
+the disk's sector-size; discards also to discard-granularity/alignment. With several
+queues, requests go round-robin to all of them.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ from blkpy.sim.blkfront_ring import (
 from blkpy.sim.disk_model import DiskModel
 
 WORKLOADS = ("verify", "randrw")
-VERIFY_SPAN_DEFAULT = 64 << 20
+# Default spans: the model holds every byte written, so these bound its memory.
+DEFAULT_SPANS = {"verify": 64 << 20, "randrw": 256 << 20}
 PAGE = SECTORS_PER_PAGE * SECTOR
 
 READ = blkif.BLKIF_OP_READ
@@ -452,8 +456,7 @@ def run_workload(
         raise RuntimeError("the frontend is not connected")
     info = rings[0].info
     size = info.sectors * SECTOR
-    limit = VERIFY_SPAN_DEFAULT if name == "verify" else size
-    span = min(size, span or limit)
+    span = min(size, span or DEFAULT_SPANS[name])
     span -= span % max(info.sector_size, PAGE)
     model = model or DiskModel(size, zeroed=zeroed)
     summary = WorkloadSummary(name)
