@@ -126,3 +126,21 @@ def test_close_reports_a_backend_that_keeps_grants(host):
     assert fe.protocol_errors == errors
     for m in held:
         m.unmap()
+
+
+def test_service_rereads_the_disk_on_a_resize(host):
+    be, fe = host()
+    fe.connect(timeout=10)
+    assert fe.info.sectors == SECTORS
+    with XenstoreClient.connect(be.xs.path) as dom0:
+        def resize(tx):  # blkback's resize: new sectors, state rewritten in one transaction
+            dom0.write(f"{be.path}/sectors", str(2 * SECTORS), tx)
+            dom0.write(f"{be.path}/state", "4", tx)
+
+        dom0.run_transaction(resize)
+    for _ in range(20):
+        fe.service(timeout=0.2)
+        if fe.info.sectors == 2 * SECTORS:
+            break
+    assert fe.info.sectors == 2 * SECTORS and fe.state == neg.CONNECTED
+    assert fe.ring.info.sectors == 2 * SECTORS
