@@ -254,6 +254,8 @@ class BlkfrontRing:
         return ok
 
     def _take_pages(self, n: int, readonly: bool) -> list[tuple[int, int]]:
+        """``n`` pool pages with grants; ``readonly``: the backend only reads them (the
+        grant is read-only only with ``readonly_write_grants``; Linux grants writable)."""
         if n == 0:
             return []  # (a [-0:] slice would take the whole pool)
         while len(self._pool) < n:
@@ -268,9 +270,9 @@ class BlkfrontRing:
         out = []
         for frame, ref in taken:
             if ref < 0:
-                ref = self.guest.grant_access(
-                    frame, self.backend_domid, readonly=readonly and not self.persistent
-                )
+                # Persistent grants are always writable (the page may serve a read next).
+                readonly = readonly and self.readonly_write_grants and not self.persistent
+                ref = self.guest.grant_access(frame, self.backend_domid, readonly=readonly)
                 self.stats.grants_issued += 1
             out.append((frame, ref))
         return out

@@ -255,3 +255,22 @@ def test_close_ends_the_grants_of_requests_never_answered(sim_dir):
         assert fr.stats.grants_issued + 1 == fr.stats.grants_ended == 7
     finally:
         guest.close()
+
+
+@pytest.mark.parametrize("readonly_grants", [False, True])
+def test_write_grants_are_writable_unless_asked(sim_dir, readonly_grants):
+    guest, fr, be = make_pair(sim_dir)
+    fr.readonly_write_grants = readonly_grants
+    try:
+        be.paused = True
+        ids = [fr.submit(blkif.BLKIF_OP_WRITE, 0, data=pattern(512, 1)),
+               fr.submit(blkif.BLKIF_OP_READ, 8, nbytes=512)]
+        fr.push()
+        refs = [fr._shadow[i].pages[0][1] for i in ids]
+        write_ro, read_ro = (bool(guest.grant_entry(r)[0] & 0x4) for r in refs)  # GTF_readonly
+        assert write_ro == readonly_grants and not read_ro
+        be.paused = False  # the toy polls its ring: it picks the requests up now
+        assert [c.status for c in fr.wait_all(5)] == [0, 0]
+    finally:
+        be.stop()
+        guest.close()

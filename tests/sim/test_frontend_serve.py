@@ -131,3 +131,12 @@ def test_impossible_req_prod_makes_the_backend_close(make):
             break
     assert action is neg.Action.CLOSE, backend.log()
     assert fe.state == neg.CLOSED
+
+
+@pytest.mark.parametrize("grant_mode", ["map", "copy"])
+def test_read_only_write_grants_against_serve(make, grant_mode):
+    """Without persistent grants a backend needs only read access to WRITE data."""
+    fe, backend = make(persistent=False, readonly_write_grants=True,
+                       serve_args=("--grant-mode", grant_mode))
+    s = run_workload(fe, "randrw", requests=300, seed=3, zeroed=True)
+    assert s.ok, s.to_text() + backend.log()
