@@ -83,6 +83,7 @@ class Run:
     wall_seconds: float  # over which foreign CPU was measured (fio: start-up included)
     per_request: dict[str, float] = dataclasses.field(default_factory=dict)
     errors: int = 0
+    cached_after: float | None = None  # share of the file still in the page cache
 
     @property
     def noisy(self) -> bool:
@@ -127,6 +128,11 @@ class BenchReport:
                 f"{r.mb_per_s:>8,.0f}  {cpu}; others {r.foreign_cpu_seconds:.2f}"
                 + (f"; {r.errors} ERRORS" if r.errors else "")
                 + (" (noisy)" if r.noisy else "")
+                + (
+                    f" (only {r.cached_after:.0%} of the file stayed cached)"
+                    if r.cached_after is not None and r.cached_after < 0.99
+                    else ""
+                )
             )
             if r.per_request:
                 per = ", ".join(f"{k} {v:.3f}" for k, v in r.per_request.items())
@@ -167,6 +173,24 @@ def warm(path: str | Path) -> None:
     with open(path, "rb", buffering=0) as f:
         while f.read(1 << 20):
             pass
+
+
+def cached_fraction(path: str | Path) -> float | None:
+    """Share of the file resident in the page cache (util-linux fincore), or None if that
+    cannot be told."""
+    if shutil.which("fincore") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["fincore", "--bytes", "--noheadings", "--raw", "-o", "RES,SIZE", str(path)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        resident, size = int(out[0]), int(out[1])
+    except (subprocess.CalledProcessError, ValueError, IndexError):
+        return None
+    return resident / size if size else 1.0
 
 
 def make_file(path: Path, size: int) -> None:
@@ -280,7 +304,9 @@ def _quietest(
     for _ in range(max(repeats, 1)):
         warm(image)
         say(f"{label} ...")
-        tries.append(measure())
+        run = measure()
+        run.cached_after = cached_fraction(image)
+        tries.append(run)
     return min(tries, key=lambda r: r.foreign_cpu_seconds / max(r.wall_seconds, 1e-9))
 
 

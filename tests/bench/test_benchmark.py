@@ -23,6 +23,20 @@ def test_noisy_runs_are_flagged():
     assert loud.noisy and "(noisy)" in BenchReport(1, 1.0, 2, [], [loud]).to_text()
 
 
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="no fincore")
+def test_cached_fraction_after_warming(tmp_path):
+    path = tmp_path / "f"
+    bench.make_file(path, 4 << 20)
+    bench.warm(path)
+    assert bench.cached_fraction(path) == 1.0
+    assert bench.cached_fraction(tmp_path / "missing") is None
+
+
+def test_uncached_runs_are_flagged():
+    cold = dataclasses.replace(make_run("blkpy"), cached_after=0.5)
+    assert "only 50% of the file stayed cached" in BenchReport(1, 1.0, 2, [], [cold]).to_text()
+
+
 def test_pattern_labels():
     assert Pattern("a", 4096, True, 32).label == "randread 4k QD32"
     assert Pattern("b", 1 << 20, False, 8).label == "seqread 1M QD8"
@@ -67,6 +81,7 @@ def test_short_benchmark_end_to_end(tmp_path):
                      ("seqread 1M QD8", "blkpy"), ("seqread 1M QD8", "fio psync")]
     for run in report.runs:
         assert run.iops > 0 and run.errors == 0
+        assert run.cached_after is None or 0 <= run.cached_after <= 1
     blkpy_runs = [r for r in report.runs if r.side == "blkpy"]
     for run in blkpy_runs:
         assert set(run.cpu_seconds) == {"backend", "generator"}
