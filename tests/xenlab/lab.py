@@ -71,12 +71,17 @@ def run_lab(phases: list[str], timeout: float, echo: bool = True) -> BootResult:
         images = builder.build()
         run_dir = prepare_run(builder, images, phases)
         prep = time.monotonic() - t0
+        load_before = os.getloadavg()
         if echo:
             print(f"xenlab: images + staging {prep:.1f}s; run dir {run_dir}", flush=True)
         result = boot(images, run_dir, REPO, timeout=timeout, echo=echo)
+    load_after = os.getloadavg()
     text = result.text
+    # QEMU alone keeps about 2 cores busy: a higher load means other work shared the host,
+    # and the figures (not the checks) of this run are noisier
     summary = (f"verdict {result.verdict} (qemu rc {result.qemu_rc}) boot {result.elapsed:.1f}s "
-               f"prep {prep:.1f}s\n"
+               f"prep {prep:.1f}s host load (1 min) {load_before[0]:.1f} before, "
+               f"{load_after[0]:.1f} after ({os.cpu_count()} cpus)\n"
                + format_summary(parse_checks(text), parse_figures(text)))
     (run_dir / "summary.txt").write_text(summary + "\n")
     return result
