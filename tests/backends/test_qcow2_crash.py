@@ -51,7 +51,7 @@ def test_sigkill_keeps_flushed_writes_and_metadata(tmp_path, cluster_size, with_
     rnd = random.Random(cluster_size + with_backing)
     backing = tmp_path / "base.raw"
     backing.write_bytes(random.Random(3).randbytes(SIZE * 3 // 4) if with_backing else b"")
-    for trial in range(5):
+    for trial in range(8):
         path = str(tmp_path / f"img{trial}.qcow2")
         args = ["-b", str(backing), "-F", "raw"] if with_backing else []
         qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster_size}", *args,

@@ -126,7 +126,7 @@ def _timeout(signum, frame):
     raise TimeoutError("hang on a hostile image")
 
 
-@settings(max_examples=200, deadline=None,
+@settings(max_examples=300, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), writable=st.booleans(), seed=st.integers(0, 1 << 16))
 def test_fuzzed_metadata_never_escapes_the_file(pristine, tmp_path, monkeypatch, data,

@@ -130,7 +130,7 @@ def _run_sequence(d: str, cfg: dict, ops: list, seed: int) -> None:
     assert r.returncode == 0, r.stdout
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=100, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(cfg=configs, ops=st.lists(op, min_size=1, max_size=30), seed=st.integers(0, 2**16))
 def test_random_sequences_match_model_and_pass_qemu_check(tmp_path_factory, cfg, ops, seed):
