@@ -82,6 +82,14 @@ def preallocated_zero(d: str) -> str:
     return p
 
 
+def preallocated(mode: str):
+    def build(d: str) -> str:
+        p = _create(f"{d}/img.qcow2", 2 * MiB, f"preallocation={mode}", "cluster_size=4096")
+        qemu_io(p, "write -P 0x67 4096 8192", "write -z 65536 4096")
+        return p
+    return build
+
+
 def extended_l2(with_backing: bool):
     def build(d: str) -> str:
         backing = None
@@ -168,6 +176,7 @@ CASES = {
     **{f"compressed-{t}-cs{cs}": compressed(t, cs) for t in ("zlib", "zstd")
        for cs in (4096, 65536)},
     "preallocated-zero": preallocated_zero,
+    **{f"preallocation-{m}": preallocated(m) for m in ("falloc", "full")},
     "extended-l2": extended_l2(False),
     "extended-l2-backing": extended_l2(True),
     **{f"chain8-{fmt}-{paths}": chain(fmt, paths) for fmt in ("raw", "qcow2")

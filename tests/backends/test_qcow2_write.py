@@ -222,3 +222,36 @@ def test_discard_reads_back_like_qemu(tmp_path_factory, cfg, ranges):
     check_clean(path)
     r = qemu_img("compare", path, theirs, check=False)
     assert r.returncode == 0, r.stdout
+
+
+def test_refcount_table_growth_passes_qemu_check(tmp_path):
+    # 512-byte clusters with 64-bit refcounts: each refcount block covers 32 KiB and the
+    # first table cluster 2 MiB, so filling 8 MiB needs new blocks and a bigger table
+    path = str(tmp_path / "grow.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64", path,
+             str(8 << 20))
+    data = random.Random(5).randbytes(8 << 20)
+    with Qcow2Disk(path, cache_size=16 << 10) as disk:
+        for off in range(0, 8 << 20, 96 << 10):
+            chunk = data[off:off + (96 << 10)]
+            disk.writev(off, [memoryview(chunk)])
+    check_clean(path)
+    assert as_raw(path, str(tmp_path / "out.raw")) == data
+
+
+def test_unknown_compatible_and_autoclear_bits(tmp_path):
+    path = str(tmp_path / "img.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", path, str(SIZE))
+    qemu_io(path, "write -P 0x61 0 64k")
+    with open(path, "r+b") as f:
+        f.seek(80)
+        f.write((1 << 33).to_bytes(8, "big"))  # compatible: unknown, ignored
+        f.write((1 << 40).to_bytes(8, "big"))  # autoclear: unknown
+    with Qcow2Disk(path, readonly=True) as disk:
+        assert read_all(disk)[:65536] == b"\x61" * 65536
+    with Qcow2Disk(path) as disk:  # writing: unknown autoclear bits must be cleared first
+        disk.writev(0, [memoryview(b"\x62" * 512)])
+    with open(path, "rb") as f:
+        f.seek(88)
+        assert f.read(8) == bytes(8)
+    check_clean(path)
