@@ -10,6 +10,7 @@ import contextlib
 import io
 import os
 import stat
+import threading
 import zlib
 from collections.abc import Sequence
 
@@ -125,12 +126,14 @@ class Qcow2Disk(Disk):
     """A qcow2 image (v2/v3) with its backing chain.
 
     ``cache_size`` is the byte budget of cached L2 tables (refcount blocks get a quarter
-    of it). Requests must not run concurrently on one instance."""
+    of it). Requests are serialised by a lock: several queues (each with its own I/O
+    thread) may share one disk, and allocations must not interleave."""
 
     def __init__(self, path: str, readonly: bool = False,
                  cache_size: int = DEFAULT_CACHE_SIZE, _depth: int = 0) -> None:
         self.path = path
         self.readonly = readonly
+        self._lock = threading.Lock()
         self._fd = -1
         self.backing: Qcow2Disk | _RawBacking | None = None
         try:
@@ -150,7 +153,7 @@ class Qcow2Disk(Disk):
                 _zstd()  # refuse now rather than on the first compressed read
             self.backing = self._open_backing(_depth)
         except BaseException:
-            self.close()
+            self._close()
             raise
         self.size = h.size
         self.cluster_size = h.cluster_size
@@ -194,6 +197,10 @@ class Qcow2Disk(Disk):
     # ---- reads --------------------------------------------------------------------------
 
     def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        with self._lock:
+            self._readv(offset, bufs)
+
+    def _readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
         views = _byte_views(bufs)
         length = sum(len(v) for v in views)
         self.check_range(offset, length)
@@ -250,6 +257,10 @@ class Qcow2Disk(Disk):
     # ---- writes -------------------------------------------------------------------------
 
     def writev(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        with self._lock:
+            self._writev(offset, bufs)
+
+    def _writev(self, offset: int, bufs: Sequence[memoryview]) -> None:
         if self.readonly:
             raise PermissionError(f"{self.path} is open read-only")
         views = _byte_views(bufs)
@@ -302,19 +313,25 @@ class Qcow2Disk(Disk):
         if self.readonly:
             raise PermissionError(f"{self.path} is open read-only")
         self.check_range(offset, length)
-        try:
-            self.meta.discard(offset, length)
-        except CorruptImage:
-            self.meta.mark_corrupt()
-            self.readonly = True
-            raise
-        self._last_compressed = None
+        with self._lock:
+            try:
+                self.meta.discard(offset, length)
+            except CorruptImage:
+                self.meta.mark_corrupt()
+                self.readonly = True
+                raise
+            self._last_compressed = None
 
     def flush(self) -> None:
-        if not self.readonly:
-            self.meta.flush()
+        with self._lock:
+            if not self.readonly:
+                self.meta.flush()
 
     def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         try:
             if self._fd >= 0 and not self.readonly and hasattr(self, "meta"):
                 self.meta.flush()

@@ -255,3 +255,30 @@ def test_unknown_compatible_and_autoclear_bits(tmp_path):
         f.seek(88)
         assert f.read(8) == bytes(8)
     check_clean(path)
+
+
+def test_queues_on_threads_may_share_one_disk(tmp_path):
+    """Multi-queue devices give each queue its own I/O thread over one Disk."""
+    import threading
+
+    path = str(tmp_path / "mq.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", path, str(SIZE))
+    model = bytearray(SIZE)
+    with Qcow2Disk(path, cache_size=1) as disk:
+        def worker(q: int) -> None:
+            rnd = random.Random(q)
+            for _ in range(300):
+                # queue q owns every 4th 1536-byte slot: clusters are shared across queues
+                slot = rnd.randrange(q, SIZE // 1536, 4)
+                data = rnd.randbytes(1536)
+                disk.writev(slot * 1536, [memoryview(data)])
+                model[slot * 1536:(slot + 1) * 1536] = data
+                if rnd.random() < 0.05:
+                    disk.flush()
+        threads = [threading.Thread(target=worker, args=(q,)) for q in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert read_all(disk) == model
+    check_clean(path)
