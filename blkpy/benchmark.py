@@ -90,6 +90,12 @@ class Run:
         """Other processes kept more than a quarter of a CPU busy during the run."""
         return self.foreign_cpu_seconds > NOISY_FOREIGN_CPU * self.wall_seconds
 
+    @property
+    def cpu_us_per_io(self) -> dict[str, float]:
+        """CPU microseconds per request of each role: steadier than IOPS on a busy host."""
+        ios = self.iops * self.seconds
+        return {k: v / ios * 1e6 if ios else 0.0 for k, v in self.cpu_seconds.items()}
+
 
 @dataclasses.dataclass
 class BenchReport:
@@ -113,7 +119,11 @@ class BenchReport:
         return out
 
     def as_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "ratios": self.ratios()}
+        out = {**dataclasses.asdict(self), "ratios": self.ratios()}
+        for run, row in zip(self.runs, out["runs"], strict=True):
+            row["cpu_us_per_io"] = run.cpu_us_per_io
+            row["noisy"] = run.noisy
+        return out
 
     def to_text(self) -> str:
         lines = [
@@ -122,7 +132,10 @@ class BenchReport:
             f"{'pattern':<20} {'side':<14} {'QD':>3} {'IOPS':>10} {'MB/s':>8}  CPU seconds",
         ]
         for r in self.runs:
-            cpu = ", ".join(f"{k} {v:.2f}" for k, v in r.cpu_seconds.items())
+            per_io = r.cpu_us_per_io
+            cpu = ", ".join(
+                f"{k} {v:.2f} ({per_io[k]:.1f} us/IO)" for k, v in r.cpu_seconds.items()
+            )
             lines.append(
                 f"{r.pattern:<20} {r.side:<14} {r.queue_depth:>3} {r.iops:>10,.0f} "
                 f"{r.mb_per_s:>8,.0f}  {cpu}; others {r.foreign_cpu_seconds:.2f}"

@@ -17,6 +17,14 @@ def make_run(side, pattern="randread 4k QD32", iops=100.0):
     return Run(pattern, side, 32, iops, iops * 4096 / 1e6, 1.0, {"x": 0.5}, 0.1, 1.2)
 
 
+def test_cpu_per_io():
+    run = make_run("blkpy", iops=1000.0)  # 1000 I/Os in 1 s, 0.5 CPU-s
+    assert run.cpu_us_per_io == {"x": 500.0}
+    row = BenchReport(1, 1.0, 2, [], [run]).as_dict()["runs"][0]
+    assert row["cpu_us_per_io"] == {"x": 500.0} and row["noisy"] is False
+    assert "(500.0 us/IO)" in BenchReport(1, 1.0, 2, [], [run]).to_text()
+
+
 def test_noisy_runs_are_flagged():
     assert not make_run("blkpy").noisy  # 0.1 CPU-s of others in 1.2 s
     loud = dataclasses.replace(make_run("blkpy"), foreign_cpu_seconds=0.5)
