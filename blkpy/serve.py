@@ -51,6 +51,7 @@ log = logging.getLogger("blkpy.serve")
 FORMAT_PREFIXES = {"raw": "raw", "aio": "raw", "qcow2": "qcow2"}
 MAX_QUEUES_DEFAULT = min(os.cpu_count() or 1, 4)
 STATS_FILE_ENV = "BLKPY_STATS_FILE"
+RESIZE_CHECK_S = 2.0  # how often a connected device looks for a grown image
 
 
 class ServeError(Exception):
@@ -182,6 +183,8 @@ class DeviceServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._on_terminate)
         self._loop.add_signal_handler(signal.SIGUSR1, self._on_stats_signal)
+        self._loop.add_signal_handler(signal.SIGHUP, self._check_resize)
+        self._resize_timer = self._loop.call_later(RESIZE_CHECK_S, self._periodic_resize)
         self.xs.write(f"{self.path}/kthread-pid", str(os.getpid()))
         self.xs.watch(f"{self.frontend}/state", "frontend")
         self.xs.watch(f"{self.path}/state", "backend")
@@ -368,6 +371,29 @@ class DeviceServer:
         vbd.complete()
         vbd.kick()
 
+    def _periodic_resize(self) -> None:
+        assert self._loop is not None
+        self._check_resize()
+        self._resize_timer = self._loop.call_later(RESIZE_CHECK_S, self._periodic_resize)
+
+    def _check_resize(self) -> None:
+        """Publish a new size like Linux blkback: `sectors`, then `state` rewritten with
+        its current value in the same transaction so the frontend's watch fires."""
+        old = self.disk.size
+        try:
+            new = self.disk.refresh_size()
+        except OSError as exc:
+            log.warning("%s: cannot re-read the image size: %s", self.path, exc)
+            return
+        if new == old or not self.vbds:
+            return
+        log.info("%s: image resized from %d to %d bytes", self.path, old, new)
+        geometry = self._geometry()
+        for vbd in self.vbds:
+            vbd.geometry = geometry
+        state = str(int(XenbusState.CONNECTED))
+        self._write_nodes({"sectors": str(geometry.sectors), "state": state})
+
     def _on_ring_broken(self, message: str) -> None:
         assert self._loop is not None
         self._loop.call_soon(self._execute, self.machine.ring_broken(message))
@@ -388,6 +414,7 @@ class DeviceServer:
         self._ring_maps.clear()
 
     def _teardown(self) -> None:
+        self._resize_timer.cancel()
         self._disconnect()
         if self._loop is not None:
             self._loop.remove_reader(self.xs.fileno())

@@ -268,3 +268,17 @@ def test_grant_mode_choice():
     assert choose_grant_mode("auto", persistent=False) == "copy"
     assert choose_grant_mode("map", persistent=False) == "map"
     assert choose_grant_mode("copy", persistent=True) == "copy"
+
+
+def test_grown_image_is_published_to_the_frontend(host, raw_image):
+    guest, spec, backend, fe = _attach(host, raw_image)
+    info = fe.connect(timeout=10)
+    assert info.sectors == 8192
+    with open(raw_image, "r+b") as f:
+        f.truncate(8 << 20)
+    backend.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while fe.info.sectors != 16384 and time.monotonic() < deadline:
+        fe.service(timeout=0.5)
+    assert fe.info.sectors == 16384
+    assert fe.write(16384 - 8, b"z" * 4096).status == 0  # the new tail is usable

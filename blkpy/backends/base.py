@@ -44,6 +44,10 @@ class Disk(abc.ABC):
         I/O engine may run preadv/pwritev on it directly, batched in C."""
         return None
 
+    def refresh_size(self) -> int:
+        """Re-read the virtual size (an operator grew the image); returns it."""
+        return self.size
+
     @abc.abstractmethod
     def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
         """Fill ``bufs`` in order with the bytes at ``offset``. Raises OSError/DiskError."""

@@ -47,16 +47,10 @@ class RawDisk(Disk):
         self.sector_size = sector_size
         st = os.fstat(self._fd)
         self._is_block = stat.S_ISBLK(st.st_mode)
-        if self._is_block:
-            buf = fcntl.ioctl(self._fd, _BLKGETSIZE64, b"\0" * 8)
-            nbytes = struct.unpack("=Q", buf)[0]
-        elif stat.S_ISREG(st.st_mode):
-            nbytes = st.st_size
-        else:
+        if not (self._is_block or stat.S_ISREG(st.st_mode)):
             os.close(self._fd)
             raise DiskError(f"{path} is neither a regular file nor a block device")
-        # A tail shorter than one logical sector is not addressable by the guest.
-        self.size = nbytes - nbytes % sector_size
+        self.refresh_size()
         self.can_discard = not readonly
         self.discard_granularity = max(4096, sector_size)
         self._closed = False
@@ -64,6 +58,16 @@ class RawDisk(Disk):
     @property
     def direct_fd(self) -> int | None:
         return self._fd
+
+    def refresh_size(self) -> int:
+        if self._is_block:
+            buf = fcntl.ioctl(self._fd, _BLKGETSIZE64, b"\0" * 8)
+            nbytes = struct.unpack("=Q", buf)[0]
+        else:
+            nbytes = os.fstat(self._fd).st_size
+        # A tail shorter than one logical sector is not addressable by the guest.
+        self.size = nbytes - nbytes % self.sector_size
+        return self.size
 
     def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
         self.check_range(offset, sum(len(b) for b in bufs))
