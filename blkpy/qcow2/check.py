@@ -12,7 +12,7 @@ import numpy as np
 from blkpy.backends.base import CorruptImage
 from blkpy.qcow2 import bitmaps, l2
 from blkpy.qcow2 import refcount as rc
-from blkpy.qcow2.header import AUTOCLEAR_BITMAPS, EXT_BITMAPS
+from blkpy.qcow2.header import AUTOCLEAR_BITMAPS, EXT_BITMAPS, MAX_L1_BYTES
 from blkpy.qcow2.l2 import Kind
 from blkpy.qcow2.metadata import Metadata
 from blkpy.qcow2.snapshot import table_length
@@ -95,7 +95,8 @@ class _Walker:
                 self.result.error(f"snapshot table: {exc}")
                 snaps = []
             for s in snaps:
-                if s.l1_table_offset % self.cs or s.l1_size * 8 > 32 * 1024 * 1024:
+                if (s.l1_table_offset % self.cs or s.l1_size * 8 > MAX_L1_BYTES
+                        or s.l1_table_offset + s.l1_size * 8 > self.file_end):
                     self.result.error(f"snapshot {s.id} has an invalid L1 table")
                     continue
                 self.add(s.l1_table_offset, s.l1_size * 8, f"snapshot {s.id} L1 table")
