@@ -208,7 +208,10 @@ def parse_header(data: bytes, file_size: int) -> Header:
     if bf_off:
         if bf_size > MAX_BACKING_NAME or bf_size == 0 or bf_off + bf_size > min(cs, len(data)):
             raise CorruptImage("invalid backing file name location")
-        h.backing_file = data[bf_off:bf_off + bf_size].decode("utf-8", "surrogateescape")
+        name = bytes(data[bf_off:bf_off + bf_size])
+        if b"\0" in name:
+            raise CorruptImage("backing file name contains a NUL byte")
+        h.backing_file = name.decode("utf-8", "surrogateescape")
     if h.extension(EXT_DATA_FILE) is not None:
         raise UnsupportedImage("qcow2 images with an external data file are not supported")
     return h

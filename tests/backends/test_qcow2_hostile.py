@@ -25,10 +25,7 @@ ALLOWED = (DiskError, OSError)  # PermissionError (after the corrupt bit) is an 
 _REAL_IO = {name: getattr(os, name) for name in ("pread", "preadv", "pwrite", "pwritev")}
 
 
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    """A small image with every kind of structure, and where its metadata lives."""
-    d = tmp_path_factory.mktemp("hostile")
+def _compressed_with_snapshot(d) -> str:
     src = d / "src.raw"
     src.write_bytes((bytes(range(256)) * 16 + bytes(4096)) * (SIZE // 8192))
     path = str(d / "img.qcow2")
@@ -36,13 +33,32 @@ def pristine(tmp_path_factory):
     qemu_io(path, "write -P 0x11 0 20k", "write -z 64k 8k")
     qemu_img("snapshot", "-c", "s1", path)
     qemu_io(path, "write -P 0x12 8k 8k")
+    return path
+
+
+def _subclusters_over_backing(d) -> str:
+    base = d / "base.raw"
+    base.write_bytes(b"\x33" * (SIZE // 2))
+    path = str(d / "img.qcow2")
+    # absolute backing name: the fuzzed copies live in other directories
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=16384,extended_l2=on",
+             "-b", str(base), "-F", "raw", path, str(SIZE))
+    qemu_io(path, "write -P 0x44 1024 3072", "write -z 40000 8192", "write -P 0x45 300k 20k")
+    return path
+
+
+@pytest.fixture(scope="module", params=[_compressed_with_snapshot, _subclusters_over_backing])
+def pristine(request, tmp_path_factory):
+    """A small image with many kinds of structure, and where its metadata lives."""
+    path = request.param(tmp_path_factory.mktemp("hostile"))
     fd = os.open(path, os.O_RDONLY)
     try:
         meta = Metadata(FileStorage(fd), os.fstat(fd).st_size, writable=False)
         h = meta.header
+        cs = h.cluster_size
         regions = [(0, 512), (h.l1_table_offset, 8 * h.l1_size),
                    (h.refcount_table_offset, 64), (h.snapshots_offset, 128)]
-        regions += [(int(v) & 0x00FFFFFFFFFFFE00, 4096) for v in meta.l1 if int(v)]
+        regions += [(int(v) & 0x00FFFFFFFFFFFE00, cs) for v in meta.l1 if int(v)]
         regions += [(int(v), 512) for v in meta.alloc.reftable if int(v)]
     finally:
         os.close(fd)

@@ -101,3 +101,11 @@ def test_single_byte_corruption_of_a_real_header(pos, byte):
         return
     assert h.l1_table_offset + h.l1_size * 8 <= len(data)
     assert h.refcount_table_offset + h.refcount_table_clusters * h.cluster_size <= len(data)
+
+
+def test_backing_name_with_nul_is_corrupt():
+    data = bytearray(_image(backing_file="base.img"))
+    h = hd.parse_header(bytes(data), len(data))
+    data[h.backing_file_offset + 2] = 0
+    with pytest.raises(CorruptImage, match="NUL"):
+        hd.parse_header(bytes(data), len(data))
