@@ -30,6 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import click
+
 from blkpy.sim import toolstack
 from blkpy.sim.frontend import Frontend
 from blkpy.sim.host import SimHost
@@ -407,3 +409,28 @@ def run_benchmark(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return BenchReport(size, seconds, os.cpu_count() or 1, args, runs)
+
+
+# ---- command line (`blkpy bench`, bench/run_bench.py) --------------------------------
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--size-mb", default=256, show_default=True, help="Size of the test file.")
+@click.option("--seconds", default=5.0, show_default=True, help="Duration of each run.")
+@click.option("--queue-depth", default=32, show_default=True, help="QD of 4 KiB random reads.")
+@click.option("--seq-queue-depth", default=8, show_default=True, help="QD of 1 MiB reads.")
+@click.option("--ring-order", type=click.IntRange(0, 4), default=None,
+              help="Guest max ring-page-order (default: smallest ring holding the QD).")
+@click.option("--engine", default=None, help="`blkpy serve --engine` (default: serve's).")
+@click.option("--poll-us", type=int, default=None, help="`blkpy serve --poll-us`.")
+@click.option("--guest-poll-us", default=50, show_default=True,
+              help="How long the guest polls its ring before sleeping.")
+@click.option("--fio-engine", "fio_engines", multiple=True, default=("psync", "io_uring"),
+              show_default=True, help="fio ioengines to compare with (repeatable).")
+@click.option("--repeats", default=1, show_default=True,
+              help="Runs per measurement; the one least disturbed by other load is kept.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def bench_command(as_json: bool, **options: object) -> None:
+    """Measure blkpy against fio on the same file and patterns."""
+    report = run_benchmark(echo=lambda msg: click.echo(msg, err=True), **options)
+    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else report.to_text())

@@ -173,6 +173,15 @@ def sim_xenstored(socket_path: str) -> None:
     run_xenstored(socket_path)
 
 
+@main.command(context_settings={"ignore_unknown_options": True}, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple[str, ...]) -> None:
+    """Benchmark blkpy against fio on one file (options: `blkpy bench --help`)."""
+    from blkpy.benchmark import bench_command
+
+    bench_command.main(args=list(args), prog_name="blkpy bench")
+
+
 main.add_command(image)
 main.add_command(hotplug)
 

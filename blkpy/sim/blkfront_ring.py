@@ -202,8 +202,7 @@ class BlkfrontRing:
     def guest_grant_table_address(self) -> int:
         """Address of the guest's v1 grant table in this process, for C code that
         grants and revokes per request (the load generator)."""
-        # SimGuest exposes no public accessor yet (asked for one); its table base is it.
-        return int(self.guest._table_base)
+        return int(self.guest.grant_table_address)
 
     @property
     def event_channel(self) -> int:

@@ -57,6 +57,11 @@ class SimGuest:
         return self._domain.memory_pages
 
     @property
+    def grant_table_address(self) -> int:
+        """Where this process sees the guest's grant table (for C code writing entries)."""
+        return self._table_base
+
+    @property
     def grant_entries(self) -> int:
         return self._domain.grant_entries
 

@@ -99,9 +99,12 @@ class SimHost:
 
     # ---- guests ------------------------------------------------------------------------
 
-    def create_guest(self, domid: int, memory_pages: int = 16384) -> SimGuest:
+    def create_guest(self, domid: int, memory_pages: int = 16384,
+                     grant_entries: int = 32768) -> SimGuest:
+        """A guest with enough grant entries for deep queues of 1 MiB requests."""
         assert self.xs is not None
-        guest = SimGuest(self.sim_dir, domid, memory_pages=memory_pages)
+        guest = SimGuest(self.sim_dir, domid, memory_pages=memory_pages,
+                         grant_entries=grant_entries)
         base = f"/local/domain/{domid}"
         self.xs.write(f"{base}/name", f"sim-guest-{domid}")
         self.xs.write(f"{base}/domid", str(domid))
