@@ -76,14 +76,14 @@ def remove(backend_path: str, xenstore_path: str | None) -> None:
 @hotplug.command("install")
 @click.option("--dir", "directory", default=DEFAULT_SCRIPTS_DIR, show_default=True,
               type=click.Path(file_okay=False), help="Xen hotplug scripts directory.")
-@click.option("--command", "command", metavar="CMD",
-              help="How the script starts blkpy (default: the blkpy on PATH now).")
-def install(directory: str, command: str | None) -> None:
+@click.option("--python", "python", metavar="PATH",
+              help="Interpreter the script runs blkpy with (default: this one).")
+def install(directory: str, python: str | None) -> None:
     """Install the block-blkpy hotplug script (mode 0755)."""
     from blkpy.hotplug.script import install_script
 
     try:
-        path = install_script(directory, command)
+        path = install_script(directory, python)
     except OSError as exc:
         raise click.ClickException(f"cannot install into {directory}: "
                                    f"{exc.strerror or exc}") from None

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
+import blkpy
 from blkpy.hotplug.device import DiskParams, HotplugError, hotplug_remove, parse_params
 from blkpy.hotplug.script import install_script
 
@@ -102,12 +103,14 @@ def test_remove_never_signals_a_process_that_is_not_this_devices_serve(xs, raw_i
 
 def test_install_writes_an_executable_script(tmp_path):
     res = subprocess.run([*BLKPY, "hotplug", "install", "--dir", str(tmp_path),
-                          "--command", "/opt/x/blkpy"], capture_output=True, text=True)
+                          "--python", "/opt/x/python3"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     script = tmp_path / "block-blkpy"
     assert res.stdout.strip() == str(script)
     assert stat.S_IMODE(script.stat().st_mode) == 0o755
-    assert 'BLKPY="/opt/x/blkpy"' in script.read_text()
+    text = script.read_text()
+    assert 'PYTHON="/opt/x/python3"' in text
+    assert f'BLKPY_HOME="{Path(blkpy.__file__).resolve().parent.parent}"' in text
 
 
 def test_install_into_a_missing_dir_is_one_line(tmp_path):
@@ -117,10 +120,11 @@ def test_install_into_a_missing_dir_is_one_line(tmp_path):
 
 
 def test_shell_script_runs_add_as_libxl_would(tmp_path, xenstored, xs, raw_image):
-    command = " ".join(BLKPY)
-    script = install_script(tmp_path, command)
+    script = install_script(tmp_path)
     rel = add_disk(xs, raw_image)
-    env = {**os.environ, "XENSTORED_PATH": xenstored, "XENBUS_PATH": rel, "XENBUS_TYPE": "vbd"}
+    # libxl's environment: no PYTHONPATH, a minimal PATH
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "XENSTORED_PATH": xenstored,
+           "XENBUS_PATH": rel, "XENBUS_TYPE": "vbd"}
     res = subprocess.run([str(script), "add"], env=env, stdin=subprocess.DEVNULL,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
