@@ -50,8 +50,11 @@ def _setup_logging(level: str) -> None:
               "persistent grants were negotiated, else copy.")
 @click.option("--persistent/--no-persistent", default=True, show_default=True,
               help="Offer persistent grants.")
-@click.option("--max-indirect-segments", type=click.IntRange(0, 4096), default=256,
-              show_default=True)
+@click.option("--max-persistent-grants", type=click.IntRange(0, 65536), default=1056,
+              show_default=True, help="Guest pages kept mapped per ring (Linux blkback's "
+              "default); beyond it pages are mapped per batch.")
+@click.option("--max-indirect-segments", type=click.IntRange(0, 1024), default=256,
+              show_default=True, help="Advertised; preadv takes at most 1024 iovecs.")
 @click.option("--max-ring-page-order", type=click.IntRange(0, 4), default=4, show_default=True)
 @click.option("--max-queues", type=click.IntRange(1, 64), default=MAX_QUEUES_DEFAULT,
               show_default=True)
@@ -67,7 +70,8 @@ def _setup_logging(level: str) -> None:
               default="info", show_default=True)
 def serve(backend_path: str, platform_name: str, xenstore_path: str | None,
           sim_dir: str | None, fmt: str | None, image: str | None, engine: str,
-          grant_mode: str, persistent: bool, max_indirect_segments: int,
+          grant_mode: str, persistent: bool, max_persistent_grants: int,
+          max_indirect_segments: int,
           max_ring_page_order: int, max_queues: int, poll_us: int, sector_size: str,
           direct_io: bool, stats_file: str | None, log_level: str) -> None:
     """Serve one virtual block device: BACKEND_PATH is its backend directory, e.g.
@@ -79,6 +83,7 @@ def serve(backend_path: str, platform_name: str, xenstore_path: str | None,
     _setup_logging(log_level)
     options = ServeOptions(
         fmt=fmt, image=image, engine=engine, grant_mode=grant_mode, persistent=persistent,
+        max_persistent_grants=max_persistent_grants,
         max_indirect_segments=max_indirect_segments, max_ring_page_order=max_ring_page_order,
         max_queues=max_queues, poll_us=poll_us, sector_size=int(sector_size),
         direct_io=direct_io, stats_file=stats_file,

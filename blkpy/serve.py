@@ -25,6 +25,7 @@ import aiofiles.os
 from blkpy import ring
 from blkpy.backends import Disk, DiskError, open_disk
 from blkpy.engine import make_engine
+from blkpy.grants import MAX_PERSISTENT_GRANTS
 from blkpy.platform import GrantMapping, Platform, PlatformError
 from blkpy.ratelimit import RateLimitedLog
 from blkpy.requests import DiskGeometry
@@ -69,6 +70,7 @@ class ServeOptions:
     engine: str = "sync"
     grant_mode: str = "auto"
     persistent: bool = True
+    max_persistent_grants: int = MAX_PERSISTENT_GRANTS
     max_indirect_segments: int = 256
     max_ring_page_order: int = ring.MAX_RING_PAGE_ORDER
     max_queues: int = MAX_QUEUES_DEFAULT
@@ -351,7 +353,9 @@ class DeviceServer:
         vbd = Vbd(self.platform, self.frontend_id, back, evtchn, self.disk, engine, geometry,
                   persistent=persistent, grant_mode=choose_grant_mode(self.opts.grant_mode,
                                                                       persistent),
-                  poll_us=self.opts.poll_us, on_broken=self._on_ring_broken,
+                  poll_us=self.opts.poll_us,
+                  max_persistent_grants=self.opts.max_persistent_grants,
+                  on_broken=self._on_ring_broken,
                   bad_request_log=self._bad_log)
         self.vbds.append(vbd)
         assert self._loop is not None

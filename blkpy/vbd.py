@@ -21,7 +21,13 @@ from blkpy import engine as io
 from blkpy import ring
 from blkpy.backends.base import Disk
 from blkpy.engine import IoEngine, IoVector
-from blkpy.grants import Acquired, GrantCopier, GrantMapper, fetch_indirect
+from blkpy.grants import (
+    MAX_PERSISTENT_GRANTS,
+    Acquired,
+    GrantCopier,
+    GrantMapper,
+    fetch_indirect,
+)
 from blkpy.platform import EventChannel, Platform
 from blkpy.ratelimit import RateLimitedLog
 from blkpy.requests import (
@@ -116,6 +122,7 @@ class Vbd:
         persistent: bool = False,
         grant_mode: str = "map",
         poll_us: int = 0,
+        max_persistent_grants: int = MAX_PERSISTENT_GRANTS,
         on_broken: Callable[[str], None] | None = None,
         bad_request_log: RateLimitedLog | None = None,
     ) -> None:
@@ -135,7 +142,7 @@ class Vbd:
         if grant_mode == "copy":
             self.pages: GrantMapper | GrantCopier = GrantCopier(platform, domid)
         elif grant_mode == "map":
-            self.pages = GrantMapper(platform, domid, persistent)
+            self.pages = GrantMapper(platform, domid, persistent, max_persistent_grants)
         else:
             raise ValueError(f"unknown grant mode {grant_mode!r}")
         self._batches: dict[int, _Batch] = {}
