@@ -7,6 +7,7 @@ reads, copy-on-write composition) and runs the core's write-back plans.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import stat
@@ -260,9 +261,14 @@ class Qcow2Disk(Disk):
         with self._lock:
             self._writev(offset, bufs)
 
+    def _check_writable(self) -> None:
+        if self.meta.write_failed:
+            raise OSError(errno.EIO, f"{self.path}: writes stopped after a metadata error")
+        if self.readonly or not self.meta.writable:  # opened so, or marked corrupt
+            raise PermissionError(f"{self.path} is read-only")
+
     def _writev(self, offset: int, bufs: Sequence[memoryview]) -> None:
-        if self.readonly:
-            raise PermissionError(f"{self.path} is open read-only")
+        self._check_writable()
         views = _byte_views(bufs)
         length = sum(len(v) for v in views)
         self.check_range(offset, length)
@@ -277,7 +283,6 @@ class Qcow2Disk(Disk):
             self._write(offset, length, views)
         except CorruptImage:
             self.meta.mark_corrupt()
-            self.readonly = True
             raise
 
     def _write(self, offset: int, length: int, views: list[memoryview]) -> None:
@@ -310,20 +315,20 @@ class Qcow2Disk(Disk):
         self._last_compressed = None
 
     def discard(self, offset: int, length: int) -> None:
-        if self.readonly:
-            raise PermissionError(f"{self.path} is open read-only")
         self.check_range(offset, length)
         with self._lock:
+            self._check_writable()
             try:
                 self.meta.discard(offset, length)
             except CorruptImage:
                 self.meta.mark_corrupt()
-                self.readonly = True
                 raise
             self._last_compressed = None
 
     def flush(self) -> None:
         with self._lock:
+            if self.meta.write_failed:
+                raise OSError(errno.EIO, f"{self.path}: an earlier metadata write failed")
             if not self.readonly:
                 self.meta.flush()
 
@@ -333,7 +338,8 @@ class Qcow2Disk(Disk):
 
     def _close(self) -> None:
         try:
-            if self._fd >= 0 and not self.readonly and hasattr(self, "meta"):
+            if (self._fd >= 0 and not self.readonly and hasattr(self, "meta")
+                    and not self.meta.write_failed):
                 self.meta.flush()
         finally:
             if self.backing is not None:

@@ -11,6 +11,7 @@ also serialises allocations of the same guest cluster).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import struct
 
 import numpy as np
@@ -88,6 +89,8 @@ class Metadata:
                                file_size, max(cache_size // 4, 4 * cs))
         self.l2_cache = TableCache(cache_size, cs)
         self._data_unsynced = False
+        #: a write-back failed: what is on disk is consistent but older than the cache
+        self.write_failed = False
         self._l1_shift = h.cluster_bits + self.geo.l2_bits
         if writable:
             self._prepare_for_writing()
@@ -137,10 +140,17 @@ class Metadata:
                                   Sync()])
 
     def mark_corrupt(self) -> None:
-        """Stop writing after detecting an inconsistency (QEMU's corrupt bit)."""
-        if self.writable:
-            self.writable = False
-            self.set_incompatible(self.header.incompatible_features | INCOMPAT_CORRUPT)
+        """Stop writing after detecting an inconsistency (QEMU's corrupt bit). What the
+        guest wrote so far is written back first (in the usual safe order), so that
+        earlier acknowledged writes survive a later flush that can no longer write."""
+        if not self.writable:
+            return
+        try:
+            self.writeback()
+        except (OSError, CorruptImage):
+            self.write_failed = True
+        self.writable = False
+        self.set_incompatible(self.header.incompatible_features | INCOMPAT_CORRUPT)
 
     # ---- tables -------------------------------------------------------------------------
 
@@ -370,9 +380,18 @@ class Metadata:
         """Write every cached change in crash-safe order, each phase synced before the
         next starts: refcount blocks (and data) → refcount table entries → L2 tables →
         L1 entries → deferred refcount decrements. A crash between phases leaves at
-        worst leaked clusters."""
+        worst leaked clusters, and so does a failed write: after one, the cache no
+        longer knows what reached the disk, so the image takes no more writes."""
         if not self.dirty:
             return
+        try:
+            self._writeback()
+        except OSError:
+            self.writable = False
+            self.write_failed = True
+            raise
+
+    def _writeback(self) -> None:
         a = self.alloc
         run = self.storage.execute
         run(a.resize_op() + a.block_writes() + [Sync()])
@@ -403,6 +422,8 @@ class Metadata:
 
     def flush(self) -> None:
         """Make every completed write durable."""
+        if self.write_failed:
+            raise OSError(errno.EIO, "an earlier metadata write failed")
         if self.dirty:
             self.writeback()
         else:

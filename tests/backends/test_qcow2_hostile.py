@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import struct
+import subprocess
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -229,3 +230,27 @@ def test_backing_file_that_is_a_fifo_is_refused(tmp_path):
     qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", fifo, "-F", "raw", top, "1M")
     with pytest.raises(DiskError, match="neither a regular file"):
         Qcow2Disk(top, readonly=True)
+
+
+def test_writes_before_detected_corruption_are_kept(tmp_path):
+    path = str(tmp_path / "img.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", path, "4M")
+    qemu_io(path, "write -P 1 2M 4k")
+    fd = os.open(path, os.O_RDONLY)
+    meta = Metadata(FileStorage(fd), os.fstat(fd).st_size, writable=False)
+    l2_offset = int(meta.l1[1]) & 0x00FFFFFFFFFFFE00  # the table mapping 2M..4M
+    os.close(fd)
+    with open(path, "r+b") as f:  # a misaligned data cluster at guest 2M
+        f.seek(l2_offset)
+        f.write(struct.pack(">Q", (1 << 63) | 0x10200))
+    with Qcow2Disk(path) as disk:
+        disk.writev(0, [memoryview(b"\x77" * 8192)])  # acknowledged, not yet flushed
+        with pytest.raises(CorruptImage):
+            disk.readv(2 << 20, [memoryview(bytearray(512))])
+        disk.flush()  # earlier writes were written back when the corruption was found
+        with pytest.raises(PermissionError):
+            disk.writev(0, [memoryview(b"\x78" * 512)])
+    assert '"corrupt": true' in qemu_img("info", "--output=json", path).stdout
+    r = subprocess.run(["qemu-io", "-r", "-c", "read -P 0x77 0 8k", path],
+                       capture_output=True, text=True)
+    assert "Pattern verification failed" not in r.stdout and "read 8192/8192" in r.stdout

@@ -131,3 +131,37 @@ def test_read_only_metadata_refuses_writes():
     ro = _reopen(storage)
     with pytest.raises(PermissionError):
         ro.plan_write(0, 512)
+
+
+class _FailingStorage(MemoryStorage):
+    """Fails the n-th write it is asked to run (like a full or failing disk)."""
+
+    def __init__(self, data: bytes, fail_at: int) -> None:
+        super().__init__(data)
+        self.writes_left = fail_at
+
+    def execute(self, plan):
+        for op in plan:
+            if isinstance(op, Write):
+                self.writes_left -= 1
+                if self.writes_left == 0:
+                    raise OSError(28, "No space left on device")
+            super().execute([op])
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3, 4])
+def test_failed_write_back_stops_writes_and_leaves_no_corruption(fail_at):
+    storage = _FailingStorage(new_image(CreateOptions(size=4 << 20, cluster_size=4096)),
+                              fail_at=10**9)
+    meta = Metadata(storage, len(storage.data), writable=True)
+    _write(storage, meta, 0, 64 << 10)
+    meta.discard(0, 8192)
+    _write(storage, meta, 1 << 20, 4096)
+    storage.writes_left = fail_at
+    with pytest.raises(OSError):
+        meta.flush()
+    with pytest.raises(OSError):
+        meta.flush()  # never claims success after losing track of the disk
+    with pytest.raises(PermissionError):
+        meta.plan_write(0, 512)
+    assert check_image(_reopen(storage)).corruptions == 0
