@@ -214,3 +214,27 @@ def test_check_counts_bitmaps_until_blkpy_writes(tmp_path):
         assert result.stdout.splitlines()[-1] == qemu.stdout.splitlines()[-1]  # image end
         with Qcow2Disk(path) as disk:
             disk.writev(0, [memoryview(b"x" * 4096)])
+
+
+def test_convert_shows_progress_on_a_terminal(tmp_path):
+    import pty
+    import subprocess
+    import sys
+
+    src = tmp_path / "src.raw"
+    src.write_bytes(b"\x01" * (3 << 20))
+    leader, follower = pty.openpty()
+    proc = subprocess.run([sys.executable, "-m", "blkpy", "image", "convert", "-O", "qcow2",
+                           str(src), str(tmp_path / "dst.qcow2")],
+                          stdout=follower, stderr=subprocess.PIPE, timeout=60)
+    os.close(follower)
+    out = b""
+    try:
+        while chunk := os.read(leader, 4096):
+            out += chunk
+    except OSError:  # EIO once the terminal's other side is closed
+        pass
+    os.close(leader)
+    assert proc.returncode == 0, proc.stderr
+    assert b"converting" in out
+    assert qemu_img("compare", str(src), str(tmp_path / "dst.qcow2")).returncode == 0
