@@ -15,24 +15,27 @@ import dataclasses
 import enum
 from collections.abc import Mapping
 
-# XenbusState values (xenbus-vbd spec §2).
-UNKNOWN = 0
-INITIALISING = 1
-INIT_WAIT = 2
-INITIALISED = 3
-CONNECTED = 4
-CLOSING = 5
-CLOSED = 6
+from blkpy.ring import (
+    ABIS,
+    BLKIF_MAX_SEGMENTS_PER_REQUEST,
+    BLKIF_OP_FLUSH_DISKCACHE,
+    BLKIF_OP_WRITE_BARRIER,
+    MAX_RING_PAGE_ORDER,
+    VDISK_READONLY,
+)
+from blkpy.xenbus import XenbusState
 
-BLKIF_MAX_SEGMENTS_PER_REQUEST = 11
-MAX_RING_PAGE_ORDER = 4  # XENBUS_MAX_RING_GRANT_ORDER
-VDISK_CDROM = 0x1
-VDISK_REMOVABLE = 0x2
-VDISK_READONLY = 0x4
-BLKIF_OP_WRITE_BARRIER = 2
-BLKIF_OP_FLUSH_DISKCACHE = 3
+# XenbusState values as plain ints (the frontend compares node values with them).
+UNKNOWN = int(XenbusState.UNKNOWN)
+INITIALISING = int(XenbusState.INITIALISING)
+INIT_WAIT = int(XenbusState.INIT_WAIT)
+INITIALISED = int(XenbusState.INITIALISED)
+CONNECTED = int(XenbusState.CONNECTED)
+CLOSING = int(XenbusState.CLOSING)
+CLOSED = int(XenbusState.CLOSED)
 
-PROTOCOLS = ("x86_64-abi", "x86_32-abi", "arm-abi")
+PROTOCOLS = tuple(ABIS)
+
 
 
 class NegotiationError(Exception):

@@ -2,6 +2,7 @@
 
 import pytest
 
+from blkpy import ring
 from blkpy.sim import blkfront_negotiation as neg
 from blkpy.sim.blkfront_negotiation import Action
 
@@ -153,7 +154,7 @@ def test_discard_properties():
 
 
 def test_readonly_bit():
-    nodes = {**CONNECTED, "info": str(neg.VDISK_READONLY | neg.VDISK_REMOVABLE)}
+    nodes = {**CONNECTED, "info": str(ring.VDISK_READONLY | ring.VDISK_REMOVABLE)}
     info = neg.parse_backend_connected(nodes, persistent=True, max_indirect_segments=0)
     assert info.readonly and info.size == 2048 * 512
 
