@@ -58,19 +58,23 @@ def _vector(entries, buf):
     )
 
 
+def _run(eng, vec):
+    """Submit one vector and wait for it; returns what completed."""
+    eng.submit(vec)
+    done = []
+    while not done:
+        done = eng.wait(1.0)
+    eng.close()
+    return done
+
+
 @pytest.mark.parametrize("name", sorted(io.ENGINES))
 def test_engines_on_a_disk_without_direct_fd(name):
     disk = MemoryDisk(fail_at=8192)
     buf = np.frombuffer(b"\x11" * 4096 + b"\x22" * 4096 + bytes(4096), np.uint8).copy()
     vec = _vector([(io.WRITE, 0, 4096), (io.FLUSH, 0, 0), (io.WRITE, 8192, 4096),
                    (io.DISCARD, 0, 4096), (io.READ, 0, 4096)], buf)
-    eng = io.make_engine(name, disk)
-    eng.submit(vec)
-    done = []
-    while not done:
-        done = eng.wait(1.0)
-    eng.close()
-    assert done == [vec]
+    assert _run(io.make_engine(name, disk), vec) == [vec]
     assert vec.result.tolist() == [0, 0, -errno.ENOSPC, -errno.EOPNOTSUPP, 0]
     assert [c[0] for c in disk.calls] == ["write", "flush", "write", "read"]
     assert bytes(buf[8192:]) == b"\x11" * 4096
@@ -83,12 +87,7 @@ def test_engines_on_a_raw_file_keep_flush_order(name, raw_image):
     buf[:4096] = 7
     vec = _vector([(io.WRITE, 4096, 4096), (io.FLUSH, 0, 0), (io.READ, 4096, 4096),
                    (io.READ, (4 << 20) - 2048, 2048)], buf)
-    eng = io.make_engine(name, disk)
-    eng.submit(vec)
-    done = []
-    while not done:
-        done = eng.wait(1.0)
-    eng.close()
+    assert _run(io.make_engine(name, disk), vec) == [vec]
     disk.close()
     assert vec.result.tolist() == [0, 0, 0, 0]
     assert np.all(buf[4096:8192] == 7)
