@@ -282,3 +282,20 @@ def test_queues_on_threads_may_share_one_disk(tmp_path):
             t.join()
         assert read_all(disk) == model
     check_clean(path)
+
+
+def test_discard_of_the_partial_last_cluster_like_qemu(tmp_path):
+    size = SIZE + 512  # the last cluster is partial
+    ours, theirs = str(tmp_path / "ours.qcow2"), str(tmp_path / "theirs.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", ours, str(size))
+    qemu_io(ours, f"write -P 9 0 {size}")
+    shutil.copyfile(ours, theirs)
+    spans = [(SIZE - 65536, 66048), (512, 70000)]
+    subprocess.run(["qemu-io", "-d", "unmap", *sum((["-c", f"discard {o} {n}"]
+                                                     for o, n in spans), []), theirs],
+                   check=True, capture_output=True)
+    with Qcow2Disk(ours) as disk:
+        for o, n in spans:
+            disk.discard(o, n)
+    check_clean(ours)
+    assert qemu_img("compare", ours, theirs, check=False).returncode == 0
