@@ -205,7 +205,10 @@ def image_info(path: str, fmt: str | None = None, depth: int = 0) -> dict[str, A
             info["full-backing-filename"] = full
             if h.backing_format:
                 info["backing-filename-format"] = h.backing_format
-            info["backing-image"] = image_info(full, h.backing_format, depth + 1)
+            try:
+                info["backing-image"] = image_info(full, h.backing_format, depth + 1)
+            except DiskError as exc:  # the top image is still worth showing
+                info["backing-error"] = str(exc)
     finally:
         os.close(fd)
     return info
@@ -245,6 +248,8 @@ def _print_info(info: dict[str, Any]) -> None:
             if isinstance(value, bool):
                 value = str(value).lower()
             click.echo(f"    {key.replace('-', ' ')}: {value}")
+    if "backing-error" in info:
+        click.echo(f"backing file problem: {info['backing-error']}")
     if "backing-image" in info:
         click.echo("")
         _print_info(info["backing-image"])

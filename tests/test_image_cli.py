@@ -238,3 +238,12 @@ def test_convert_shows_progress_on_a_terminal(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert b"converting" in out
     assert qemu_img("compare", str(src), str(tmp_path / "dst.qcow2")).returncode == 0
+
+
+def test_info_with_a_missing_backing_file_still_describes_the_image(tmp_path):
+    top = str(tmp_path / "top.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2", top, "1M")
+    result = run("info", "--json", top)
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["virtual-size"] == 1 << 20 and "gone.qcow2" in info["backing-error"]
