@@ -19,7 +19,7 @@ from blkpy.backends.base import CorruptImage, Disk, DiskError, UnsupportedImage
 from blkpy.backends.raw import _punch_hole as punch_hole
 from blkpy.qcow2.header import COMPRESSION_ZSTD, MAGIC
 from blkpy.qcow2.l2 import Entry, Kind
-from blkpy.qcow2.metadata import DEFAULT_CACHE_SIZE, Metadata
+from blkpy.qcow2.metadata import DEFAULT_CACHE_SIZE, ClusterWrite, Metadata
 from blkpy.qcow2.plan import Op, Punch, Resize, Sync, Write
 
 MAX_BACKING_DEPTH = 64  # QEMU's limit too; a deeper chain is most likely a loop
@@ -205,11 +205,15 @@ class Qcow2Disk(Disk):
         views = _byte_views(bufs)
         length = sum(len(v) for v in views)
         self.check_range(offset, length)
-        host = self.meta.fast_host(offset, length, write=False)
-        if host is not None:  # one cluster of plain data: the common case
-            n = os.preadv(self._fd, views, host)
-            if n < length:
-                _zero(_slices(views, n, length - n))
+        runs = self.meta.fast_runs(offset, length, write=False)
+        if runs is not None:  # plain data in cached tables: the common case
+            pos = 0
+            for host, n in runs:
+                part = views if len(runs) == 1 else _slices(views, pos, n)
+                got = os.preadv(self._fd, part, host)
+                if got < n:  # allocated past the end of the file, not written yet
+                    _zero(_slices(part, got, n - got))
+                pos += n
             return
         try:
             self._read(offset, length, views)
@@ -272,10 +276,14 @@ class Qcow2Disk(Disk):
         views = _byte_views(bufs)
         length = sum(len(v) for v in views)
         self.check_range(offset, length)
-        host = self.meta.fast_host(offset, length, write=True)
-        if host is not None:  # rewrite of data we own: no metadata involved
-            if os.pwritev(self._fd, views, host) != length:
-                raise OSError(f"short write at 0x{host:x}")
+        runs = self.meta.fast_runs(offset, length, write=True)
+        if runs is not None:  # rewrite of data we own: no metadata involved
+            pos = 0
+            for host, n in runs:
+                part = views if len(runs) == 1 else _slices(views, pos, n)
+                if os.pwritev(self._fd, part, host) != n:
+                    raise OSError(errno.EIO, f"short write at 0x{host:x}")
+                pos += n
             self.meta.data_written()
             self._last_compressed = None
             return
@@ -287,32 +295,53 @@ class Qcow2Disk(Disk):
 
     def _write(self, offset: int, length: int, views: list[memoryview]) -> None:
         meta = self.meta
+        # steps whose host bytes follow each other go out in one pwritev; their L2
+        # entries are committed only after it
+        run_host, run_data, run_steps, run_len = 0, [], [], 0
         for step in meta.plan_write(offset, length):
-            lo = max(step.guest, offset)
-            hi = min(step.guest + step.length, offset + length)
-            data = _slices(views, lo - offset, hi - lo)
-            host = step.host
-            if step.skip_cow:
-                host += lo - step.guest
-            elif step.guest < lo or step.guest + step.length > hi:
-                # copy-on-write: fill the widened region with what the guest reads now
-                region = bytearray(step.length)
-                rv = memoryview(region)
-                head, tail = lo - step.guest, step.guest + step.length - hi
-                if head:
-                    self._read(step.guest, head, [rv[:head]])
-                if tail:
-                    self._read(hi, tail, [rv[step.length - tail:]])
-                pos = head
-                for d in data:
-                    rv[pos:pos + len(d)] = d
-                    pos += len(d)
-                data = [rv]
-            if os.pwritev(self._fd, data, host) != sum(len(d) for d in data):
-                raise OSError(f"short write at 0x{host:x}")
-            meta.data_written()
-            meta.commit(step)
+            host, data = self._step_data(step, offset, length, views)
+            if run_data and (run_host + run_len != host or len(run_data) + len(data) > 1024):
+                self._write_run(run_host, run_data, run_steps)
+                run_data, run_steps = [], []
+            if not run_data:
+                run_host, run_len = host, 0
+            run_data += data
+            run_steps.append(step)
+            run_len += sum(len(d) for d in data)
+        if run_data:
+            self._write_run(run_host, run_data, run_steps)
         self._last_compressed = None
+
+    def _step_data(self, step: ClusterWrite, offset: int, length: int,
+                   views: list[memoryview]) -> tuple[int, list[memoryview]]:
+        """Host offset and bytes of one planned step: the caller's bytes, widened by
+        copy-on-write to what the guest currently reads around them if the step asks."""
+        lo = max(step.guest, offset)
+        hi = min(step.guest + step.length, offset + length)
+        data = _slices(views, lo - offset, hi - lo)
+        if step.skip_cow:
+            return step.host + lo - step.guest, data
+        if step.guest == lo and step.guest + step.length == hi:
+            return step.host, data
+        region = bytearray(step.length)
+        rv = memoryview(region)
+        head, tail = lo - step.guest, step.guest + step.length - hi
+        if head:
+            self._read(step.guest, head, [rv[:head]])
+        if tail:
+            self._read(hi, tail, [rv[step.length - tail:]])
+        pos = head
+        for d in data:
+            rv[pos:pos + len(d)] = d
+            pos += len(d)
+        return step.host, [rv]
+
+    def _write_run(self, host: int, data: list[memoryview], steps: list[ClusterWrite]) -> None:
+        if os.pwritev(self._fd, data, host) != sum(len(d) for d in data):
+            raise OSError(errno.EIO, f"short write at 0x{host:x}")
+        self.meta.data_written()
+        for step in steps:
+            self.meta.commit(step)
 
     def discard(self, offset: int, length: int) -> None:
         self.check_range(offset, length)

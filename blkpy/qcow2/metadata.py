@@ -236,6 +236,25 @@ class Metadata:
                 return None
         return host + inoff
 
+    def fast_runs(self, guest: int, length: int, write: bool) -> list[tuple[int, int]] | None:
+        """``fast_host`` over several clusters: (host offset, length) runs of physically
+        contiguous clusters covering the range, or None if any piece needs the general
+        path."""
+        cs = self.geo.cluster_size
+        runs: list[tuple[int, int]] = []
+        pos, end = guest, guest + length
+        while pos < end:
+            n = min(end, (pos | (cs - 1)) + 1) - pos
+            host = self.fast_host(pos, n, write)
+            if host is None:
+                return None
+            if runs and runs[-1][0] + runs[-1][1] == host:
+                runs[-1] = (runs[-1][0], runs[-1][1] + n)
+            else:
+                runs.append((host, n))
+            pos += n
+        return runs
+
     # ---- reads --------------------------------------------------------------------------
 
     def map_read(self, guest: int, length: int) -> list[Extent]:
