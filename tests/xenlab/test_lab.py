@@ -20,7 +20,7 @@ EXPECTED = {
     "life": ["xl-create", "life.xvda-present", "block-attach", "life.attach-seen",
              "life.probe-written", "block-detach", "detach-serve-exited", "life.detach-seen",
              "block-reattach", "life.reattach-seen", "life.probe-served-raw",
-             "life.probe-no-host-data", "probe-backing-untouched", "life.reconnect",
+             "life.probe-no-host-data", "probe-backing-untouched", "frontend-closed",
              "rebooted", "life.reboot-data", "destroy", "destroy-serve-exited",
              "destroy-clean-exit", *NO_LEFTOVERS],
     # the phase skips itself (check qcow2.create SKIP) while qcow2 creation does not work

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Life cycle with blkpy (see the guest's job-life): hot attach/detach with the format-probing
-# trap, frontend reconnect, reboot, then xl destroy with I/O in flight; nothing may be left.
+# trap, frontend close, reboot, then xl destroy with I/O in flight; nothing may be left.
 . "$(dirname "$0")/lib.sh"
 start_daemon || exit 1
 SECRET=$LAB/secret.img   # the file the guest's fake qcow2 header names as backing file
@@ -36,6 +36,13 @@ opened=$(ls -l /proc/[0-9]*/fd 2>/dev/null | grep -c "$SECRET")
 check_cond life.probe-backing-untouched \
   "host file named as backing file: atime $(stat -c %X $SECRET) (was $SECRET_ATIME), open by $opened processes" -- \
   test "$(stat -c %X $SECRET)" = "$SECRET_ATIME" -a "$opened" = 0
+step "MARK: xvda-unbound" 120
+BE=/local/domain/0/backend/vbd/$ID1/51712
+for _ in $(seq 1 20); do [ "$(xenstore-read $BE/state 2>/dev/null)" = 6 ] && break; sleep 0.5; done
+serve_a=$(pgrep -f "blkpy serve backend/vbd/$ID1/51712")
+check_cond life.frontend-closed \
+  "frontend Closed: backend state $(xenstore-read $BE/state 2>&1), online $(xenstore-read $BE/online 2>&1), serve ${serve_a:-gone}" -- \
+  test "$(xenstore-read $BE/state 2>/dev/null)" = 6 -a -n "$serve_a"
 step "MARK: rebooting" 240
 step "MARK: io-running" 300 through-reboot
 ID2=$(xl domid lf)
