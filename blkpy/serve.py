@@ -77,6 +77,7 @@ class ServeOptions:
     poll_us: int = 0
     sector_size: int = 512
     direct_io: bool = False
+    qcow2_cache_size: int = 4 << 20
     stats_file: str | None = None
 
 
@@ -157,10 +158,11 @@ class DeviceServer:
 
     def _open_disk(self) -> Disk:
         try:
-            return open_disk(self.image, self.fmt, readonly=self.readonly,
-                             **({"sector_size": self.opts.sector_size,
-                                 "direct": self.opts.direct_io}
-                                if self.fmt == "raw" else {}))
+            if self.fmt == "raw":
+                options = {"sector_size": self.opts.sector_size, "direct": self.opts.direct_io}
+            else:
+                options = {"cache_size": self.opts.qcow2_cache_size}
+            return open_disk(self.image, self.fmt, readonly=self.readonly, **options)
         except DiskError as exc:
             raise ServeError(str(exc)) from None
 

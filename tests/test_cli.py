@@ -55,3 +55,23 @@ def test_bad_input_is_one_clear_line(args, needle, monkeypatch):
     proc = blkpy(*args)
     assert proc.returncode != 0
     assert needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sim_run_serves_a_qcow2_overlay_that_qemu_img_trusts(tmp_path):
+    base = tmp_path / "base.qcow2"
+    top = tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096",
+                    str(base), "32M"], check=True)
+    subprocess.run(["qemu-io", "-c", "write -P 0x5a 0 8M", str(base)], check=True,
+                   capture_output=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F",
+                    "qcow2", str(top)], check=True)
+    proc = blkpy("sim", "run", str(top), "--workload", "randrw", "--requests", "600",
+                 "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["config"]["fmt"] == "qcow2" and result["workload"]["mismatches"] == 0
+    check = subprocess.run(["qemu-img", "check", str(top)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
+    # the backing file was never written
+    assert subprocess.run(["qemu-img", "check", str(base)]).returncode == 0

@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Sequence
 
 from blkpy.backends.base import CorruptImage, Disk, DiskError, UnsupportedImage
-from blkpy.backends.raw import _punch_hole as punch_hole
+from blkpy.backends.raw import punch_hole
 from blkpy.qcow2.header import COMPRESSION_ZSTD, MAGIC
 from blkpy.qcow2.l2 import Entry, Kind
 from blkpy.qcow2.metadata import DEFAULT_CACHE_SIZE, ClusterWrite, Metadata

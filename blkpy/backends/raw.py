@@ -21,7 +21,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
-def _punch_hole(fd: int, offset: int, length: int) -> None:
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate a byte range of a file; it reads back as zeros (FALLOC_FL_PUNCH_HOLE)."""
     if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
@@ -104,7 +105,7 @@ class RawDisk(Disk):
         if self._is_block:
             fcntl.ioctl(self._fd, _BLKDISCARD, struct.pack("=QQ", offset, length))
         else:
-            _punch_hole(self._fd, offset, length)
+            punch_hole(self._fd, offset, length)
 
     def close(self) -> None:
         if not self._closed:
