@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything blkpy and its tests need on a Debian machine (run as root or with sudo):
-# the Debian peers the tests compare against, then blkpy itself with its test extras.
+# the Debian peers the tests compare against, then blkpy itself with its test extras in a
+# virtual environment, .venv (Debian's own Python refuses system-wide pip installs).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -23,4 +24,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 PYTHON="${PYTHON:-python3}"
-"$PYTHON" -m pip install -q -e ".[test]"
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q -e ".[test]"

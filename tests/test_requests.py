@@ -51,7 +51,8 @@ def test_any_slot_bytes_get_a_verdict_and_accepted_ones_are_safe(abi, raw, reado
             assert np.all(segs["first_sect"] <= segs["last_sect"])
             assert np.all(segs["last_sect"] <= 7)
             assert start + (int(v.nbytes[i]) >> 9) <= SECTORS
-            assert start % (sector_size // 512) == 0
+            if v.nbytes[i]:  # a pure flush/barrier moves no data: its sector is moot
+                assert start % (sector_size // 512) == 0
         if readonly:
             assert op == ring.BLKIF_OP_READ
         # indirect requests are answered with their indirect_op
