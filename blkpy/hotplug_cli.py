@@ -104,13 +104,31 @@ def install(directory: str, python: str | None) -> None:
                    "from this process, which has its modules imported already).")
 @click.option("--orphan-grace", type=click.FloatRange(0), default=5.0, show_default=True,
               help="Seconds a serve may outlive its removed device before SIGTERM.")
+@click.option("--lock-file", metavar="PATH",
+              help="Lock that keeps a second daemon off the same xenstore (default: next to "
+                   "the xenstored socket).")
 @click.option("--serve-arg", "serve_args", multiple=True, metavar="ARG",
               help="Extra argument for every serve (repeatable).")
 def daemon(xenstore_path: str | None, domid: int, platform_name: str, log_dir: str | None,
-           serve_command: str | None, orphan_grace: float, serve_args: tuple[str, ...]) -> None:
+           serve_command: str | None, orphan_grace: float, lock_file: str | None,
+           serve_args: tuple[str, ...]) -> None:
     """Start `blkpy serve` for every new block-blkpy device until SIGTERM."""
-    from blkpy.hotplug.watcher import DeviceWatcher, log_to_stderr
+    from blkpy.hotplug.watcher import (
+        AlreadyRunning,
+        DeviceWatcher,
+        default_lock_path,
+        log_to_stderr,
+        take_lock,
+    )
+    from blkpy.xenstore.client import default_path
 
+    try:
+        lock = lock_file or default_lock_path(xenstore_path or default_path())
+        take_lock(lock)
+    except (AlreadyRunning, ConnectionError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot take the lock {lock}: {exc.strerror}") from None
     log_to_stderr()
     args = ["--platform", platform_name, *(["--xenstore", xenstore_path] if xenstore_path else []),
             *serve_args]

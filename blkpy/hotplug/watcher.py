@@ -19,6 +19,7 @@ execs a command instead.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
 import os
 import posixpath
@@ -304,6 +305,33 @@ class DeviceWatcher:
             self.stop_all()
             log.info("stopped")
         return 0
+
+
+class AlreadyRunning(Exception):
+    """Another watcher holds the lock: two would start two serves per device."""
+
+
+def default_lock_path(xenstore_path: str) -> str:
+    """One watcher per xenstored: the lock sits next to its socket (or in /run for the
+    xenbus device)."""
+    if xenstore_path.startswith("/dev/"):
+        return "/run/blkpy-hotplug-daemon.lock"
+    return os.path.join(os.path.dirname(xenstore_path), ".blkpy-hotplug-daemon.lock")
+
+
+def take_lock(path: str) -> int:
+    """Hold an exclusive lock on ``path`` for the life of the process; returns the fd."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise AlreadyRunning(f"another blkpy hotplug daemon (pid {holder}) already watches "
+                             f"this xenstore (lock {path})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def log_to_stderr(level: int = logging.INFO) -> None:

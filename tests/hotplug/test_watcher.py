@@ -120,6 +120,14 @@ def test_forked_serve_runs_the_serve_command(xenstored, xs, tmp_path):
         assert d.stop() == 0
 
 
+def test_a_second_daemon_on_the_same_xenstore_is_refused(daemon, xenstored):
+    """Two watchers would start two serves for every device (seen in the lab)."""
+    res = subprocess.run([*BLKPY, "hotplug", "daemon", "--xenstore", xenstored],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
+    assert f"another blkpy hotplug daemon (pid {daemon.proc.pid}) already watches" in res.stderr
+
+
 def test_daemon_without_xenstored_fails_cleanly(tmp_path):
     res = subprocess.run([*BLKPY, "hotplug", "daemon", "--xenstore", str(tmp_path / "none")],
                          capture_output=True, text=True, timeout=60)
