@@ -9,7 +9,7 @@ from .results import side_by_side
 
 pytestmark = pytest.mark.xenlab
 
-NO_LEFTOVERS = ["no-serve-left", "no-backend-left", "no-domain-left"]
+NO_LEFTOVERS = ["no-serve-left", "no-serve-crash", "no-backend-left", "no-domain-left"]
 GUEST_FUNC = ["func.xvda-present", "func.xvdb-present", "func.direct-1m", "func.direct-4k",
               "func.flush", "func.checksum", "func.discard", "func.ext4-mkfs", "func.ext4-fsck",
               "func.ext4-copy"]

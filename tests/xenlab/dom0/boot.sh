@@ -45,6 +45,8 @@ for phase in $LAB_PHASES; do
   fi
   cleanup_domains
   stop_daemon  # a phase that gave up early may have left it running
+  # each phase starts its own daemon: keep this phase's log apart
+  [ -f $DAEMON_LOG ] && mv $DAEMON_LOG "/mnt/run/blkpy-daemon-$phase.log"
   mark "phase $phase end"
 done
 cp /var/log/xen/*.log /mnt/run/ 2>/dev/null

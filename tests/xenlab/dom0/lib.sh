@@ -6,6 +6,7 @@ LAB=/var/lib/lab
 DOMU_KERNEL=/usr/lib/blkpy-lab/vmlinux
 DOMU_INITRD=/mnt/run/domU-initrd.img
 CONSOLE_DIR=/var/log/xen/console
+DAEMON_LOG=/var/log/xen/blkpy-daemon.log
 
 up() { cut -d' ' -f1 /proc/uptime; }
 mark() { echo "LAB-MARK: $* uptime=$(up)"; }
@@ -81,6 +82,9 @@ wait_console() {
   log=$(console_log "$1")
   while [ "$t" -lt "$3" ]; do
     grep -q -- "$2" "$log" 2>/dev/null && return 0
+    if grep -q "ended (signal" $DAEMON_LOG 2>/dev/null; then  # a serve crashed: no point waiting
+      echo "a serve crashed: $(grep "ended (signal" $DAEMON_LOG | head -1)"; return 1
+    fi
     if [ -z "$4" ] && ! xl domid "$1" >/dev/null 2>&1; then
       sleep 1; grep -q -- "$2" "$log" 2>/dev/null; return
     fi
@@ -128,7 +132,6 @@ sys.exit(0 if nxt >= int(sys.argv[3]) else 1)
 PY
 }
 
-DAEMON_LOG=/var/log/xen/blkpy-daemon.log
 start_daemon() {
   blkpy hotplug install >/dev/null || { check setup.hotplug-install FAIL "blkpy hotplug install"; return 1; }
   blkpy hotplug daemon --log-dir /var/log/xen --serve-arg=--log-level=debug >>$DAEMON_LOG 2>&1 &
@@ -156,6 +159,8 @@ check_no_leftovers() {
   while [ -n "$(serve_pids)" ] && [ $i -lt 30 ]; do sleep 0.5; i=$((i + 1)); done
   left=$(serve_pids)
   check_cond "$1.no-serve-left" "no blkpy serve process left ${left:+(pids $left)}" -- test -z "$left"
+  left=$(grep "ended (signal" $DAEMON_LOG 2>/dev/null | head -3 | tr '\n' ' ')
+  check_cond "$1.no-serve-crash" "no serve died of a signal ${left:+($left)}" -- test -z "$left"
   left=$(xenstore-list /local/domain/0/backend/vbd 2>/dev/null | tr '\n' ' ')
   check_cond "$1.no-backend-left" "no backend/vbd entries left ${left:+($left)}" -- test -z "$left"
   left=$(xl list | awk 'NR > 2 {print $1 "(" $2 ")"}' | tr '\n' ' ')
