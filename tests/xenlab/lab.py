@@ -24,7 +24,7 @@ from .results import format_summary, parse_checks, parse_figures
 from .staging import REPO, build_domu_initrd, build_native
 
 ALL_PHASES = ["blkback", "func", "life", "qcow2"]
-DEFAULT_TIMEOUT = 1200.0  # seconds for the whole boot, whatever happens inside
+DEFAULT_TIMEOUT = 1500.0  # seconds for the whole boot, whatever happens inside
 KEEP_RUNS = 8
 
 
