@@ -202,10 +202,16 @@ class _SharedRing:
     def _indices(self, start: int, n: int) -> np.ndarray:
         return (start + np.arange(n, dtype=np.int64)) & self._mask
 
-    @staticmethod
-    def _crossed(new: int, old: int, event: int) -> bool:
-        """ring.h's notify rule: the event index lies in the window (old, new]."""
-        return ((new - event) & _IDX_MASK) < ((new - old) & _IDX_MASK)
+    def _publish(self, prod: int, event: int, new: int) -> bool:
+        """RING_PUSH_*_AND_CHECK_NOTIFY: make slots visible, then the producer index, then
+        notify iff the other side's event index lies in the window (old, new]."""
+        old = self._load(prod)
+        if old == new:
+            return False
+        lib.blkpy_wmb()
+        self._store(prod, new)
+        lib.blkpy_mb()
+        return ((new - self._load(event)) & _IDX_MASK) < ((new - old) & _IDX_MASK)
 
     # Header accessors, mostly for tests and diagnostics.
     @property
@@ -303,14 +309,7 @@ class BackRing(_SharedRing):
 
     def push_responses(self) -> bool:
         """Publish produced responses; True if the frontend must be notified."""
-        old = self._load(self._RSP_PROD)
-        new = self.rsp_prod_pvt
-        if old == new:
-            return False
-        lib.blkpy_wmb()
-        self._store(self._RSP_PROD, new)
-        lib.blkpy_mb()
-        return self._crossed(new, old, self._load(self._RSP_EVENT))
+        return self._publish(self._RSP_PROD, self._RSP_EVENT, self.rsp_prod_pvt)
 
 
 class FrontRing(_SharedRing):
@@ -355,14 +354,7 @@ class FrontRing(_SharedRing):
 
     def push_requests(self) -> bool:
         """Publish queued requests; True if the backend must be notified."""
-        old = self._load(self._REQ_PROD)
-        new = self.req_prod_pvt
-        if old == new:
-            return False
-        lib.blkpy_wmb()
-        self._store(self._REQ_PROD, new)
-        lib.blkpy_mb()
-        return self._crossed(new, old, self._load(self._REQ_EVENT))
+        return self._publish(self._REQ_PROD, self._REQ_EVENT, self.req_prod_pvt)
 
     def consume_responses(self) -> np.ndarray:
         """Copies of every new response; raises RingOverflow on a bogus rsp_prod."""
