@@ -24,8 +24,8 @@ EXPECTED = {
              "rebooted", "life.reboot-data", "destroy", "destroy-serve-exited",
              "destroy-clean-exit", *NO_LEFTOVERS],
     # the phase skips itself (check qcow2.create SKIP) while qcow2 creation does not work
-    "qcow2": ["create", "xl-create", *GUEST_FUNC, *NO_LEFTOVERS, "check-q-a", "check-q-b",
-              "dom0-sees-data"],
+    "qcow2": ["create", "xl-create", *GUEST_FUNC, *NO_LEFTOVERS, "multi-queue-ring",
+              "check-q-a", "check-q-b", "dom0-sees-data"],
 }
 CHECKS = [f"{phase}.{name}" for phase, names in EXPECTED.items()
           for name in [*names, "completed"]]

@@ -46,7 +46,7 @@ type = "pv"
 kernel = "$DOMU_KERNEL"
 ramdisk = "$DOMU_INITRD"
 memory = 256
-vcpus = 1
+vcpus = ${VCPUS:-1}
 extra = "console=hvc0 $args"
 disk = [ $disks ]
 on_poweroff = "destroy"
