@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import sys
@@ -10,13 +11,26 @@ import sys
 import click
 
 from blkpy import __version__
-from blkpy.engine import ENGINES
+from blkpy.defaults import ENGINE_NAMES, MAX_PERSISTENT_GRANTS, MAX_QUEUES_DEFAULT
 from blkpy.hotplug_cli import hotplug
-from blkpy.image_cli import image
-from blkpy.serve import MAX_QUEUES_DEFAULT
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _LazyGroup(click.Group):
+    """A group whose heavy subcommands are imported only when used."""
+
+    lazy = {"image": "blkpy.image_cli:image"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy and name not in self.commands:
+            module, attr = self.lazy[name].split(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="blkpy")
 def main() -> None:
     """blkpy: a user-space Xen block backend."""
@@ -43,14 +57,15 @@ def _setup_logging(level: str) -> None:
               help="Image format; default: the prefix in the params node (raw:, qcow2:), "
                    "else raw. Never guessed from the image's contents.")
 @click.option("--image", metavar="PATH", help="Image to serve instead of the params node.")
-@click.option("--engine", type=click.Choice(sorted(ENGINES)), default="sync",
+@click.option("--engine", type=click.Choice(ENGINE_NAMES), default="sync",
               show_default=True, help="I/O engine.")
 @click.option("--grant-mode", type=click.Choice(["auto", "map", "copy"]), default="auto",
               show_default=True, help="Batched grant mapping or grant copy; auto: map when "
               "persistent grants were negotiated, else copy.")
 @click.option("--persistent/--no-persistent", default=True, show_default=True,
               help="Offer persistent grants.")
-@click.option("--max-persistent-grants", type=click.IntRange(0, 65536), default=1056,
+@click.option("--max-persistent-grants", type=click.IntRange(0, 65536),
+              default=MAX_PERSISTENT_GRANTS,
               show_default=True, help="Guest pages kept mapped per ring (Linux blkback's "
               "default); beyond it pages are mapped per batch.")
 @click.option("--max-indirect-segments", type=click.IntRange(0, 1024), default=256,
@@ -190,7 +205,6 @@ def bench(args: tuple[str, ...]) -> None:
     bench_command.main(args=list(args), prog_name="blkpy bench")
 
 
-main.add_command(image)
 main.add_command(hotplug)
 
 if __name__ == "__main__":

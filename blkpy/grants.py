@@ -13,12 +13,10 @@ import abc
 
 import numpy as np
 
+from blkpy.defaults import MAX_PERSISTENT_GRANTS
 from blkpy.gntdev.native import ffi
 from blkpy.platform import COPY_SEGMENT_DTYPE, GNTST_OKAY, GrantError, GrantMapping, Platform
 from blkpy.ring import PAGE_SIZE, SECTOR_SHIFT, SEGMENT_DTYPE, SEGS_PER_INDIRECT_FRAME
-
-#: Linux blkback's default cap on persistent grants per ring (max_persistent_grants).
-MAX_PERSISTENT_GRANTS = 1056
 
 
 class Acquired(abc.ABC):

@@ -24,8 +24,8 @@ import aiofiles.os
 
 from blkpy import ring
 from blkpy.backends import Disk, DiskError, open_disk
+from blkpy.defaults import MAX_PERSISTENT_GRANTS, MAX_QUEUES_DEFAULT
 from blkpy.engine import make_engine
-from blkpy.grants import MAX_PERSISTENT_GRANTS
 from blkpy.platform import GrantMapping, Platform, PlatformError
 from blkpy.ratelimit import RateLimitedLog
 from blkpy.requests import DiskGeometry
@@ -50,7 +50,6 @@ log = logging.getLogger("blkpy.serve")
 #: format prefixes an operator may put in front of the image path in the xl target
 #: (libxl copies it into `params`); "aio" is what libxl writes for raw qdisk targets.
 FORMAT_PREFIXES = {"raw": "raw", "aio": "raw", "qcow2": "qcow2"}
-MAX_QUEUES_DEFAULT = min(os.cpu_count() or 1, 4)
 STATS_FILE_ENV = "BLKPY_STATS_FILE"
 RESIZE_CHECK_S = 2.0  # how often a connected device looks for a grown image
 
@@ -223,12 +222,15 @@ class DeviceServer:
             self._finish(1)
 
     def _snapshot(self) -> Snapshot:
-        return Snapshot(
+        snap = Snapshot(
             frontend_state=parse_state(self.xs.read_str(f"{self.frontend}/state")),
             backend_state=parse_state(self._node("state")),
             online=(self._node("online") or "0").strip() == "1",
             backend_exists=self.xs.read_str(self.path) is not None,
         )
+        log.debug("%s: frontend %s, backend %s, online %s, exists %s", self.path,
+                  snap.frontend_state, snap.backend_state, snap.online, snap.backend_exists)
+        return snap
 
     def _execute(self, actions: list[Action]) -> None:
         queue = list(actions)
@@ -259,6 +261,7 @@ class DeviceServer:
     def _write_state(self, state: XenbusState) -> None:
         if self.xs.read_str(self.path) is None:
             return  # our directory is gone: never recreate it
+        log.info("%s: state %s", self.path, state.name)
         self.xs.write(f"{self.path}/state", str(int(state)))
 
     def _write_nodes(self, nodes: dict[str, str]) -> None:

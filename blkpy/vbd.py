@@ -20,9 +20,9 @@ import numpy as np
 from blkpy import engine as io
 from blkpy import ring
 from blkpy.backends.base import Disk
+from blkpy.defaults import MAX_PERSISTENT_GRANTS
 from blkpy.engine import IoEngine, IoVector
 from blkpy.grants import (
-    MAX_PERSISTENT_GRANTS,
     Acquired,
     GrantCopier,
     GrantMapper,

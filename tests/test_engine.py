@@ -96,3 +96,9 @@ def test_engines_on_a_raw_file_keep_flush_order(name, raw_image):
 def test_unknown_engine():
     with pytest.raises(ValueError):
         io.make_engine("nope", MemoryDisk())
+
+
+def test_cli_engine_names_match_the_engines():
+    from blkpy.defaults import ENGINE_NAMES
+
+    assert sorted(ENGINE_NAMES) == sorted(io.ENGINES)
