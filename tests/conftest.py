@@ -13,3 +13,4 @@ def raw_image(tmp_path):
     with open(path, "wb") as f:
         f.truncate(4 << 20)
     return str(path)
+

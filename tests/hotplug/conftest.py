@@ -3,29 +3,22 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 import pytest
+from xenstored_fixture import temporary_xenstored
 
 from blkpy.sim.toolstack import DiskSpec, disk_nodes
 from blkpy.xenstore.client import XenstoreClient
-from blkpy.xenstore.server import running_xenstored
 
 BLKPY = [sys.executable, "-m", "blkpy"]
 
 
 @pytest.fixture
 def xenstored():
-    tmpdir = tempfile.mkdtemp(prefix="blkpy-hp-")  # short: AF_UNIX paths are limited
-    path = os.path.join(tmpdir, "socket")
-    try:
-        with running_xenstored(path):
-            yield path
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    with temporary_xenstored("blkpy-hp-") as path:
+        yield path
 
 
 @pytest.fixture

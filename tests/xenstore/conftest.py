@@ -1,14 +1,13 @@
 """Fixtures: a simulated xenstored started through the CLI, clients, unique test paths."""
 
-import os
 import re
 import shutil
 import tempfile
 
 import pytest
+from xenstored_fixture import temporary_xenstored
 
 from blkpy.xenstore.client import XenstoreClient
-from blkpy.xenstore.server import running_xenstored
 
 
 @pytest.fixture
@@ -22,13 +21,8 @@ def socket_dir():
 @pytest.fixture(scope="module")
 def xenstored():
     """The socket path of a `blkpy sim xenstored` subprocess shared by a test module."""
-    tmpdir = tempfile.mkdtemp(prefix="blkpy-xs-")
-    path = os.path.join(tmpdir, "socket")
-    try:
-        with running_xenstored(path):
-            yield path
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    with temporary_xenstored() as path:
+        yield path
 
 
 @pytest.fixture
