@@ -134,24 +134,31 @@ def test_daemon_without_xenstored_fails_cleanly(tmp_path):
     assert res.returncode == 1 and res.stderr.startswith("Error: cannot connect to xenstored")
 
 
+_CHILD = """
+import sys, time
+from blkpy.hotplug.watcher import set_cmdline
+assert not set_cmdline(["x" * 1000000])  # more than any command line: refused, untouched
+ok = set_cmdline(["blkpy", "serve", "backend/vbd/3/51712"])
+open(sys.argv[1], "w").write("0" if ok else "1")
+time.sleep(5)
+"""
+
+
 def test_a_forked_serve_is_recognised_by_its_command_line(tmp_path):
-    """Forked serves rewrite their command line, so `remove` (and ps/pgrep) can tell them."""
+    """Forked serves rewrite their command line, so `remove` (and ps/pgrep) can tell them.
+    The new command line must fit in the process's original one (the daemon's, here a
+    child whose own command line leaves room, independent of how pytest was started)."""
     from blkpy.hotplug.device import is_serve_of
-    from blkpy.hotplug.watcher import set_cmdline
 
     ready = tmp_path / "ready"
-    pid = os.fork()
-    if pid == 0:
-        code = 0 if set_cmdline(["blkpy", "serve", "backend/vbd/3/51712"]) else 1
-        ready.write_text(str(code))
-        time.sleep(5)
-        os._exit(code)
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(ready), "x" * 64])
     try:
         wait_for(ready.exists, what="the child")
+        wait_for(lambda: ready.read_text() != "", what="the child's verdict")
         assert ready.read_text() == "0"
-        assert is_serve_of(pid, "backend/vbd/3/51712")
-        assert is_serve_of(pid, "/local/domain/0/backend/vbd/3/51712")
-        assert not is_serve_of(pid, "backend/vbd/3/51728")
+        assert is_serve_of(child.pid, "backend/vbd/3/51712")
+        assert is_serve_of(child.pid, "/local/domain/0/backend/vbd/3/51712")
+        assert not is_serve_of(child.pid, "backend/vbd/3/51728")
     finally:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        child.kill()
+        child.wait()
