@@ -71,19 +71,20 @@ _STATUS_OF = np.array(
 )
 
 
-def _op_table(*ops: int) -> np.ndarray:
+def op_table(*ops: int) -> np.ndarray:
     """A boolean lookup table over all 256 operation values."""
     table = np.zeros(256, dtype=bool)
     table[list(ops)] = True
     return table
 
 
-_KNOWN = _op_table(BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER,
+_KNOWN = op_table(BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER,
                    BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_DISCARD, BLKIF_OP_INDIRECT)
-_INLINE = _op_table(BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER,
+INLINE_OPS = op_table(BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER,
                     BLKIF_OP_FLUSH_DISKCACHE)
-_RW = _op_table(BLKIF_OP_READ, BLKIF_OP_WRITE)
-_MODIFIES = _op_table(BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_OP_FLUSH_DISKCACHE,
+_RW = op_table(BLKIF_OP_READ, BLKIF_OP_WRITE)
+FLUSHING_OPS = op_table(BLKIF_OP_WRITE_BARRIER, BLKIF_OP_FLUSH_DISKCACHE)
+_MODIFIES = op_table(BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_OP_FLUSH_DISKCACHE,
                       BLKIF_OP_DISCARD)
 
 
@@ -156,7 +157,7 @@ def validate_batch(batch: np.ndarray, abi: ring.Abi, geom: DiskGeometry) -> Verd
         fail(is_disc, 4)
 
     # Inline-segment requests: read, write, flush, barrier.
-    inline = _INLINE[op]
+    inline = INLINE_OPS[op]
     nseg = batch["nr_segments"].astype(np.int64)
     fail(inline & ((nseg < _RW[op]) | (nseg > ring.BLKIF_MAX_SEGMENTS_PER_REQUEST)), 5)
     counts = np.minimum(nseg, ring.BLKIF_MAX_SEGMENTS_PER_REQUEST)
@@ -218,11 +219,14 @@ def validate_indirect(
 
 __all__ = [
     "BLKIF_RSP_OKAY",
+    "FLUSHING_OPS",
+    "INLINE_OPS",
     "REASONS",
     "PENDING",
     "DiskGeometry",
     "Verdict",
     "indirect_pages",
+    "op_table",
     "range_ok",
     "segment_totals",
     "validate_batch",

@@ -31,6 +31,8 @@ from blkpy.grants import (
 from blkpy.platform import EventChannel, Platform
 from blkpy.ratelimit import RateLimitedLog
 from blkpy.requests import (
+    FLUSHING_OPS,
+    INLINE_OPS,
     PENDING,
     DiskGeometry,
     Verdict,
@@ -40,11 +42,9 @@ from blkpy.requests import (
 )
 from blkpy.ring import (
     BLKIF_OP_DISCARD,
-    BLKIF_OP_FLUSH_DISKCACHE,
     BLKIF_OP_INDIRECT,
     BLKIF_OP_READ,
     BLKIF_OP_WRITE,
-    BLKIF_OP_WRITE_BARRIER,
     BLKIF_RSP_EOPNOTSUPP,
     BLKIF_RSP_ERROR,
     BLKIF_RSP_OKAY,
@@ -83,11 +83,6 @@ class VbdStats:
         return dataclasses.asdict(self)
 
 
-# Lookup tables indexed by operation (hostile values beyond 6 map to "none of these").
-_OPS = np.arange(256)
-_INLINE = np.isin(_OPS, (BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER,
-                         BLKIF_OP_FLUSH_DISKCACHE))
-_FLUSHING = np.isin(_OPS, (BLKIF_OP_WRITE_BARRIER, BLKIF_OP_FLUSH_DISKCACHE))
 # engine kind of the (last) entry of each effective operation
 _KIND = np.full(256, io.WRITE, dtype=np.int32)
 _KIND[BLKIF_OP_READ] = io.READ
@@ -231,7 +226,7 @@ class Vbd:
 
         # Every data segment of the batch, flattened: inline ones first (in request
         # order), then the fetched descriptors of indirect requests.
-        nseg = np.where((v.status == PENDING) & _INLINE[op], batch["nr_segments"], 0)
+        nseg = np.where((v.status == PENDING) & INLINE_OPS[op], batch["nr_segments"], 0)
         used = np.arange(ring.BLKIF_MAX_SEGMENTS_PER_REQUEST)[None, :] < nseg[:, None]
         seg_parts = [batch["seg"][used]]
         owner_parts = [np.repeat(np.arange(n), nseg)]
@@ -269,14 +264,14 @@ class Vbd:
         # One engine entry per request, two for a flush/barrier carrying data (flush
         # first: QEMU's presync, Linux's PREFLUSH write), all in ring order.
         gop = ops[go]
-        flushing = _FLUSHING[gop]
+        flushing = FLUSHING_OPS[gop]
         nbytes = v.nbytes[go]
         count = 1 + (flushing & (nbytes > 0))
         owner_e = np.repeat(go, count)
         first_entry = np.repeat(np.cumsum(count) - count, count)
         lead = np.arange(len(owner_e)) == first_entry
         kind = _KIND[ops[owner_e]]
-        kind = np.where(_FLUSHING[ops[owner_e]] & lead, io.FLUSH, kind)
+        kind = np.where(FLUSHING_OPS[ops[owner_e]] & lead, io.FLUSH, kind)
         has_data = (kind == io.READ) | (kind == io.WRITE)
         vec = IoVector(
             kind=kind,
