@@ -11,7 +11,12 @@ import sys
 import click
 
 from blkpy import __version__
-from blkpy.defaults import ENGINE_NAMES, MAX_PERSISTENT_GRANTS, MAX_QUEUES_DEFAULT
+from blkpy.defaults import (
+    ENGINE_NAMES,
+    MAX_PERSISTENT_GRANTS,
+    MAX_QUEUES_DEFAULT,
+    POLL_US_DEFAULT,
+)
 from blkpy.hotplug_cli import hotplug
 
 
@@ -73,8 +78,9 @@ def _setup_logging(level: str) -> None:
 @click.option("--max-ring-page-order", type=click.IntRange(0, 4), default=4, show_default=True)
 @click.option("--max-queues", type=click.IntRange(1, 64), default=MAX_QUEUES_DEFAULT,
               show_default=True)
-@click.option("--poll-us", type=click.IntRange(0, 10000), default=0, show_default=True,
-              help="Busy-poll the ring this long after work before sleeping.")
+@click.option("--poll-us", type=click.IntRange(0, 10000), default=POLL_US_DEFAULT,
+              show_default=True, help="Most the ring is busy-polled before sleeping (the "
+              "budget adapts to the load and shrinks to nothing on an idle device; 0: never).")
 @click.option("--sector-size", type=click.Choice(["512", "4096"]), default="512",
               show_default=True, help="Logical sector size of a raw image.")
 @click.option("--direct-io", is_flag=True, help="Open raw images with O_DIRECT (bypass "

@@ -14,6 +14,7 @@ import abc
 import numpy as np
 
 from blkpy.defaults import MAX_PERSISTENT_GRANTS
+from blkpy.fastpath import PersistentGrantTable
 from blkpy.gntdev.native import ffi
 from blkpy.platform import COPY_SEGMENT_DTYPE, GNTST_OKAY, GrantError, GrantMapping, Platform
 from blkpy.ring import PAGE_SIZE, SECTOR_SHIFT, SEGMENT_DTYPE, SEGS_PER_INDIRECT_FRAME
@@ -70,12 +71,13 @@ class GrantMapper:
         self.domid = domid
         self.persistent = persistent
         self.max_persistent = max_persistent
-        self._cache: dict[int, int] = {}  # gref -> address of its mapped page
+        # gref -> address of its mapped page, in C so the native ring loop reads it too
+        self.table = PersistentGrantTable(max_persistent) if persistent else None
         self._cached_maps: list[GrantMapping] = []
 
     @property
     def persistent_grants(self) -> int:
-        return len(self._cache)
+        return self.table.count if self.table is not None else 0
 
     def acquire(self, segs: np.ndarray, owner: np.ndarray, to_guest: np.ndarray) -> Acquired:
         """Map the pages of ``segs`` (one row per segment, ``owner`` its request,
@@ -96,17 +98,21 @@ class GrantMapper:
     def cache_addresses(self, grefs: np.ndarray) -> np.ndarray:
         """Page address of each gref from the persistent cache (0 where it cannot be
         cached); new grants are mapped in one call while the cache has room."""
-        uniq, inverse = np.unique(grefs, return_inverse=True)
-        keys = uniq.tolist()
-        cache = self._cache
-        missing = [g for g in keys if g not in cache]
-        room = self.max_persistent - len(cache)
-        if missing and room > 0:
-            self._map_persistent(missing[:room])
-        addr = np.array([cache.get(g, 0) for g in keys], dtype=np.uint64)
-        return addr[inverse]
+        assert self.table is not None
+        addr = self.table.lookup(grefs)
+        missing = addr == 0
+        room = self.max_persistent - self.table.count
+        if missing.any() and room > 0:
+            # 0xffffffff has no place in the table: such a grant is always mapped per batch
+            new = np.unique(grefs[missing])
+            new = new[new != 0xFFFFFFFF][:room].tolist()
+            if new:
+                self._map_persistent(new)
+                addr = self.table.lookup(grefs)
+        return addr
 
     def _map_persistent(self, grefs: list[int]) -> None:
+        assert self.table is not None
         # Persistent grants are granted writable by the frontend (blkif.h note 7).
         try:
             mapping = self.platform.map_grants(self.domid, grefs, writable=True)
@@ -118,11 +124,11 @@ class GrantMapper:
                 except GrantError:
                     continue
                 self._cached_maps.append(single)
-                self._cache[g] = single.address
+                self.table.put(g, single.address)
             return
         self._cached_maps.append(mapping)
         for page, g in enumerate(grefs):
-            self._cache[g] = mapping.address + page * PAGE_SIZE
+            self.table.put(g, mapping.address + page * PAGE_SIZE)
 
     def _map_transient(self, segs: np.ndarray, owner: np.ndarray, sel: np.ndarray,
                        held: _Mapped, writable: bool) -> None:
@@ -144,7 +150,8 @@ class GrantMapper:
         for mapping in self._cached_maps:
             mapping.unmap()
         self._cached_maps.clear()
-        self._cache.clear()
+        if self.table is not None:
+            self.table.clear()
 
 
 class _Copied(Acquired):

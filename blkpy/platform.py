@@ -100,10 +100,29 @@ class GrantMapping(abc.ABC):
         self.unmap()
 
 
+@dataclasses.dataclass(frozen=True)
+class NativeEventChannel:
+    """How C code (the native ring loop) notifies and acknowledges a channel by itself:
+    ``kind`` 1 is an /dev/xen/evtchn fd (``notify_ioctl``), 2 a sim datagram socket whose
+    peer is found through the shared port entry at ``port_entry`` and the socket names
+    that start with ``name_prefix``."""
+
+    kind: int
+    fd: int
+    local_port: int
+    notify_ioctl: int = 0
+    port_entry: int = 0
+    name_prefix: bytes = b""
+
+
 class EventChannel(abc.ABC):
     """A bound interdomain event channel (the evtchn device's view of one port)."""
 
     local_port: int
+
+    def native(self) -> NativeEventChannel | None:
+        """What native code needs to drive this channel, or None if only Python can."""
+        return None
 
     @abc.abstractmethod
     def fileno(self) -> int:

@@ -143,6 +143,16 @@ ABIS: dict[str, Abi] = {
 DEFAULT_PROTOCOL = "x86_32-abi"
 
 
+def slot_layout(abi: Abi) -> object:
+    """The ABI's request layout as the native ring loop reads it (struct blkpy_slot_layout)."""
+    layout = ffi.new("struct blkpy_slot_layout *")
+    layout.entry_size = abi.entry_size
+    layout.id_off = abi.request.fields["id"][1]
+    layout.sector_off = abi.request.fields["sector_number"][1]
+    layout.seg_off = abi.request.fields["seg"][1]
+    return layout
+
+
 def ring_size(abi: Abi, order: int) -> int:
     """Slots in a ring of 2**order pages: the largest power of two that fits (ring.h)."""
     if not 0 <= order <= MAX_RING_PAGE_ORDER:
@@ -232,10 +242,17 @@ class _SharedRing:
 
 
 class BackRing(_SharedRing):
-    """The backend's end: consume requests, produce responses."""
+    """The backend's end: consume requests, produce responses.
+
+    The private indices live in a C ``struct blkpy_back_ring`` (``native``) so that the
+    native ring loop (blkpy/gntdev/ringloop.c) and this class consume the same ring."""
 
     def __init__(self, buf: memoryview, abi: Abi, nr_pages: int) -> None:
         super().__init__(buf, abi, nr_pages)
+        self.native = ffi.new("struct blkpy_back_ring *")
+        self.native.sring = ffi.cast("uint8_t *", self._bytes.ctypes.data)
+        self.native.size = self.size
+        self.native.entry_size = abi.entry_size
         # BACK_RING_ATTACH: start where the shared response index is (0 on a fresh ring).
         self.rsp_prod_pvt = self._load(self._RSP_PROD)
         self.req_cons = self.rsp_prod_pvt
@@ -248,6 +265,22 @@ class BackRing(_SharedRing):
         self._rsp_view = np.frombuffer(
             buf, dtype=abi.response, count=self.size, offset=SRING_HEADER_SIZE
         )
+
+    @property
+    def req_cons(self) -> int:
+        return int(self.native.req_cons)
+
+    @req_cons.setter
+    def req_cons(self, value: int) -> None:
+        self.native.req_cons = value & _IDX_MASK
+
+    @property
+    def rsp_prod_pvt(self) -> int:
+        return int(self.native.rsp_prod_pvt)
+
+    @rsp_prod_pvt.setter
+    def rsp_prod_pvt(self, value: int) -> None:
+        self.native.rsp_prod_pvt = value & _IDX_MASK
 
     def _unconsumed(self, req_prod: int) -> int:
         # XEN_RING_NR_UNCONSUMED_REQUESTS: bounded by the free response slots too.

@@ -24,7 +24,7 @@ import aiofiles.os
 
 from blkpy import ring
 from blkpy.backends import Disk, DiskError, open_disk
-from blkpy.defaults import MAX_PERSISTENT_GRANTS, MAX_QUEUES_DEFAULT
+from blkpy.defaults import MAX_PERSISTENT_GRANTS, MAX_QUEUES_DEFAULT, POLL_US_DEFAULT
 from blkpy.engine import make_engine
 from blkpy.platform import GrantMapping, Platform, PlatformError
 from blkpy.ratelimit import RateLimitedLog
@@ -73,7 +73,7 @@ class ServeOptions:
     max_indirect_segments: int = 256
     max_ring_page_order: int = ring.MAX_RING_PAGE_ORDER
     max_queues: int = MAX_QUEUES_DEFAULT
-    poll_us: int = 0
+    poll_us: int = POLL_US_DEFAULT
     sector_size: int = 512
     direct_io: bool = False
     qcow2_cache_size: int = 4 << 20
@@ -124,6 +124,7 @@ class DeviceServer:
         self.machine = BackendStateMachine()
         self.vbds: list[Vbd] = []
         self._past_stats: list[dict[str, int]] = []  # queues of earlier connections
+        self._past_loops: list[dict[str, int]] = []
         self._ring_maps: list[GrantMapping] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Future[int] | None = None
@@ -363,22 +364,7 @@ class DeviceServer:
                   on_broken=self._on_ring_broken,
                   bad_request_log=self._bad_log)
         self.vbds.append(vbd)
-        assert self._loop is not None
-        self._loop.add_reader(evtchn.fileno(), self._on_event, vbd)
-        if engine.fileno() is not None:
-            self._loop.add_reader(engine.fileno(), self._on_io, vbd)
-        # Requests may already be waiting (the frontend kicked before we bound).
-        self._loop.call_soon(self._on_event, vbd)
-
-    def _on_event(self, vbd: Vbd) -> None:
-        if vbd.closed:  # a wakeup queued before the disconnect
-            return
-        vbd.evtchn.ack()
-        vbd.kick()
-
-    def _on_io(self, vbd: Vbd) -> None:
-        vbd.complete()
-        vbd.kick()
+        vbd.start()
 
     def _periodic_resize(self) -> None:
         assert self._loop is not None
@@ -404,19 +390,19 @@ class DeviceServer:
         self._write_nodes({"sectors": str(geometry.sectors), "state": state})
 
     def _on_ring_broken(self, message: str) -> None:
+        # Called on the ring's thread: the state machine belongs to the event loop's.
         assert self._loop is not None
-        self._loop.call_soon(self._execute, self.machine.ring_broken(message))
+        self._loop.call_soon_threadsafe(self._ring_broken, message)
+
+    def _ring_broken(self, message: str) -> None:
+        self._execute(self.machine.ring_broken(message))
 
     def _disconnect(self) -> None:
         for vbd in self.vbds:
-            if self._loop is not None:
-                self._loop.remove_reader(vbd.evtchn.fileno())
-                fd = vbd.engine.fileno()
-                if fd is not None:
-                    self._loop.remove_reader(fd)
             vbd.close()
             vbd.engine.close()
             self._past_stats.append(vbd.stats.as_dict())
+            self._past_loops.append(vbd.loop_counters())
         self.vbds.clear()
         for mapping in self._ring_maps:
             mapping.unmap()
@@ -433,9 +419,16 @@ class DeviceServer:
     # ---- statistics -------------------------------------------------------------------------
 
     def stats(self) -> dict[str, object]:
+        """Counters as JSON: the platform's (the native loops' notifications and wake-ups
+        added in), per queue, and per native loop."""
+        loops = self._past_loops + [v.loop_counters() for v in self.vbds]
+        platform = self.platform.stats.as_dict()
+        for name in ("notifies", "wakeups"):
+            platform[name] += sum(lp[name] for lp in loops)
         return {
-            "platform": self.platform.stats.as_dict(),
+            "platform": platform,
             "queues": self._past_stats + [v.stats.as_dict() for v in self.vbds],
+            "loops": loops,
         }
 
     def _stats_path(self) -> str | None:

@@ -12,16 +12,18 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
-import time
+import select
+import threading
 from collections.abc import Callable
 
 import numpy as np
 
 from blkpy import engine as io
-from blkpy import ring
+from blkpy import fastpath, ring
 from blkpy.backends.base import Disk
 from blkpy.defaults import MAX_PERSISTENT_GRANTS
 from blkpy.engine import IoEngine, IoVector
+from blkpy.fastpath import LOOP_FIELDS, STAT_FIELDS, RingLoop
 from blkpy.grants import (
     Acquired,
     GrantCopier,
@@ -102,7 +104,11 @@ class _Batch:
 
 
 class Vbd:
-    """Serves one ring (one queue of a virtual block device)."""
+    """Serves one ring (one queue of a virtual block device).
+
+    The native ring loop (blkpy.fastpath) serves the common case; this class owns the ring
+    thread, the grants and the reference path that takes every request the loop leaves
+    (``_slow_batch``): refusals, discards, indirect requests, grants not yet persistent."""
 
     def __init__(
         self,
@@ -127,12 +133,10 @@ class Vbd:
         self.evtchn = evtchn
         self.disk = disk
         self.engine = engine
-        self.geometry = geometry
-        self.poll_s = poll_us / 1e6
         self.on_broken = on_broken
         self.broken = False
         self.closed = False
-        self.stats = VbdStats()
+        self._stats = VbdStats()
         self._log = bad_request_log or RateLimitedLog(log)
         if grant_mode == "copy":
             self.pages: GrantMapper | GrantCopier = GrantCopier(platform, domid)
@@ -142,43 +146,124 @@ class Vbd:
             raise ValueError(f"unknown grant mode {grant_mode!r}")
         self._batches: dict[int, _Batch] = {}
         self._next_batch = 0
+        # Synchronous I/O in the loop would hold an O_DIRECT disk at queue depth 1: there
+        # the asynchronous engine keeps every request.
+        native_fd = disk.direct_fd
+        if disk.o_direct and engine.fileno() is not None:
+            native_fd = None
+        table = self.pages.table if isinstance(self.pages, GrantMapper) else None
+        self.loop = RingLoop(back_ring, geometry, evtchn, disk_fd=native_fd, grants=table,
+                             poll_us=poll_us, max_batch=MAX_BATCH, io_fd=engine.fileno())
+        self._geometry = geometry
+        self._io_errors_logged = 0
+        self._thread: threading.Thread | None = None
 
-    # ---- event entry points -------------------------------------------------------
+    @property
+    def geometry(self) -> DiskGeometry:
+        return self._geometry
+
+    @geometry.setter
+    def geometry(self, geometry: DiskGeometry) -> None:
+        """A resized disk: both paths see the new size from their next request on."""
+        self._geometry = geometry
+        self.loop.set_geometry(geometry)
+
+    @property
+    def stats(self) -> VbdStats:
+        """Counters of both paths."""
+        native = self.loop.counters()
+        st = dataclasses.replace(self._stats)
+        for name in STAT_FIELDS:
+            setattr(st, name, getattr(st, name) + native[name])
+        st.max_batch = max(st.max_batch, native["max_batch_seen"])
+        return st
+
+    def loop_counters(self) -> dict[str, int]:
+        """The native loop's notifications, wake-ups, sleeps and polls."""
+        return {k: v for k, v in self.loop.counters().items() if k in LOOP_FIELDS}
+
+    # ---- running ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Serve the ring on its own thread until close(): the control plane's event loop
+        never sits between the event channel and the ring."""
+        self._thread = threading.Thread(target=self._thread_main, name="blkpy-ring",
+                                        daemon=True)
+        self._thread.start()
+
+    def _thread_main(self) -> None:
+        try:
+            self._serve(may_sleep=True)
+        except Exception as exc:  # a bug must close the device, never hang the guest
+            log.exception("ring thread failed")
+            self._halt(f"internal error: {exc}")
 
     def kick(self) -> bool:
-        """Process the ring until it is empty (then re-arm req_event). True if any
-        request was seen."""
-        did = False
-        while not (self.broken or self.closed):
-            if self.engine.in_flight >= MAX_BATCHES_IN_FLIGHT:
-                self.complete()
-                if self.engine.in_flight >= MAX_BATCHES_IN_FLIGHT:
-                    break  # the engine's completion fd wakes us when there is room
-            try:
-                batch = self.ring.consume(limit=MAX_BATCH)
-            except RingOverflow as exc:
-                self._halt(str(exc))
-                break
-            if len(batch):
-                did = True
-                self._dispatch(batch)
-            self.complete()
-            if len(batch):
-                continue
-            if self.poll_s and did and self._poll():
-                continue
-            if not self.ring.final_check_for_requests():
-                break
-        return did
+        """Serve the ring until it is empty and req_event is re-armed, without sleeping.
+        True if any request was taken."""
+        return self._serve(may_sleep=False)
 
-    def _poll(self) -> bool:
-        """Bounded busy-poll for more requests before sleeping: waking a sleeping process
-        costs far more than a short spin when the guest keeps the queue busy."""
-        deadline = time.perf_counter() + self.poll_s
-        while time.perf_counter() < deadline:
-            if self.ring.has_unconsumed():
-                return True
-        return False
+    def _serve(self, may_sleep: bool) -> bool:
+        start = self.ring.req_cons
+        loop = self.loop
+        while not (self.broken or self.closed or loop.stopped):
+            why = loop.run(may_sleep, self.engine.in_flight)
+            if loop.take_notify():
+                self.evtchn.notify()
+            if why == fastpath.SLOW:
+                self._slow_batch()
+            elif why == fastpath.WAKE:
+                loop.clear_wake()
+                self.complete()
+            elif why == fastpath.OVERFLOW:
+                self._halt(f"frontend req_prod is more than {self.ring.size} ahead of "
+                           f"rsp_prod {self.ring.rsp_prod_pvt}")
+            elif why == fastpath.EVTCHN:
+                self._wait_event(may_sleep)
+            elif why == fastpath.IDLE:
+                self.complete()
+                break
+            self._log_io_errors()
+        return self.ring.req_cons != start
+
+    def _wait_event(self, may_sleep: bool) -> None:
+        """The event channel in Python: a channel the loop cannot drive, or an ack the
+        platform must repair (a Linux evtchn queue overflow)."""
+        if may_sleep and not self.loop.drives_evtchn:
+            fds = [self.evtchn.fileno(), self.loop.wake_fd]
+            if self.engine.fileno() is not None:
+                fds.append(self.engine.fileno())
+            select.select(fds, [], [])
+        self.evtchn.ack()
+
+    def _log_io_errors(self) -> None:
+        count, err = self.loop.io_errors()
+        if count != self._io_errors_logged:
+            self._log.warning("%d I/O error(s) on the image (last: %s)",
+                              count - self._io_errors_logged, errno.errorcode.get(err, err))
+            self._io_errors_logged = count
+
+    def _slow_batch(self) -> None:
+        """The reference path for the requests at req_cons that the loop left."""
+        while self.engine.in_flight >= MAX_BATCHES_IN_FLIGHT:
+            done = self.engine.wait(timeout=1.0)
+            if done:
+                self._account(done)
+        try:
+            batch = self.ring.consume(limit=MAX_BATCH)
+        except RingOverflow as exc:
+            self._halt(str(exc))
+            return
+        if len(batch):
+            self._dispatch(batch)
+        self.complete()
+
+    def stop(self) -> None:
+        """Stop the ring thread (any thread may call this) and wait for it."""
+        self.loop.stop()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
     def complete(self) -> None:
         """Answer every batch whose I/O has finished."""
@@ -198,14 +283,17 @@ class Vbd:
         self._push()
 
     def close(self) -> None:
-        """Drain, then release every grant and the event channel (idempotent). The ring
-        must not be touched afterwards: its pages are about to be unmapped."""
+        """Stop the thread, drain, then release every grant and the event channel
+        (idempotent). The ring must not be touched afterwards: its pages are about to be
+        unmapped."""
         if self.closed:
             return
+        self.stop()
         self.drain()
         self.closed = True
         self.pages.close()
         self.evtchn.close()
+        self.loop.close()
 
     # ---- the batch pipeline -------------------------------------------------------
 
@@ -216,7 +304,7 @@ class Vbd:
             self.on_broken(message)
 
     def _dispatch(self, batch: np.ndarray) -> None:
-        st = self.stats
+        st = self._stats
         st.batches += 1
         st.max_batch = max(st.max_batch, len(batch))
         n = len(batch)
@@ -350,7 +438,7 @@ class Vbd:
         self._answer(b.ids[b.members], b.rsp_ops[b.members], status)
 
     def _answer(self, ids: np.ndarray, ops: np.ndarray, status: np.ndarray) -> None:
-        st = self.stats
+        st = self._stats
         st.errors += int(np.count_nonzero(status == BLKIF_RSP_ERROR))
         st.eopnotsupp += int(np.count_nonzero(status == BLKIF_RSP_EOPNOTSUPP))
         self.ring.produce(ids, ops, status)

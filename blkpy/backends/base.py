@@ -37,6 +37,8 @@ class Disk(abc.ABC):
     can_discard: bool = False
     #: discard granularity in bytes (advertised as discard-granularity)
     discard_granularity: int = 4096
+    #: opened with O_DIRECT: synchronous I/O would hold the guest's queue at depth 1
+    o_direct: bool = False
 
     @property
     def direct_fd(self) -> int | None:

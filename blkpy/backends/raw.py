@@ -46,6 +46,7 @@ class RawDisk(Disk):
         self.path = path
         self.readonly = readonly
         self.sector_size = sector_size
+        self.o_direct = direct
         st = os.fstat(self._fd)
         self._is_block = stat.S_ISBLK(st.st_mode)
         if not (self._is_block or stat.S_ISREG(st.st_mode)):

@@ -9,9 +9,10 @@ HERE = Path(__file__).resolve().parent
 ffibuilder = FFI()
 # Each C unit has a header whose declarations between the CDEF markers are what Python
 # sees, so the header stays the single source of truth for both the compiler and cffi.
-# gntdev.c: device ioctls, barriers, batched I/O; uring.c: the io_uring engine; simfront.c: the simulated frontend's
+# gntdev.c: device ioctls, barriers, batched I/O; uring.c: the io_uring engine; ringloop.c: the
+# ring loop's common case without the interpreter; simfront.c: the simulated frontend's
 # request generator (so the load generator is never the bottleneck of a benchmark).
-UNITS = [HERE / "gntdev", HERE / "uring", HERE.parent / "sim" / "simfront"]
+UNITS = [HERE / "gntdev", HERE / "uring", HERE / "ringloop", HERE.parent / "sim" / "simfront"]
 
 
 def _cdef(header: Path) -> str:

@@ -26,7 +26,7 @@ void blkpy_store32(void *addr, uint32_t value)
 
 /* One preadv/pwritev, retried until complete: short transfers happen on signals
  * and near EOF. A read past EOF of a file (a sparse tail) is zero-filled. */
-static int64_t do_one(const struct blkpy_io *io, const struct iovec *iov_in)
+int64_t blkpy_io_one(const struct blkpy_io *io, const struct iovec *iov_in)
 {
     struct iovec iov[BLKPY_IOV_MAX];
     int cnt = (int)io->iov_count;
@@ -72,7 +72,7 @@ int blkpy_io_batch(struct blkpy_io *ios, int n, const struct iovec *iovs)
 {
     int failed = 0;
     for (int i = 0; i < n; i++) {
-        ios[i].result = do_one(&ios[i], iovs + ios[i].iov_first);
+        ios[i].result = blkpy_io_one(&ios[i], iovs + ios[i].iov_first);
         if (ios[i].result < 0)
             failed++;
     }

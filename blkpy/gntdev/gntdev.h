@@ -28,6 +28,8 @@ struct blkpy_io {
     uint32_t iov_count;
     int64_t result;      /* out: bytes transferred or -errno */
 };
+/* One entry: bytes transferred (a read past EOF is zero-filled) or -errno. */
+int64_t blkpy_io_one(const struct blkpy_io *io, const struct iovec *iov);
 /* Runs every I/O of the batch in order; returns the number of failed entries. */
 int blkpy_io_batch(struct blkpy_io *ios, int n, const struct iovec *iovs);
 /* ---- shared-memory atomics (sim grant table and event-channel table, across processes) ---- */

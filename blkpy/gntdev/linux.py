@@ -27,6 +27,7 @@ from blkpy.platform import (
     PAGE_SIZE,
     EventChannel,
     GrantError,
+    NativeEventChannel,
     Platform,
     PlatformError,
     grant_ref_array,
@@ -137,6 +138,12 @@ class LinuxEventChannel(EventChannel):
         if self._fd is None:
             raise ValueError("event channel is closed")
         return self._fd
+
+    def native(self) -> NativeEventChannel | None:
+        if type(self._platform.calls) is not DeviceCalls:
+            return None  # calls are intercepted (tests): only Python goes through them
+        return NativeEventChannel(1, self.fileno(), self.local_port,
+                                  notify_ioctl=abi.IOCTL_EVTCHN_NOTIFY)
 
     def notify(self) -> None:
         self._platform.stats.notifies += 1

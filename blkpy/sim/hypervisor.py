@@ -38,7 +38,13 @@ from blkpy.gntdev.abi import (  # noqa: F401 - re-exported: the guest side's voc
     GTF_WRITING,
 )
 from blkpy.gntdev.native import ffi, lib
-from blkpy.platform import PAGE_SIZE, EventChannel, PlatformError, PlatformStats
+from blkpy.platform import (
+    PAGE_SIZE,
+    EventChannel,
+    NativeEventChannel,
+    PlatformError,
+    PlatformStats,
+)
 
 GRANT_ENTRY_DTYPE = GRANT_ENTRY_V1_DTYPE
 
@@ -270,6 +276,16 @@ class SimEventPort(EventChannel):
         if self._sock is None:
             raise ValueError("event channel is closed")
         return self._sock.fileno()
+
+    def native(self) -> NativeEventChannel | None:
+        if self._sock is None or not 0 < self.local_port < self._domain.evtchn.size:
+            return None
+        name = _socket_name(self._domain.sim_dir, 0, 0)
+        return NativeEventChannel(
+            2, self._sock.fileno(), self.local_port,
+            port_entry=self._domain.evtchn.ctypes.data + 8 * self.local_port,
+            name_prefix=name[1 : name.rindex(b"dom") + 3],
+        )
 
     def notify(self) -> None:
         if self._stats is not None:

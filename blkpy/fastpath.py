@@ -1,0 +1,207 @@
+"""The native ring loop (blkpy/gntdev/ringloop.c) seen from Python: its C structures built
+from the Python objects they mirror, and one object per ring to run it.
+
+The loop serves the common case (valid READ/WRITE/FLUSH/BARRIER on persistent grants of a
+raw image) with one call that releases the GIL and returns only when something needs
+Python: a request it does not serve, a wake-up from the control plane, a broken ring. The
+numpy validator in blkpy.requests stays the reference; ``validate_native`` exposes the C
+verdicts so a property test can hold the two equal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+
+import numpy as np
+
+from blkpy import ring
+from blkpy.gntdev.native import ffi, lib
+from blkpy.platform import EventChannel, NativeEventChannel
+from blkpy.requests import DiskGeometry
+
+IDLE = lib.BLKPY_LOOP_IDLE
+SLOW = lib.BLKPY_LOOP_SLOW
+WAKE = lib.BLKPY_LOOP_WAKE
+OVERFLOW = lib.BLKPY_LOOP_OVERFLOW
+EVTCHN = lib.BLKPY_LOOP_EVTCHN
+NOTIFY = lib.BLKPY_LOOP_NOTIFY
+
+#: counters the loop keeps that mean the same as VbdStats fields
+STAT_FIELDS = ("rd_req", "wr_req", "f_req", "rd_sect", "wr_sect", "errors", "batches")
+#: the loop's own figures of merit (notifications, sleeps, polling)
+LOOP_FIELDS = ("notifies", "wakeups", "sleeps", "polls_hit", "polls_missed", "io_errors")
+
+
+def fill_geometry(target: object, geom: DiskGeometry) -> None:
+    """Copy a DiskGeometry into a ``struct blkpy_geometry``."""
+    target.sectors = geom.sectors  # type: ignore[attr-defined]
+    target.sector_size = geom.sector_size  # type: ignore[attr-defined]
+    target.max_indirect_segments = geom.max_indirect_segments  # type: ignore[attr-defined]
+    target.readonly = geom.readonly  # type: ignore[attr-defined]
+    target.discard = geom.discard  # type: ignore[attr-defined]
+    target.secure_discard = geom.secure_discard  # type: ignore[attr-defined]
+    target.flush = geom.flush  # type: ignore[attr-defined]
+    target.barrier = geom.barrier  # type: ignore[attr-defined]
+
+
+@dataclasses.dataclass
+class NativeVerdict:
+    code: np.ndarray
+    nbytes: np.ndarray
+    rsp_operation: np.ndarray
+    io_op: np.ndarray
+
+
+def validate_native(batch: np.ndarray, abi: ring.Abi, geom: DiskGeometry) -> NativeVerdict:
+    """The C loop's first-stage verdicts of a batch of slots (for the differential test)."""
+    n = len(batch)
+    slots = np.ascontiguousarray(batch).view(abi.raw)
+    out = NativeVerdict(np.zeros(n, np.int8), np.zeros(n, np.int64), np.zeros(n, np.uint8),
+                        np.zeros(n, np.int64))
+    g = ffi.new("struct blkpy_geometry *")
+    fill_geometry(g, geom)
+    lib.blkpy_validate_slots(
+        ffi.cast("uint8_t *", slots.ctypes.data), n, ring.slot_layout(abi), g,
+        ffi.cast("int8_t *", out.code.ctypes.data), ffi.cast("int64_t *", out.nbytes.ctypes.data),
+        ffi.cast("uint8_t *", out.rsp_operation.ctypes.data),
+        ffi.cast("int64_t *", out.io_op.ctypes.data),
+    )
+    return out
+
+
+class PersistentGrantTable:
+    """gref -> page address of the persistent grants, an open-addressing table in C so the
+    loop looks grants up without Python; sized for ``capacity`` entries at half load."""
+
+    def __init__(self, capacity: int) -> None:
+        slots = 1 << max(4, (2 * max(capacity, 1) - 1).bit_length())
+        self._keys = np.zeros(slots, dtype=np.uint32)
+        self._addrs = np.zeros(slots, dtype=np.uint64)
+        self.native = ffi.new("struct blkpy_pgrants *")
+        self.native.keys = ffi.cast("uint32_t *", self._keys.ctypes.data)
+        self.native.addrs = ffi.cast("uint64_t *", self._addrs.ctypes.data)
+        self.native.mask = slots - 1
+        self.capacity = capacity
+        self.count = 0
+
+    def put(self, gref: int, address: int) -> None:
+        if self.count >= self.capacity:
+            raise OverflowError("persistent-grant table full")
+        if gref == 0xFFFFFFFF:  # has no key in the table; such a grant stays transient
+            return
+        lib.blkpy_pgrants_put(self.native, gref, address)
+        self.count += 1
+
+    def lookup(self, grefs: np.ndarray) -> np.ndarray:
+        """Page address per gref, 0 where it is not cached."""
+        refs = np.ascontiguousarray(grefs, dtype=np.uint32)
+        out = np.zeros(len(refs), dtype=np.uint64)
+        if len(refs):
+            lib.blkpy_pgrants_get(self.native, ffi.cast("uint32_t *", refs.ctypes.data),
+                                  len(refs), ffi.cast("uint64_t *", out.ctypes.data))
+        return out
+
+    def clear(self) -> None:
+        self._keys[:] = 0
+        self._addrs[:] = 0
+        self.count = 0
+
+
+def _fill_evtchn(target: object, spec: NativeEventChannel | None) -> None:
+    if spec is None:
+        target.kind = lib.BLKPY_EVTCHN_PYTHON  # type: ignore[attr-defined]
+        target.fd = -1  # type: ignore[attr-defined]
+        return
+    target.kind = spec.kind  # type: ignore[attr-defined]
+    target.fd = spec.fd  # type: ignore[attr-defined]
+    target.local_port = spec.local_port  # type: ignore[attr-defined]
+    target.notify_ioctl = spec.notify_ioctl  # type: ignore[attr-defined]
+    target.port_entry = ffi.cast("uint64_t *", spec.port_entry)  # type: ignore[attr-defined]
+    prefix = spec.name_prefix
+    if len(prefix) > len(target.name_prefix):  # type: ignore[attr-defined]
+        raise ValueError("event-channel socket name too long")
+    target.name_prefix = prefix  # type: ignore[attr-defined]
+    target.name_prefix_len = len(prefix)  # type: ignore[attr-defined]
+
+
+class RingLoop:
+    """One ring's native loop. ``run`` is called without holding anything: cffi releases
+    the GIL for the call, so a loop sleeping or polling never blocks other threads."""
+
+    def __init__(self, back: ring.BackRing, geom: DiskGeometry, evtchn: EventChannel, *,
+                 disk_fd: int | None, grants: PersistentGrantTable | None, poll_us: int,
+                 max_batch: int, io_fd: int | None = None) -> None:
+        self._back = back  # keeps the ring struct alive
+        self._grants = grants
+        self.native = ffi.new("struct blkpy_ringloop *")
+        n = self.native
+        n.ring = back.native
+        n.abi = ring.slot_layout(back.abi)[0]
+        fill_geometry(n.geom, geom)
+        n.pgrants = grants.native if grants is not None else ffi.NULL
+        self.evtchn_spec = evtchn.native()
+        _fill_evtchn(n.evtchn, self.evtchn_spec)
+        n.disk_fd = -1 if disk_fd is None else disk_fd
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        n.wake_fd = self.wake_fd
+        n.io_fd = -1 if io_fd is None else io_fd
+        n.max_batch = max_batch
+        n.poll_max_ns = n.poll_ns = max(poll_us, 0) * 1000
+        err = lib.blkpy_ringloop_open(n)
+        if err < 0:
+            os.close(self.wake_fd)
+            raise OSError(-err, f"ring loop: {os.strerror(-err)}")
+
+    @property
+    def drives_evtchn(self) -> bool:
+        """The loop notifies and sleeps on its event channel by itself."""
+        return self.evtchn_spec is not None
+
+    def set_geometry(self, geom: DiskGeometry) -> None:
+        fill_geometry(self.native.geom, geom)
+
+    def run(self, may_sleep: bool, py_in_flight: int) -> int:
+        self.native.py_in_flight = py_in_flight
+        return int(lib.blkpy_ringloop_run(self.native, int(may_sleep)))
+
+    def push(self) -> None:
+        lib.blkpy_ringloop_push(self.native)
+
+    def take_notify(self) -> bool:
+        """A notification the loop could not send itself (Python event channel)."""
+        pending = bool(self.native.notify_pending)
+        self.native.notify_pending = 0
+        return pending
+
+    def stop(self) -> None:
+        """Make a running (or the next) ``run`` return WAKE; callable from any thread."""
+        self.native.stop = 1
+        self.wake()
+
+    def wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.eventfd_write(self.wake_fd, 1)
+
+    def clear_wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.wake_fd)
+
+    @property
+    def stopped(self) -> bool:
+        return bool(self.native.stop)
+
+    def counters(self) -> dict[str, int]:
+        n = self.native
+        return {k: int(getattr(n, k)) for k in STAT_FIELDS + LOOP_FIELDS + ("max_batch_seen",)}
+
+    def io_errors(self) -> tuple[int, int]:
+        """(I/O errors so far, the last one's errno) for the log."""
+        return int(self.native.io_errors), int(self.native.last_io_errno)
+
+    def close(self) -> None:
+        if self.wake_fd >= 0:
+            lib.blkpy_ringloop_close(self.native)
+            os.close(self.wake_fd)
+            self.wake_fd = -1

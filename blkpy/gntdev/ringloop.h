@@ -1,0 +1,118 @@
+/* The ring loop's common case in C: one back ring served without the interpreter.
+ *
+ * Python (blkpy/vbd.py) owns the device, the grants and every decision that is not routine;
+ * this loop copies request slots, gives each the same first-stage verdict as
+ * blkpy/requests.py's numpy validator, serves valid READ/WRITE/FLUSH/BARRIER requests whose
+ * pages are all persistent grants with preadv/pwritev/fdatasync on a raw file, writes the
+ * responses, notifies by the ring's rules, polls for a bounded and adaptive time, and sleeps
+ * on the event channel. Anything else (a refused request, discard, indirect, a grant not in
+ * the cache, an image that is not a plain file) stops the loop at that request, before
+ * anything of it is done, and Python takes over from there with the reference path.
+ */
+#ifndef BLKPY_RINGLOOP_H
+#define BLKPY_RINGLOOP_H
+#include <stdint.h>
+
+/* CDEF-BEGIN */
+/* The private end of a back ring; Python's BackRing and the loop share one. */
+struct blkpy_back_ring {
+    uint8_t *sring;          /* the mapped shared ring (64-byte header, then the slots) */
+    uint32_t size;           /* slots, a power of two */
+    uint32_t entry_size;
+    uint32_t req_cons;
+    uint32_t rsp_prod_pvt;
+};
+
+/* Where the fields of a request slot sit for one guest ABI (blkif.md section 3). */
+struct blkpy_slot_layout {
+    uint32_t entry_size;
+    uint32_t id_off;
+    uint32_t sector_off;
+    uint32_t seg_off;        /* first inline segment; a discard's nr_sectors */
+};
+
+/* What validation knows of the disk and the negotiated features (requests.DiskGeometry). */
+struct blkpy_geometry {
+    uint64_t sectors;        /* 512-byte units */
+    uint32_t sector_size;
+    uint32_t max_indirect_segments;
+    uint8_t readonly;
+    uint8_t discard;
+    uint8_t secure_discard;
+    uint8_t flush;
+    uint8_t barrier;
+};
+
+/* First-stage verdicts of n copied slots, identical to requests.validate_batch: reason
+ * code (index into requests.REASONS, 0 = accepted so far), bytes moved, operation to echo,
+ * effective operation. */
+void blkpy_validate_slots(const uint8_t *slots, int n, const struct blkpy_slot_layout *abi,
+                          const struct blkpy_geometry *g, int8_t *code, int64_t *nbytes,
+                          uint8_t *rsp_op, int64_t *io_op);
+
+/* Persistent-grant cache: open addressing over a power-of-two table; keys hold gref + 1
+ * (0 is an empty slot). The table never holds more than half its slots. */
+struct blkpy_pgrants {
+    uint32_t *keys;
+    uint64_t *addrs;
+    uint32_t mask;
+};
+void blkpy_pgrants_put(struct blkpy_pgrants *t, uint32_t gref, uint64_t addr);
+/* out[i] = page address of grefs[i], or 0 where it is not cached. */
+void blkpy_pgrants_get(const struct blkpy_pgrants *t, const uint32_t *grefs, int n,
+                       uint64_t *out);
+
+/* How the loop reaches the event channel without Python. */
+#define BLKPY_EVTCHN_PYTHON 0   /* only Python can: the loop hands notify/sleep back */
+#define BLKPY_EVTCHN_LINUX 1    /* /dev/xen/evtchn fd: ioctl notify, read+write ack */
+#define BLKPY_EVTCHN_SIM 2      /* sim datagram socket and shared port table */
+struct blkpy_evtchn {
+    int kind;
+    int fd;
+    uint32_t local_port;
+    unsigned long notify_ioctl;      /* linux: IOCTL_EVTCHN_NOTIFY */
+    const uint64_t *port_entry;      /* sim: this port's entry in the shared table */
+    char name_prefix[120];           /* sim: peer socket name up to "dom" (abstract, no NUL) */
+    uint32_t name_prefix_len;
+};
+
+/* Why blkpy_ringloop_run returned. */
+#define BLKPY_LOOP_IDLE 0        /* ring empty, req_event armed (only when it may not sleep) */
+#define BLKPY_LOOP_SLOW 1        /* the request at req_cons needs Python */
+#define BLKPY_LOOP_WAKE 2        /* stop flag, wake_fd or io_fd: Python has work */
+#define BLKPY_LOOP_OVERFLOW 3    /* the frontend's req_prod is impossible */
+#define BLKPY_LOOP_EVTCHN 4      /* the event channel needs Python: its ack failed, or the
+                                  * loop would sleep on a BLKPY_EVTCHN_PYTHON channel */
+#define BLKPY_LOOP_NOTIFY 5      /* BLKPY_EVTCHN_PYTHON: Python must notify, then call again */
+
+struct blkpy_ringloop {
+    struct blkpy_back_ring *ring;
+    struct blkpy_slot_layout abi;
+    struct blkpy_geometry geom;
+    struct blkpy_pgrants *pgrants;   /* NULL: data grants are not persistent */
+    struct blkpy_evtchn evtchn;
+    int disk_fd;                     /* raw image or device; -1: all requests go to Python */
+    int wake_fd;                     /* eventfd Python writes to get the loop back; -1 */
+    int io_fd;                       /* Python's engine completion fd; -1 */
+    int epoll_fd;                    /* set up by blkpy_ringloop_open */
+    int stop;                        /* set by Python (any thread) to get the loop back */
+    uint32_t py_in_flight;           /* batches in Python's engine: flushes wait for them */
+    uint32_t max_batch;              /* requests per batch before responses are pushed */
+    int64_t poll_max_ns;             /* adaptive polling budget: upper bound (0: no polling) */
+    int64_t poll_ns;                 /* the current budget */
+    uint32_t notify_pending;         /* BLKPY_EVTCHN_PYTHON: Python must notify */
+    /* counters (Python adds them to its own) */
+    uint64_t rd_req, wr_req, f_req, rd_sect, wr_sect, errors, batches, max_batch_seen;
+    uint64_t notifies, wakeups, sleeps, polls_hit, polls_missed, io_errors;
+    int32_t last_io_errno;
+};
+/* Creates the epoll set (evtchn fd, wake_fd, io_fd); 0 or -errno. */
+int blkpy_ringloop_open(struct blkpy_ringloop *l);
+void blkpy_ringloop_close(struct blkpy_ringloop *l);
+/* Serve until something needs Python (BLKPY_LOOP_*). With may_sleep 0 it returns IDLE
+ * where it would sleep. Called without the GIL. */
+int blkpy_ringloop_run(struct blkpy_ringloop *l, int may_sleep);
+/* Push produced responses and notify per the ring's rules (or set notify_pending). */
+void blkpy_ringloop_push(struct blkpy_ringloop *l);
+/* CDEF-END */
+#endif
