@@ -21,7 +21,8 @@ GUEST = 1
 class InProcessDevice:
     def __init__(self, image: str, *, abi: str = "x86_64-abi", order: int = 0,
                  readonly: bool = False, persistent: bool = False, grant_mode: str = "map",
-                 engine: str = "sync", sector_size: int = 512, discard: bool = True) -> None:
+                 engine: str = "sync", sector_size: int = 512, discard: bool = True,
+                 poll_us: int = 0) -> None:
         self.sim_dir = create_sim_dir()
         self.guest = SimGuest(self.sim_dir, GUEST, memory_pages=4096)
         self.platform = SimPlatform(self.sim_dir, xenstore_path="unused")
@@ -42,7 +43,7 @@ class InProcessDevice:
         self.broken: list[str] = []
         self.vbd = Vbd(self.platform, GUEST, back, evt, self.disk,
                        make_engine(engine, self.disk), self.geometry,
-                       persistent=persistent, grant_mode=grant_mode,
+                       persistent=persistent, grant_mode=grant_mode, poll_us=poll_us,
                        on_broken=self.broken.append)
 
     def _ring_view(self) -> memoryview:
