@@ -71,8 +71,8 @@ def _setup_logging(level: str) -> None:
               help="Offer persistent grants.")
 @click.option("--max-persistent-grants", type=click.IntRange(0, 65536),
               default=MAX_PERSISTENT_GRANTS,
-              show_default=True, help="Guest pages kept mapped per ring (Linux blkback's "
-              "default); beyond it pages are mapped per batch.")
+              show_default=True, help="Guest pages kept mapped per ring (each holds a Xen "
+              "maptrack entry); beyond it pages are mapped per batch.")
 @click.option("--max-indirect-segments", type=click.IntRange(0, 1024), default=256,
               show_default=True, help="Advertised; preadv takes at most 1024 iovecs.")
 @click.option("--max-ring-page-order", type=click.IntRange(0, 4), default=4, show_default=True)

@@ -7,8 +7,13 @@ import os
 ENGINE_NAMES = ("sync", "thread", "uring")
 #: queues offered to a multi-queue frontend (Linux blkback offers one per CPU).
 MAX_QUEUES_DEFAULT = min(os.cpu_count() or 1, 4)
-#: Linux blkback's default cap on persistent grants per ring (max_persistent_grants).
-MAX_PERSISTENT_GRANTS = 1056
+#: Cap on persistent grants per ring: what a Linux blkfront with a one-page ring keeps in
+#: flight at most with the 256 indirect segments we advertise, 32 requests x (256 data pages
+#: + 1 indirect page). Linux blkback's own default, 1056, is 32 x 11 x 3: sized for requests
+#: without indirect segments, it leaves large requests to per-request maps (1 MiB reads at
+#: QD8 then ran at a third of the speed, see README). Each grant costs a maptrack entry in
+#: Xen for as long as it stays mapped; operators short of them lower --max-persistent-grants.
+MAX_PERSISTENT_GRANTS = 32 * (256 + 1)
 #: Upper bound of the ring loop's adaptive polling (µs): waking a sleeping process costs
 #: ~50 µs on these VMs, so a busy ring is polled rather than slept on; the budget shrinks to
 #: nothing while the device is idle (blkpy/gntdev/ringloop.c, adapt_poll).

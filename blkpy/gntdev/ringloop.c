@@ -32,6 +32,7 @@
 #define SECTORS_PER_PAGE 8
 #define DISCARD_SECURE 1
 #define MAX_SLOT 128
+#define DESCS_PER_PAGE 512   /* 8-byte segment descriptors in a 4 KiB indirect page */
 
 #if defined(__x86_64__) || defined(__i386__)
 #define cpu_relax() __builtin_ia32_pause()
@@ -289,6 +290,57 @@ static int16_t io_status(struct blkpy_ringloop *l, int64_t res, int64_t expected
     return RSP_ERROR;
 }
 
+/* Build the iovecs of n segment descriptors (8 bytes each: gref, first_sect, last_sect)
+ * from the persistent-grant cache; 0 if a grant is not cached. */
+static int map_segments(struct blkpy_ringloop *l, const uint8_t *segs, unsigned n,
+                        struct iovec *iov)
+{
+    for (unsigned k = 0; k < n; k++) {
+        const uint8_t *seg = segs + 8 * k;
+        uint64_t page = pg_get(l->pgrants, rd32(seg));
+        if (!page)
+            return 0;   /* not a persistent grant yet: Python maps it */
+        iov[k].iov_base = (void *)(uintptr_t)(page + ((uint64_t)seg[4] << 9));
+        iov[k].iov_len = (size_t)(seg[5] - seg[4] + 1) << 9;
+    }
+    return 1;
+}
+
+/* An indirect request's descriptors, copied out of its (persistent) indirect pages and
+ * checked like requests.validate_indirect; returns the segment count, 0 for Python. */
+static unsigned fetch_indirect(struct blkpy_ringloop *l, const uint8_t *s, uint8_t *descs,
+                               int64_t *nbytes)
+{
+    unsigned nseg = rd16(s + 2);
+    if (nseg > BLKPY_RL_MAX_INDIRECT_SEGS)
+        return 0;
+    const uint8_t *grefs = s + l->abi.seg_off + 4;
+    unsigned pages = (nseg + DESCS_PER_PAGE - 1) / DESCS_PER_PAGE;
+    for (unsigned p = 0; p < pages; p++) {
+        uint64_t page = pg_get(l->pgrants, rd32(grefs + 4 * p));
+        if (!page)
+            return 0;
+        unsigned count = nseg - p * DESCS_PER_PAGE;
+        if (count > DESCS_PER_PAGE)
+            count = DESCS_PER_PAGE;
+        /* A private copy: the guest may rewrite its descriptors at any time. */
+        memcpy(descs + (size_t)p * 4096, (const void *)(uintptr_t)page, (size_t)count * 8);
+    }
+    unsigned per = l->geom.sector_size >> 9;
+    int64_t total = 0;
+    for (unsigned k = 0; k < nseg; k++) {
+        unsigned first = descs[8 * k + 4], last = descs[8 * k + 5];
+        if (first > last || last >= SECTORS_PER_PAGE ||
+            (per > 1 && (first % per != 0 || (last + 1) % per != 0)))
+            return 0;   /* bad bounds: Python refuses it and says why */
+        total += (int64_t)(last - first + 1) << 9;
+    }
+    if (!range_ok(rd64(s + l->abi.sector_off), (uint64_t)total, &l->geom))
+        return 0;
+    *nbytes = total;
+    return nseg;
+}
+
 /* Serve the copied request s if it is the common case; 0 leaves it untouched for Python. */
 static int serve_one(struct blkpy_ringloop *l, const uint8_t *s)
 {
@@ -298,17 +350,20 @@ static int serve_one(struct blkpy_ringloop *l, const uint8_t *s)
         return 0;   /* refused: Python answers it and logs why */
     unsigned op = s[0];
     int flushing = op == OP_BARRIER || op == OP_FLUSH;
-    if (!is_inline(op) || (flushing && l->py_in_flight))
+    if (op == OP_DISCARD || (flushing && l->py_in_flight))
         return 0;
-    unsigned nseg = s[1];
-    struct iovec iov[MAX_SEGS];
-    for (unsigned k = 0; k < nseg; k++) {
-        const uint8_t *seg = s + l->abi.seg_off + 8 * k;
-        uint64_t page = pg_get(l->pgrants, rd32(seg));
-        if (!page)
-            return 0;   /* not a persistent grant yet: Python maps it */
-        iov[k].iov_base = (void *)(uintptr_t)(page + ((uint64_t)seg[4] << 9));
-        iov[k].iov_len = (size_t)(seg[5] - seg[4] + 1) << 9;
+    static __thread struct iovec iov[BLKPY_RL_MAX_INDIRECT_SEGS];
+    static __thread uint8_t descs[BLKPY_RL_MAX_INDIRECT_SEGS * 8];
+    unsigned nseg;
+    if (op == OP_INDIRECT) {
+        nseg = fetch_indirect(l, s, descs, &nbytes);
+        if (!nseg || !map_segments(l, descs, nseg, iov))
+            return 0;
+        op = (unsigned)io_op;
+    } else {
+        nseg = s[1];
+        if (!map_segments(l, s + l->abi.seg_off, nseg, iov))
+            return 0;
     }
     uint64_t id = rd64(s + l->abi.id_off);
     int16_t status = RSP_OKAY;
@@ -331,7 +386,7 @@ static int serve_one(struct blkpy_ringloop *l, const uint8_t *s)
         };
         status = io_status(l, blkpy_io_one(&io, iov), nbytes);
     }
-    respond(l, id, (uint8_t)op, status);
+    respond(l, id, rsp_op, status);
     return 1;
 }
 

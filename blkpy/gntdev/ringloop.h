@@ -2,10 +2,11 @@
  *
  * Python (blkpy/vbd.py) owns the device, the grants and every decision that is not routine;
  * this loop copies request slots, gives each the same first-stage verdict as
- * blkpy/requests.py's numpy validator, serves valid READ/WRITE/FLUSH/BARRIER requests whose
- * pages are all persistent grants with preadv/pwritev/fdatasync on a raw file, writes the
+ * blkpy/requests.py's numpy validator, serves valid READ/WRITE/FLUSH/BARRIER requests and
+ * indirect READ/WRITE requests whose pages (indirect pages included) are all persistent
+ * grants with preadv/pwritev/fdatasync on a raw file, writes the
  * responses, notifies by the ring's rules, polls for a bounded and adaptive time, and sleeps
- * on the event channel. Anything else (a refused request, discard, indirect, a grant not in
+ * on the event channel. Anything else (a refused request, a discard, a grant not in
  * the cache, an image that is not a plain file) stops the loop at that request, before
  * anything of it is done, and Python takes over from there with the reference path.
  */
@@ -14,6 +15,9 @@
 #include <stdint.h>
 
 /* CDEF-BEGIN */
+/* Segments of an indirect request the loop serves itself (preadv takes 1024 iovecs);
+ * longer ones go to Python, which refuses what it cannot do. */
+#define BLKPY_RL_MAX_INDIRECT_SEGS 1024
 /* The private end of a back ring; Python's BackRing and the loop share one. */
 struct blkpy_back_ring {
     uint8_t *sring;          /* the mapped shared ring (64-byte header, then the slots) */
