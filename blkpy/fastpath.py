@@ -132,9 +132,11 @@ class RingLoop:
 
     def __init__(self, back: ring.BackRing, geom: DiskGeometry, evtchn: EventChannel, *,
                  disk_fd: int | None, grants: PersistentGrantTable | None, poll_us: int,
-                 max_batch: int, io_fd: int | None = None) -> None:
+                 max_batch: int, io_fd: int | None = None, asynchronous: bool = False) -> None:
         self._back = back  # keeps the ring struct alive
         self._grants = grants
+        self._uring = ffi.NULL
+        self._uring_efd = -1
         self.native = ffi.new("struct blkpy_ringloop *")
         n = self.native
         n.ring = back.native
@@ -149,10 +151,31 @@ class RingLoop:
         n.io_fd = -1 if io_fd is None else io_fd
         n.max_batch = max_batch
         n.poll_max_ns = n.poll_ns = max(poll_us, 0) * 1000
+        if asynchronous and disk_fd is not None:
+            self._open_uring(back.size, geom.max_indirect_segments)
         err = lib.blkpy_ringloop_open(n)
         if err < 0:
-            os.close(self.wake_fd)
+            self.close()
             raise OSError(-err, f"ring loop: {os.strerror(-err)}")
+
+    def _open_uring(self, entries: int, max_segments: int) -> None:
+        """io_uring for the asynchronous mode; where the kernel refuses it the loop stays
+        synchronous (logged once by the caller through ``asynchronous``)."""
+        efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        err = ffi.new("int *")
+        uring = lib.blkpy_uring_new(entries, efd, err)
+        if uring == ffi.NULL:
+            os.close(efd)
+            return
+        self._uring, self._uring_efd = uring, efd
+        self.native.uring = uring
+        self.native.uring_efd = efd
+        self.native.iov_per_slot = min(max(max_segments, 11), lib.BLKPY_RL_MAX_INDIRECT_SEGS)
+
+    @property
+    def asynchronous(self) -> bool:
+        """Requests go to io_uring and are answered as they complete."""
+        return self._uring != ffi.NULL
 
     @property
     def drives_evtchn(self) -> bool:
@@ -201,7 +224,14 @@ class RingLoop:
         return int(self.native.io_errors), int(self.native.last_io_errno)
 
     def close(self) -> None:
+        """Release the loop (it must not be running; it has nothing in flight between
+        calls, since it answers everything before it returns)."""
         if self.wake_fd >= 0:
             lib.blkpy_ringloop_close(self.native)
             os.close(self.wake_fd)
             self.wake_fd = -1
+        if self._uring != ffi.NULL:
+            lib.blkpy_uring_free(self._uring)
+            os.close(self._uring_efd)
+            self._uring, self._uring_efd = ffi.NULL, -1
+            self.native.uring = ffi.NULL

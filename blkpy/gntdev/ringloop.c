@@ -3,6 +3,7 @@
  * test holds the two equal on arbitrary slot bytes. */
 #include <errno.h>
 #include <stddef.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
@@ -39,6 +40,13 @@
 #else
 #define cpu_relax() __asm__ __volatile__("" ::: "memory")
 #endif
+
+/* A request handed to io_uring, answered when its completion arrives. */
+struct blkpy_rl_inflight {
+    uint64_t id;
+    int64_t expected;   /* bytes the op must move (0 for a flush) */
+    uint8_t rsp_op;
+};
 
 /* ---------------- first-stage validation (requests.validate_batch) ---------------- */
 
@@ -341,6 +349,66 @@ static unsigned fetch_indirect(struct blkpy_ringloop *l, const uint8_t *s, uint8
     return nseg;
 }
 
+static void count_request(struct blkpy_ringloop *l, unsigned op, int flushing, int64_t nbytes)
+{
+    if (flushing) {
+        l->f_req++;
+        l->wr_sect += (uint64_t)nbytes >> 9;
+    } else if (op == OP_READ) {
+        l->rd_req++;
+        l->rd_sect += (uint64_t)nbytes >> 9;
+    } else {
+        l->wr_req++;
+        l->wr_sect += (uint64_t)nbytes >> 9;
+    }
+}
+
+/* Queue one request on io_uring (submitted with the rest of the batch); 1 if queued. */
+static int submit_async(struct blkpy_ringloop *l, uint32_t slot, uint64_t id, unsigned op,
+                        uint8_t rsp_op, int flushing, unsigned nseg, int64_t nbytes,
+                        const uint8_t *s)
+{
+    struct blkpy_uio uio = {
+        .fd = l->disk_fd, .op = flushing ? 2 : op != OP_READ,
+        .offset = rd64(s + l->abi.sector_off) << 9,
+        .iov_addr = (uint64_t)(uintptr_t)(l->iov_pool + (size_t)slot * l->iov_per_slot),
+        .iov_count = flushing ? 0 : nseg, .user_data = slot,
+    };
+    if (blkpy_uring_queue(l->uring, &uio, 1) != 1)
+        return 0;   /* the submission queue is full: Python's engine gets the request */
+    l->n_free--;
+    l->c_in_flight++;
+    struct blkpy_rl_inflight *f = &l->inflight[slot];
+    f->id = id;
+    f->expected = flushing ? 0 : nbytes;
+    f->rsp_op = rsp_op;
+    count_request(l, op, flushing, nbytes);
+    return 1;
+}
+
+/* Answer what io_uring has completed; with wait, until nothing is in flight. */
+static void reap_async(struct blkpy_ringloop *l, int wait)
+{
+    uint64_t ud[64];
+    int64_t res[64];
+    while (l->c_in_flight) {
+        int min = wait ? 1 : 0;
+        int got = blkpy_uring_reap(l->uring, ud, res, 64, min);
+        if (got <= 0)
+            break;
+        for (int k = 0; k < got; k++) {
+            uint32_t slot = (uint32_t)ud[k];
+            struct blkpy_rl_inflight *f = &l->inflight[slot];
+            /* A short transfer is an error here (the range was checked against the size,
+             * so only a shrunken image gives one). */
+            int64_t r = res[k] >= 0 && res[k] != f->expected ? -EIO : res[k];
+            respond(l, f->id, f->rsp_op, io_status(l, r, f->expected));
+            l->free_slots[l->n_free++] = slot;
+            l->c_in_flight--;
+        }
+    }
+}
+
 /* Serve the copied request s if it is the common case; 0 leaves it untouched for Python. */
 static int serve_one(struct blkpy_ringloop *l, const uint8_t *s)
 {
@@ -350,10 +418,21 @@ static int serve_one(struct blkpy_ringloop *l, const uint8_t *s)
         return 0;   /* refused: Python answers it and logs why */
     unsigned op = s[0];
     int flushing = op == OP_BARRIER || op == OP_FLUSH;
-    if (op == OP_DISCARD || (flushing && l->py_in_flight))
+    if (op == OP_DISCARD)
         return 0;
-    static __thread struct iovec iov[BLKPY_RL_MAX_INDIRECT_SEGS];
+    static __thread struct iovec sync_iov[BLKPY_RL_MAX_INDIRECT_SEGS];
     static __thread uint8_t descs[BLKPY_RL_MAX_INDIRECT_SEGS * 8];
+    struct iovec *iov = sync_iov;
+    uint32_t slot = 0;
+    if (l->uring) {
+        /* A flush that carries data is two ordered ops: Python's engine does those. */
+        if (flushing && s[1])
+            return 0;
+        slot = l->free_slots[l->n_free - 1];   /* never empty: one slot per ring entry */
+        iov = l->iov_pool + (size_t)slot * l->iov_per_slot;
+        if (op == OP_INDIRECT && rd16(s + 2) > l->iov_per_slot)
+            return 0;
+    }
     unsigned nseg;
     if (op == OP_INDIRECT) {
         nseg = fetch_indirect(l, s, descs, &nbytes);
@@ -366,19 +445,12 @@ static int serve_one(struct blkpy_ringloop *l, const uint8_t *s)
             return 0;
     }
     uint64_t id = rd64(s + l->abi.id_off);
+    if (l->uring)
+        return submit_async(l, slot, id, op, rsp_op, flushing, nseg, nbytes, s);
     int16_t status = RSP_OKAY;
-    if (flushing) {
-        l->f_req++;
-        l->wr_sect += (uint64_t)nbytes >> 9;
-        int64_t res = fdatasync(l->disk_fd) ? -errno : 0;
-        status = io_status(l, res, 0);
-    } else if (op == OP_READ) {
-        l->rd_req++;
-        l->rd_sect += (uint64_t)nbytes >> 9;
-    } else {
-        l->wr_req++;
-        l->wr_sect += (uint64_t)nbytes >> 9;
-    }
+    count_request(l, op, flushing, nbytes);
+    if (flushing)   /* the flush first: QEMU's presync, Linux's PREFLUSH write */
+        status = io_status(l, fdatasync(l->disk_fd) ? -errno : 0, 0);
     if (nseg && status == RSP_OKAY) {
         struct blkpy_io io = {
             .fd = l->disk_fd, .op = op != OP_READ,
@@ -394,19 +466,37 @@ static int serve_one(struct blkpy_ringloop *l, const uint8_t *s)
 
 int blkpy_ringloop_open(struct blkpy_ringloop *l)
 {
+    l->epoll_fd = -1;
+    if (l->uring) {
+        uint32_t size = l->ring->size;
+        if (l->iov_per_slot < MAX_SEGS)
+            l->iov_per_slot = MAX_SEGS;
+        l->inflight = calloc(size, sizeof *l->inflight);
+        l->iov_pool = calloc((size_t)size * l->iov_per_slot, sizeof *l->iov_pool);
+        l->free_slots = calloc(size, sizeof *l->free_slots);
+        if (!l->inflight || !l->iov_pool || !l->free_slots) {
+            blkpy_ringloop_close(l);
+            return -ENOMEM;
+        }
+        for (uint32_t k = 0; k < size; k++)
+            l->free_slots[k] = size - 1 - k;
+        l->n_free = size;
+    }
     l->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
-    if (l->epoll_fd < 0)
-        return -errno;
-    int fds[3] = {l->evtchn.kind != BLKPY_EVTCHN_PYTHON ? l->evtchn.fd : -1, l->wake_fd,
-                  l->io_fd};
-    for (uint32_t k = 0; k < 3; k++) {
+    if (l->epoll_fd < 0) {
+        int err = errno;
+        blkpy_ringloop_close(l);
+        return -err;
+    }
+    int fds[4] = {l->evtchn.kind != BLKPY_EVTCHN_PYTHON ? l->evtchn.fd : -1, l->wake_fd,
+                  l->io_fd, l->uring ? l->uring_efd : -1};
+    for (uint32_t k = 0; k < 4; k++) {
         if (fds[k] < 0)
             continue;
         struct epoll_event ev = {.events = EPOLLIN, .data.u32 = k};
         if (epoll_ctl(l->epoll_fd, EPOLL_CTL_ADD, fds[k], &ev)) {
             int err = errno;
-            close(l->epoll_fd);
-            l->epoll_fd = -1;
+            blkpy_ringloop_close(l);
             return -err;
         }
     }
@@ -418,6 +508,24 @@ void blkpy_ringloop_close(struct blkpy_ringloop *l)
     if (l->epoll_fd >= 0)
         close(l->epoll_fd);
     l->epoll_fd = -1;
+    free(l->inflight);
+    free(l->iov_pool);
+    free(l->free_slots);
+    l->inflight = NULL;
+    l->iov_pool = NULL;
+    l->free_slots = NULL;
+}
+
+/* Before Python runs: everything the loop submitted is answered, so Python's engine and
+ * the loop never have I/O in flight at the same time (flush and barrier ordering holds). */
+static int hand_back(struct blkpy_ringloop *l, int why)
+{
+    if (l->uring) {
+        blkpy_uring_enter(l->uring);
+        reap_async(l, 1);
+    }
+    blkpy_ringloop_push(l);
+    return why;
 }
 
 static int64_t now_ns(void)
@@ -437,6 +545,8 @@ static int poll_ring(struct blkpy_ringloop *l)
     unsigned spins = 0;
     while (!__atomic_load_n(&l->stop, __ATOMIC_RELAXED)) {
         if (unconsumed(r, ld32(r->sring, RL_REQ_PROD)))
+            return 1;
+        if (l->c_in_flight && blkpy_uring_ready(l->uring))
             return 1;
         if ((++spins & 31) == 0 && now_ns() >= deadline)
             break;
@@ -467,15 +577,15 @@ int blkpy_ringloop_run(struct blkpy_ringloop *l, int may_sleep)
     struct blkpy_back_ring *r = l->ring;
     uint8_t s[MAX_SLOT];
     for (;;) {
-        if (__atomic_load_n(&l->stop, __ATOMIC_ACQUIRE)) {
+        if (__atomic_load_n(&l->stop, __ATOMIC_ACQUIRE))
+            return hand_back(l, BLKPY_LOOP_WAKE);
+        if (l->c_in_flight) {
+            reap_async(l, 0);
             blkpy_ringloop_push(l);
-            return BLKPY_LOOP_WAKE;
         }
         uint32_t req_prod = ld32(r->sring, RL_REQ_PROD);   /* acquire: ring.h's rmb */
-        if ((uint32_t)(req_prod - r->rsp_prod_pvt) > r->size) {
-            blkpy_ringloop_push(l);
-            return BLKPY_LOOP_OVERFLOW;
-        }
+        if ((uint32_t)(req_prod - r->rsp_prod_pvt) > r->size)
+            return hand_back(l, BLKPY_LOOP_OVERFLOW);
         uint32_t n = unconsumed(r, req_prod);
         if (n) {
             if (n > l->max_batch)
@@ -486,12 +596,12 @@ int blkpy_ringloop_run(struct blkpy_ringloop *l, int may_sleep)
             for (uint32_t i = 0; i < n; i++) {
                 /* A private copy: the guest may rewrite the slot while we look at it. */
                 memcpy(s, slot_at(r, r->req_cons), r->entry_size);
-                if (l->disk_fd < 0 || !l->pgrants || !serve_one(l, s)) {
-                    blkpy_ringloop_push(l);
-                    return BLKPY_LOOP_SLOW;
-                }
+                if (l->py_in_flight || l->disk_fd < 0 || !l->pgrants || !serve_one(l, s))
+                    return hand_back(l, BLKPY_LOOP_SLOW);
                 r->req_cons++;
             }
+            if (l->uring)
+                blkpy_uring_enter(l->uring);
             blkpy_ringloop_push(l);
             if (l->notify_pending)
                 return BLKPY_LOOP_NOTIFY;
@@ -504,30 +614,37 @@ int blkpy_ringloop_run(struct blkpy_ringloop *l, int may_sleep)
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
         if (unconsumed(r, ld32(r->sring, RL_REQ_PROD)))
             continue;
+        if (l->c_in_flight && blkpy_uring_ready(l->uring))
+            continue;
         if (!may_sleep)
-            return BLKPY_LOOP_IDLE;
+            return hand_back(l, BLKPY_LOOP_IDLE);
         if (l->evtchn.kind == BLKPY_EVTCHN_PYTHON)
-            return BLKPY_LOOP_EVTCHN;
-        struct epoll_event evs[3];
+            return hand_back(l, BLKPY_LOOP_EVTCHN);
+        struct epoll_event evs[4];
         int64_t t0 = now_ns();
         l->sleeps++;
-        int got = epoll_wait(l->epoll_fd, evs, 3, -1);
+        int got = epoll_wait(l->epoll_fd, evs, 4, -1);
         adapt_poll(l, now_ns() - t0);
         if (got < 0) {
             if (errno == EINTR)
                 continue;
-            return BLKPY_LOOP_WAKE;
+            return hand_back(l, BLKPY_LOOP_WAKE);
         }
         int python = 0;
         for (int k = 0; k < got; k++) {
-            if (evs[k].data.u32 == 0) {
+            uint32_t which = evs[k].data.u32;
+            if (which == 0) {
                 if (evtchn_ack(l))
-                    return BLKPY_LOOP_EVTCHN;
+                    return hand_back(l, BLKPY_LOOP_EVTCHN);
+            } else if (which == 3) {
+                uint64_t count;   /* completions: reaped at the top of the loop */
+                if (read(l->uring_efd, &count, sizeof count) < 0 && errno != EAGAIN)
+                    return hand_back(l, BLKPY_LOOP_WAKE);
             } else {
                 python = 1;
             }
         }
         if (python)
-            return BLKPY_LOOP_WAKE;
+            return hand_back(l, BLKPY_LOOP_WAKE);
     }
 }

@@ -11,6 +11,7 @@
 struct blkpy_uring {
     int fd;
     unsigned sq_entries, cq_entries;
+    unsigned unsubmitted;   /* queued in the SQ ring, not yet passed to io_uring_enter */
     unsigned *sq_head, *sq_tail, *sq_mask, *sq_array;
     unsigned *cq_head, *cq_tail, *cq_mask;
     struct io_uring_sqe *sqes;
@@ -103,7 +104,7 @@ fail:
     return NULL;
 }
 
-int blkpy_uring_submit(struct blkpy_uring *r, const struct blkpy_uio *ops, int n)
+int blkpy_uring_queue(struct blkpy_uring *r, const struct blkpy_uio *ops, int n)
 {
     unsigned tail = *r->sq_tail;
     unsigned head = __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE);
@@ -134,23 +135,37 @@ int blkpy_uring_submit(struct blkpy_uring *r, const struct blkpy_uio *ops, int n
             sqe->flags = IOSQE_IO_DRAIN;
             break;
         default:
-            return -EINVAL;
+            return -EINVAL;   /* nothing of this call is published */
         }
         r->sq_array[idx] = idx;
         tail++;
     }
     __atomic_store_n(r->sq_tail, tail, __ATOMIC_RELEASE);
-    int left = queued;
-    while (left > 0) {
-        int ret = sys_enter(r->fd, (unsigned)left, 0, 0);
+    r->unsubmitted += (unsigned)queued;
+    return queued;
+}
+
+int blkpy_uring_enter(struct blkpy_uring *r)
+{
+    while (r->unsubmitted > 0) {
+        int ret = sys_enter(r->fd, r->unsubmitted, 0, 0);
         if (ret < 0) {
             if (errno == EINTR || errno == EAGAIN)
                 continue;
             return -errno;
         }
-        left -= ret;
+        r->unsubmitted -= (unsigned)ret;
     }
-    return queued;
+    return 0;
+}
+
+int blkpy_uring_submit(struct blkpy_uring *r, const struct blkpy_uio *ops, int n)
+{
+    int queued = blkpy_uring_queue(r, ops, n);
+    if (queued < 0)
+        return queued;
+    int err = blkpy_uring_enter(r);
+    return err ? err : queued;
 }
 
 int blkpy_uring_reap(struct blkpy_uring *r, uint64_t *user_data, int64_t *res, int max,
@@ -174,4 +189,9 @@ int blkpy_uring_reap(struct blkpy_uring *r, uint64_t *user_data, int64_t *res, i
         if (ret < 0 && errno != EINTR)
             return got ? got : -errno;
     }
+}
+
+int blkpy_uring_ready(const struct blkpy_uring *r)
+{
+    return *r->cq_head != __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE);
 }

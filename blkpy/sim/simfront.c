@@ -49,7 +49,28 @@ static uint64_t sf_next_sector(struct simfront *f)
         slot = f->next_slot;
         f->next_slot = (slot + 1) % f->slots_in_disk;
     }
-    return slot * f->sectors_per_req;
+    return slot * f->step_sectors;
+}
+
+#define SF_HIST_SUB_BITS 6 /* 64 bins per power of two: bin width <= 1/64 of its start */
+
+uint32_t simfront_hist_index(uint64_t ns)
+{
+    /* Below 2^(SUB_BITS+1) the bin is the value itself; above, the top SUB_BITS+1 bits
+     * (a mantissa in [64, 128)) plus 64 bins per octave, so bins are contiguous. */
+    uint32_t msb = ns ? 63u - (uint32_t)__builtin_clzll(ns) : 0;
+    uint32_t shift = msb > SF_HIST_SUB_BITS ? msb - SF_HIST_SUB_BITS : 0;
+    uint64_t index = ((uint64_t)shift << SF_HIST_SUB_BITS) + (ns >> shift);
+    return index < SIMFRONT_HIST_BINS ? (uint32_t)index : SIMFRONT_HIST_BINS - 1;
+}
+
+uint64_t simfront_hist_lower(uint32_t index)
+{
+    const uint32_t sub = 1u << SF_HIST_SUB_BITS;
+    if (index < 2 * sub)
+        return index;
+    uint32_t shift = index / sub - 1;
+    return (uint64_t)(index % sub + sub) << shift;
 }
 
 void simfront_init(struct simfront *f)
@@ -67,6 +88,10 @@ void simfront_init(struct simfront *f)
     }
     if (f->rng == 0)
         f->rng = 0x9E3779B97F4A7C15ull;
+    if (f->step_sectors == 0)
+        f->step_sectors = f->sectors_per_req;
+    if (f->slots_in_disk && f->next_slot >= f->slots_in_disk)
+        f->next_slot %= f->slots_in_disk;
     f->in_flight = 0;
     f->submitted = f->completed = f->errors = f->bad_responses = 0;
     f->pushes = f->polls = 0;
@@ -115,6 +140,8 @@ static int sf_consume(struct simfront *f)
         f->bad_responses++;
         return -1;
     }
+    /* One clock read per batch of responses: they became visible together. */
+    uint64_t now = f->lat_hist && n ? sf_now_ns() : 0;
     for (uint32_t i = f->rsp_cons; i != rp; i++) {
         const uint8_t *slot = sf_slot(f, i);
         uint64_t id;
@@ -132,6 +159,8 @@ static int sf_consume(struct simfront *f)
             f->rsp_cons = i + 1;
             return -1; /* "backend has not unmapped grant": the pages must not be reused */
         }
+        if (f->lat_hist)
+            f->lat_hist[simfront_hist_index(now - f->submit_ns[id])]++;
         f->pending[id] = 0;
         f->free_ids[f->n_free++] = (uint32_t)id;
         f->in_flight--;
@@ -146,6 +175,8 @@ static int sf_fill_and_push(struct simfront *f)
 {
     uint32_t old = sf_load(f->ring, REQ_PROD);
     int queued = 0;
+    /* Filling a slot is a memcpy: one clock read stands for the whole push. */
+    uint64_t now = f->lat_hist && f->in_flight < f->depth && f->n_free ? sf_now_ns() : 0;
     while (f->in_flight < f->depth && f->n_free > 0 &&
            (f->limit == 0 || f->submitted < f->limit)) {
         uint32_t id = f->free_ids[--f->n_free];
@@ -157,6 +188,8 @@ static int sf_fill_and_push(struct simfront *f)
         memcpy(slot + f->id_off, &id64, 8);
         memcpy(slot + f->sector_off, &sector, 8);
         f->pending[id] = 1;
+        if (f->lat_hist)
+            f->submit_ns[id] = now;
         f->in_flight++;
         f->submitted++;
         f->req_prod_pvt++;

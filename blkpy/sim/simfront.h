@@ -1,11 +1,16 @@
-/* The simulated blkfront's load generator for benchmarks: keeps a fixed number of READ
- * requests in flight on a blkif front ring, checking every response the way blkfront does,
- * so the generator costs far less CPU than the backend it measures.
+/* The simulated blkfront's load generator for benchmarks: keeps a fixed number of READ or
+ * WRITE requests in flight on a blkif front ring, checking every response the way blkfront
+ * does, so the generator costs far less CPU than the backend it measures.
  *
- * Python prepares one complete request slot per request id (segments, persistent grant
- * refs, indirect pages) and owns the event channel: simfront_step() fills slots, pushes,
- * polls for responses, and returns when the backend must be notified or when there is
- * nothing to do but sleep until an event.
+ * Python prepares one complete request slot per request id (operation, segments,
+ * persistent grant refs, indirect pages) and owns the event channel: simfront_step() fills
+ * slots, pushes, polls for responses, and returns when the backend must be notified or when
+ * there is nothing to do but sleep until an event.
+ *
+ * Completion latency (push to the guest seeing the response, CLOCK_MONOTONIC) goes into a
+ * log-linear histogram of nanoseconds: exact below 128 ns, then 64 bins per power of two, so
+ * a bin is at most 1/64 of its lower bound wide (its midpoint is within 0.8% of any value
+ * in it). 2048 bins reach 2^37 ns (137 s); anything longer lands in the last bin.
  */
 #ifndef BLKPY_SIMFRONT_H
 #define BLKPY_SIMFRONT_H
@@ -16,6 +21,7 @@
 #define SIMFRONT_WAIT 2     /* everything is in flight; rsp_event is armed: sleep */
 #define SIMFRONT_DONE 4     /* the limit was reached and every request completed */
 #define SIMFRONT_BROKEN 8   /* the backend broke the protocol (see bad_responses) */
+#define SIMFRONT_HIST_BINS 2048 /* latency histogram size (see above) */
 
 struct simfront {
     uint8_t *ring;              /* shared ring: 64-byte header, then slots */
@@ -27,12 +33,15 @@ struct simfront {
     uint32_t id_off;            /* offset of `id` in a request slot */
     uint32_t sector_off;        /* offset of `sector_number` */
     uint32_t depth;             /* requests kept in flight (<= size) */
-    uint8_t response_op;        /* operation every response must carry */
-    uint8_t random;             /* 1: random sectors, 0: sequential */
+    uint8_t response_op;        /* operation every response must carry (the templates') */
+    uint8_t random;             /* 1: random slots, 0: sequential */
     uint8_t _pad[2];
-    uint64_t sectors_per_req;   /* 512-byte sectors per request (alignment too) */
-    uint64_t slots_in_disk;     /* request-sized slots in the disk range */
-    uint64_t next_slot;         /* sequential position */
+    uint64_t sectors_per_req;   /* 512-byte sectors per request */
+    uint64_t step_sectors;      /* request start sectors are multiples of this (0: the
+                                 * request size; larger strides skip ahead, e.g. one write
+                                 * per qcow2 cluster) */
+    uint64_t slots_in_disk;     /* start positions in the disk range */
+    uint64_t next_slot;         /* sequential position (where to start, then where it is) */
     uint64_t rng;               /* xorshift64 state, non-zero */
     uint64_t limit;             /* stop submitting after this many (0: no limit) */
     /* private ring indices and counters */
@@ -55,6 +64,9 @@ struct simfront {
     uint32_t _pad2;
     uint64_t grants_ended;
     uint64_t still_mapped;      /* revocations refused: the backend kept a mapping */
+    /* Latency: NULL lat_hist records nothing. */
+    uint64_t *submit_ns;        /* size entries (scratch): when each id was pushed */
+    uint64_t *lat_hist;         /* SIMFRONT_HIST_BINS counters (not reset by init) */
 };
 
 /* Resets indices and counters (the ring header must already be initialised). */
@@ -62,6 +74,9 @@ void simfront_init(struct simfront *f);
 /* Does as much work as possible without sleeping, polling the ring for up to poll_ns
  * nanoseconds when nothing is ready; returns SIMFRONT_* flags. */
 int simfront_step(struct simfront *f, uint64_t poll_ns);
+/* The histogram bin of a latency, and the smallest latency of a bin. */
+uint32_t simfront_hist_index(uint64_t ns);
+uint64_t simfront_hist_lower(uint32_t index);
 /* CDEF-END */
 
 #endif

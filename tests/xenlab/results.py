@@ -48,6 +48,9 @@ def parse_figures(text: str) -> dict[str, Figure]:
 
 #: the same guest job ran against the kernel's blkback (phase blkback) and blkpy (phase func)
 BASELINE, CANDIDATE = "blkback.perf.", "func.perf."
+#: what each blkpy : blkback ratio aims at (issue 7); reported, never asserted: the lab is
+#: emulated and shares the host's cores
+RATIO_GOAL = 1.0
 
 
 def side_by_side(figures: dict[str, Figure]) -> list[tuple[str, Figure, Figure, float]]:
@@ -71,7 +74,12 @@ def format_summary(checks: dict[str, Check], figures: dict[str, Figure]) -> str:
     lines += [f"  {f.name} = {f.value:g} {f.unit}  {f.detail}".rstrip() for f in figures.values()]
     rows = side_by_side(figures)
     if rows:
-        lines.append("side by side (same guest job; blkpy : kernel blkback):")
-        lines += [f"  {m:18} blkback {b.value:8.1f} {b.unit:5} blkpy {c.value:8.1f} {c.unit:5} "
-                  f"ratio {r:.2f}" for m, b, c, r in rows]
+        lines.append(f"side by side (same guest job; blkpy : kernel blkback; goal >= {RATIO_GOAL:.1f}):")
+        lines += [format_row(*row) for row in rows]
     return "\n".join(lines)
+
+
+def format_row(measure: str, base: Figure, cand: Figure, ratio: float) -> str:
+    mark = "met" if ratio >= RATIO_GOAL else "short"
+    return (f"  {measure:18} blkback {base.value:8.1f} {base.unit:5} blkpy {cand.value:8.1f} "
+            f"{cand.unit:5} ratio {ratio:.2f} {mark}")
