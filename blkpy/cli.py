@@ -62,8 +62,9 @@ def _setup_logging(level: str) -> None:
               help="Image format; default: the prefix in the params node (raw:, qcow2:), "
                    "else raw. Never guessed from the image's contents.")
 @click.option("--image", metavar="PATH", help="Image to serve instead of the params node.")
-@click.option("--engine", type=click.Choice(ENGINE_NAMES), default="sync",
-              show_default=True, help="I/O engine.")
+@click.option("--engine", type=click.Choice(ENGINE_NAMES), default="auto",
+              show_default=True, help="I/O engine: auto is io_uring for --direct-io images "
+              "(sync where the kernel refuses io_uring) and sync on the page cache.")
 @click.option("--grant-mode", type=click.Choice(["auto", "map", "copy"]), default="auto",
               show_default=True, help="Batched grant mapping or grant copy; auto: map when "
               "persistent grants were negotiated, else copy.")
@@ -84,7 +85,8 @@ def _setup_logging(level: str) -> None:
 @click.option("--sector-size", type=click.Choice(["512", "4096"]), default="512",
               show_default=True, help="Logical sector size of a raw image.")
 @click.option("--direct-io", is_flag=True, help="Open raw images with O_DIRECT (bypass "
-              "dom0's page cache; pair with --engine uring to reach the device's queue depth).")
+              "dom0's page cache; requests then go through io_uring so that the guest's queue depth "
+              "reaches the device).")
 @click.option("--qcow2-cache-mb", type=click.IntRange(1, 4096), default=4, show_default=True,
               help="Metadata cache of a qcow2 image (L2 tables; refcounts get a quarter).")
 @click.option("--stats-file", metavar="PATH", help="Write counters as JSON here on exit and "

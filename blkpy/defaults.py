@@ -4,7 +4,7 @@ heavy imports so that `blkpy` starts fast (under emulation numpy alone takes sec
 import os
 
 #: I/O engines of `blkpy serve --engine` (blkpy.engine.ENGINES implements them).
-ENGINE_NAMES = ("sync", "thread", "uring")
+ENGINE_NAMES = ("auto", "sync", "thread", "uring")
 #: queues offered to a multi-queue frontend (Linux blkback offers one per CPU).
 MAX_QUEUES_DEFAULT = min(os.cpu_count() or 1, 4)
 #: Cap on persistent grants per ring: what a Linux blkfront with a one-page ring keeps in

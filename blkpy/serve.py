@@ -66,7 +66,7 @@ class ConnectError(Exception):
 class ServeOptions:
     fmt: str | None = None
     image: str | None = None
-    engine: str = "sync"
+    engine: str = "auto"
     grant_mode: str = "auto"
     persistent: bool = True
     max_persistent_grants: int = MAX_PERSISTENT_GRANTS

@@ -101,4 +101,33 @@ def test_unknown_engine():
 def test_cli_engine_names_match_the_engines():
     from blkpy.defaults import ENGINE_NAMES
 
-    assert sorted(ENGINE_NAMES) == sorted(io.ENGINES)
+    assert sorted(ENGINE_NAMES) == sorted([*io.ENGINES, "auto"])
+
+
+def test_auto_engine_is_uring_for_o_direct_and_sync_on_the_page_cache(tmp_path):
+    from blkpy.backends.raw import RawDisk
+
+    path = tmp_path / "d.raw"
+    path.write_bytes(bytes(1 << 20))
+    buffered = RawDisk(str(path))
+    assert isinstance(io.make_engine("auto", buffered), io.SyncEngine)
+    buffered.close()
+    try:
+        direct = RawDisk(str(path), direct=True)
+    except Exception:
+        pytest.skip("this filesystem refuses O_DIRECT")
+    engine = io.make_engine("auto", direct)
+    try:
+        assert isinstance(engine, io.UringEngine | io.SyncEngine)  # sync where io_uring is off
+        assert isinstance(engine, io.UringEngine) or not _uring_available()
+    finally:
+        engine.close()
+        direct.close()
+
+
+def _uring_available() -> bool:
+    try:
+        io.UringEngine(MemoryDisk()).close()
+    except OSError:
+        return False
+    return True

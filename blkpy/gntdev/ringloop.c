@@ -622,9 +622,12 @@ int blkpy_ringloop_run(struct blkpy_ringloop *l, int may_sleep)
             return hand_back(l, BLKPY_LOOP_EVTCHN);
         struct epoll_event evs[4];
         int64_t t0 = now_ns();
+        uint32_t waited_for_io = l->c_in_flight;
         l->sleeps++;
         int got = epoll_wait(l->epoll_fd, evs, 4, -1);
-        adapt_poll(l, now_ns() - t0);
+        /* Waiting for the device says nothing about how soon the guest sends more. */
+        if (!waited_for_io)
+            adapt_poll(l, now_ns() - t0);
         if (got < 0) {
             if (errno == EINTR)
                 continue;
