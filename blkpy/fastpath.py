@@ -18,6 +18,7 @@ import numpy as np
 
 from blkpy import ring
 from blkpy.gntdev.native import ffi, lib
+from blkpy.native_table import ExtentMap, PersistentGrantTable
 from blkpy.platform import EventChannel, NativeEventChannel
 from blkpy.requests import DiskGeometry
 
@@ -71,44 +72,6 @@ def validate_native(batch: np.ndarray, abi: ring.Abi, geom: DiskGeometry) -> Nat
     return out
 
 
-class PersistentGrantTable:
-    """gref -> page address of the persistent grants, an open-addressing table in C so the
-    loop looks grants up without Python; sized for ``capacity`` entries at half load."""
-
-    def __init__(self, capacity: int) -> None:
-        slots = 1 << max(4, (2 * max(capacity, 1) - 1).bit_length())
-        self._keys = np.zeros(slots, dtype=np.uint32)
-        self._addrs = np.zeros(slots, dtype=np.uint64)
-        self.native = ffi.new("struct blkpy_pgrants *")
-        self.native.keys = ffi.cast("uint32_t *", self._keys.ctypes.data)
-        self.native.addrs = ffi.cast("uint64_t *", self._addrs.ctypes.data)
-        self.native.mask = slots - 1
-        self.capacity = capacity
-        self.count = 0
-
-    def put(self, gref: int, address: int) -> None:
-        if self.count >= self.capacity:
-            raise OverflowError("persistent-grant table full")
-        if gref == 0xFFFFFFFF:  # has no key in the table; such a grant stays transient
-            return
-        lib.blkpy_pgrants_put(self.native, gref, address)
-        self.count += 1
-
-    def lookup(self, grefs: np.ndarray) -> np.ndarray:
-        """Page address per gref, 0 where it is not cached."""
-        refs = np.ascontiguousarray(grefs, dtype=np.uint32)
-        out = np.zeros(len(refs), dtype=np.uint64)
-        if len(refs):
-            lib.blkpy_pgrants_get(self.native, ffi.cast("uint32_t *", refs.ctypes.data),
-                                  len(refs), ffi.cast("uint64_t *", out.ctypes.data))
-        return out
-
-    def clear(self) -> None:
-        self._keys[:] = 0
-        self._addrs[:] = 0
-        self.count = 0
-
-
 def _fill_evtchn(target: object, spec: NativeEventChannel | None) -> None:
     if spec is None:
         target.kind = lib.BLKPY_EVTCHN_PYTHON  # type: ignore[attr-defined]
@@ -132,9 +95,11 @@ class RingLoop:
 
     def __init__(self, back: ring.BackRing, geom: DiskGeometry, evtchn: EventChannel, *,
                  disk_fd: int | None, grants: PersistentGrantTable | None, poll_us: int,
-                 max_batch: int, io_fd: int | None = None, asynchronous: bool = False) -> None:
+                 max_batch: int, io_fd: int | None = None, asynchronous: bool = False,
+                 extents: ExtentMap | None = None) -> None:
         self._back = back  # keeps the ring struct alive
         self._grants = grants
+        self._extents = extents
         self._uring = ffi.NULL
         self._uring_efd = -1
         self.native = ffi.new("struct blkpy_ringloop *")
@@ -143,6 +108,10 @@ class RingLoop:
         n.abi = ring.slot_layout(back.abi)[0]
         fill_geometry(n.geom, geom)
         n.pgrants = grants.native if grants is not None else ffi.NULL
+        if extents is not None:
+            n.extents = extents.native
+            n.cluster_bits = extents.cluster_bits
+            asynchronous = False  # translated I/O is synchronous (formats are buffered)
         self.evtchn_spec = evtchn.native()
         _fill_evtchn(n.evtchn, self.evtchn_spec)
         n.disk_fd = -1 if disk_fd is None else disk_fd
@@ -157,6 +126,8 @@ class RingLoop:
         if err < 0:
             self.close()
             raise OSError(-err, f"ring loop: {os.strerror(-err)}")
+        if extents is not None:
+            extents.attach(n)
 
     def _open_uring(self, entries: int, max_segments: int) -> None:
         """io_uring for the asynchronous mode; where the kernel refuses it the loop stays
@@ -226,6 +197,9 @@ class RingLoop:
     def close(self) -> None:
         """Release the loop (it must not be running; it has nothing in flight between
         calls, since it answers everything before it returns)."""
+        if self._extents is not None:
+            self._extents.detach(self.native)
+            self._extents = None
         if self.wake_fd >= 0:
             lib.blkpy_ringloop_close(self.native)
             os.close(self.wake_fd)

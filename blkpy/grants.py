@@ -14,8 +14,8 @@ import abc
 import numpy as np
 
 from blkpy.defaults import MAX_PERSISTENT_GRANTS
-from blkpy.fastpath import PersistentGrantTable
 from blkpy.gntdev.native import ffi
+from blkpy.native_table import PersistentGrantTable
 from blkpy.platform import COPY_SEGMENT_DTYPE, GNTST_OKAY, GrantError, GrantMapping, Platform
 from blkpy.ring import PAGE_SIZE, SECTOR_SHIFT, SEGMENT_DTYPE, SEGS_PER_INDIRECT_FRAME
 

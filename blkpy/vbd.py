@@ -150,10 +150,12 @@ class Vbd:
         # the uring engine asked for) the loop submits to io_uring and answers requests as
         # they complete; on the page cache plain preadv/pwritev is cheaper per request.
         table = self.pages.table if isinstance(self.pages, GrantMapper) else None
-        asynchronous = disk.o_direct or isinstance(engine, io.UringEngine)
-        self.loop = RingLoop(back_ring, geometry, evtchn, disk_fd=disk.direct_fd,
-                             grants=table, poll_us=poll_us, max_batch=MAX_BATCH,
-                             io_fd=engine.fileno(), asynchronous=asynchronous)
+        target = disk.native_io()
+        fd, extents = target if target is not None else (None, None)
+        asynchronous = extents is None and (disk.o_direct or isinstance(engine, io.UringEngine))
+        self.loop = RingLoop(back_ring, geometry, evtchn, disk_fd=fd, grants=table,
+                             poll_us=poll_us, max_batch=MAX_BATCH, io_fd=engine.fileno(),
+                             asynchronous=asynchronous, extents=extents)
         if asynchronous and not self.loop.asynchronous:
             log.warning("io_uring unavailable: the ring loop does synchronous I/O")
         self._geometry = geometry

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blkpy import ring
-from blkpy.fastpath import PersistentGrantTable, validate_native
+from blkpy.fastpath import validate_native
+from blkpy.native_table import PersistentGrantTable
 from blkpy.requests import DiskGeometry, validate_batch
 from blkpy.ring import BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY
 from blkpy.sim.inprocess import InProcessDevice
@@ -80,6 +81,7 @@ def test_grant_table_refuses_more_than_its_capacity():
     table.put(2, 8192)
     with pytest.raises(OverflowError):
         table.put(3, 12288)
+    assert table.full
 
 
 @pytest.fixture

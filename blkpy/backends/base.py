@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from blkpy.native_table import ExtentMap
 
 
 class DiskError(Exception):
@@ -45,6 +49,13 @@ class Disk(abc.ABC):
         """If not None, virtual offset X lives at offset X of this fd (raw images), so an
         I/O engine may run preadv/pwritev on it directly, batched in C."""
         return None
+
+    def native_io(self) -> tuple[int, ExtentMap | None] | None:
+        """What the native ring loop needs to move guest data itself: the fd holding it
+        and the format's extents (None: guest offset X is offset X of the fd), or None if
+        only this object can do the I/O."""
+        fd = self.direct_fd
+        return None if fd is None else (fd, None)
 
     def refresh_size(self) -> int:
         """Re-read the virtual size (an operator grew the image); returns it."""

@@ -17,12 +17,18 @@ from collections.abc import Sequence
 
 from blkpy.backends.base import CorruptImage, Disk, DiskError, UnsupportedImage
 from blkpy.backends.raw import punch_hole
+from blkpy.native_table import ExtentMap
 from blkpy.qcow2.header import COMPRESSION_ZSTD, MAGIC
 from blkpy.qcow2.l2 import Entry, Kind
 from blkpy.qcow2.metadata import DEFAULT_CACHE_SIZE, ClusterWrite, Metadata
 from blkpy.qcow2.plan import Op, Punch, Resize, Sync, Write
 
 MAX_BACKING_DEPTH = 64  # QEMU's limit too; a deeper chain is most likely a loop
+#: clusters whose host offsets the native ring loop may know at once (a 2 MiB table:
+#: 2 GiB of guest data at 64 KiB clusters); when it fills up it starts over
+EXTENT_MAP_CLUSTERS = 32768
+#: clusters learnt per request served in Python (bounds the cost of one long request)
+LEARN_CLUSTERS = 64
 _ZEROS = bytes(1 << 20)
 
 
@@ -161,6 +167,39 @@ class Qcow2Disk(Disk):
         self.can_discard = not readonly
         self.discard_granularity = h.cluster_size
         self._last_compressed: tuple[int, bytes] | None = None
+        # Where plain data clusters live, for the native ring loop (the top image only:
+        # backing files are read through this object).
+        self._extents = ExtentMap(EXTENT_MAP_CLUSTERS, h.cluster_bits) if _depth == 0 else None
+
+    def native_io(self) -> tuple[int, ExtentMap | None] | None:
+        if self._extents is None or self._fd < 0:
+            return None
+        return self._fd, self._extents
+
+    def _learn(self, offset: int, length: int) -> None:
+        """Tell the ring loop where the clusters just served live, so the next requests
+        there need no Python. Only whole clusters of plain host data are learnt, and only
+        clusters we own alone may be written in place."""
+        extents = self._extents
+        if extents is None or length <= 0:
+            return
+        bits, cs, meta = extents.cluster_bits, self.cluster_size, self.meta
+        writable = not self.readonly and meta.writable and not meta.write_failed
+        first = offset >> bits
+        last = min((offset + length - 1) >> bits, first + LEARN_CLUSTERS - 1)
+        for cluster in range(first, last + 1):
+            start = cluster << bits
+            if start + cs > self.size:
+                break  # a partial last cluster: Python keeps it
+            host = meta.fast_host(start, cs, write=False)
+            if host is not None:
+                extents.learn(cluster, host,
+                              writable and meta.fast_host(start, cs, write=True) is not None)
+
+    def _forget_all(self) -> None:
+        """The image went read-only (corrupt) or a write-back failed: no more in place."""
+        if self._extents is not None:
+            self._extents.clear()
 
     # ---- backing chain ------------------------------------------------------------------
 
@@ -200,6 +239,7 @@ class Qcow2Disk(Disk):
     def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
         with self._lock:
             self._readv(offset, bufs)
+            self._learn(offset, sum(len(b) for b in _byte_views(bufs)))
 
     def _readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
         views = _byte_views(bufs)
@@ -219,6 +259,7 @@ class Qcow2Disk(Disk):
             self._read(offset, length, views)
         except CorruptImage:
             self.meta.mark_corrupt()
+            self._forget_all()
             raise
 
     def _read(self, offset: int, length: int, views: list[memoryview]) -> None:
@@ -263,7 +304,12 @@ class Qcow2Disk(Disk):
 
     def writev(self, offset: int, bufs: Sequence[memoryview]) -> None:
         with self._lock:
-            self._writev(offset, bufs)
+            try:
+                self._writev(offset, bufs)
+            except BaseException:
+                self._forget_all()
+                raise
+            self._learn(offset, sum(len(b) for b in _byte_views(bufs)))
 
     def _check_writable(self) -> None:
         if self.meta.write_failed:
@@ -295,6 +341,8 @@ class Qcow2Disk(Disk):
 
     def _write(self, offset: int, length: int, views: list[memoryview]) -> None:
         meta = self.meta
+        if self._extents is not None:  # clusters may move (copy-on-write): relearn after
+            self._extents.forget(offset, length)
         # steps whose host bytes follow each other go out in one pwritev; their L2
         # entries are committed only after it
         run_host, run_data, run_steps, run_len = 0, [], [], 0
@@ -347,10 +395,14 @@ class Qcow2Disk(Disk):
         self.check_range(offset, length)
         with self._lock:
             self._check_writable()
+            # forgotten (and no loop still using them) before their host clusters are freed
+            if self._extents is not None:
+                self._extents.forget(offset, length)
             try:
                 self.meta.discard(offset, length)
             except CorruptImage:
                 self.meta.mark_corrupt()
+                self._forget_all()
                 raise
             self._last_compressed = None
 
@@ -359,7 +411,11 @@ class Qcow2Disk(Disk):
             if self.meta.write_failed:
                 raise OSError(errno.EIO, f"{self.path}: an earlier metadata write failed")
             if not self.readonly:
-                self.meta.flush()
+                try:
+                    self.meta.flush()
+                finally:
+                    if self.meta.write_failed:
+                        self._forget_all()
 
     def close(self) -> None:
         with self._lock:

@@ -144,41 +144,77 @@ void blkpy_validate_slots(const uint8_t *slots, int n, const struct blkpy_slot_l
                                &rsp_op[i], &io_op[i]);
 }
 
-/* ---------------- persistent-grant cache ---------------- */
+/* ---------------- lock-free lookup tables ---------------- */
 
-static inline uint32_t pg_hash(uint32_t gref) { return gref * 0x9E3779B1u; }
-
-void blkpy_pgrants_put(struct blkpy_pgrants *t, uint32_t gref, uint64_t addr)
+static inline uint32_t tb_hash(uint64_t key)
 {
-    uint32_t key = gref + 1, i = pg_hash(gref) & t->mask;
-    if (key == 0)
-        return;
-    while (t->keys[i] && t->keys[i] != key)
-        i = (i + 1) & t->mask;
-    t->keys[i] = key;
-    t->addrs[i] = addr;
+    return (uint32_t)((key * 0x9E3779B97F4A7C15ull) >> 32);
 }
 
-static inline uint64_t pg_get(const struct blkpy_pgrants *t, uint32_t gref)
+void blkpy_table_put(struct blkpy_table *t, uint64_t key, uint64_t val)
 {
-    uint32_t key = gref + 1, i = pg_hash(gref) & t->mask;
-    if (key == 0)   /* gref 0xffffffff has no key: never cached */
-        return 0;
+    uint64_t k = key + 1;
+    if (k == 0)
+        return;   /* the one key without a slot: never known */
+    uint32_t i = tb_hash(key) & t->mask;
     for (;;) {
-        uint32_t k = t->keys[i];
-        if (k == key)
-            return t->addrs[i];
-        if (k == 0)
+        uint64_t cur = __atomic_load_n(&t->keys[i], __ATOMIC_ACQUIRE);
+        if (cur == k || cur == 0)
+            break;
+        i = (i + 1) & t->mask;
+    }
+    /* The value first: a reader that finds the key sees this value or 0 (unknown). */
+    __atomic_store_n(&t->vals[i], val, __ATOMIC_RELEASE);
+    __atomic_store_n(&t->keys[i], k, __ATOMIC_RELEASE);
+}
+
+static inline uint64_t tb_get(const struct blkpy_table *t, uint64_t key)
+{
+    uint64_t k = key + 1;
+    if (k == 0)
+        return 0;
+    uint32_t i = tb_hash(key) & t->mask;
+    for (;;) {
+        uint64_t cur = __atomic_load_n(&t->keys[i], __ATOMIC_ACQUIRE);
+        if (cur == k)
+            return __atomic_load_n(&t->vals[i], __ATOMIC_ACQUIRE);
+        if (cur == 0)
             return 0;
         i = (i + 1) & t->mask;
     }
 }
 
-void blkpy_pgrants_get(const struct blkpy_pgrants *t, const uint32_t *grefs, int n,
-                       uint64_t *out)
+void blkpy_table_get(const struct blkpy_table *t, const uint64_t *keys, int n, uint64_t *out)
 {
     for (int i = 0; i < n; i++)
-        out[i] = pg_get(t, grefs[i]);
+        out[i] = tb_get(t, keys[i]);
+}
+
+void blkpy_table_forget(struct blkpy_table *t, uint64_t first, uint64_t count)
+{
+    uint64_t slots = (uint64_t)t->mask + 1;
+    if (count > slots) {   /* a long range: look at every slot instead of every key */
+        for (uint64_t i = 0; i < slots; i++) {
+            uint64_t k = __atomic_load_n(&t->keys[i], __ATOMIC_ACQUIRE);
+            if (k && k - 1 >= first && k - 1 - first < count)
+                __atomic_store_n(&t->vals[i], 0, __ATOMIC_RELEASE);
+        }
+        return;
+    }
+    for (uint64_t key = first; key - first < count; key++) {
+        uint64_t k = key + 1;
+        if (k == 0)
+            continue;
+        uint32_t i = tb_hash(key) & t->mask;
+        for (;;) {
+            uint64_t cur = __atomic_load_n(&t->keys[i], __ATOMIC_ACQUIRE);
+            if (cur == k)
+                __atomic_store_n(&t->vals[i], 0, __ATOMIC_RELEASE);
+            if (cur == k || cur == 0)
+                break;
+            i = (i + 1) & t->mask;
+        }
+    }
 }
 
 /* ---------------- event channel ---------------- */
@@ -305,7 +341,7 @@ static int map_segments(struct blkpy_ringloop *l, const uint8_t *segs, unsigned 
 {
     for (unsigned k = 0; k < n; k++) {
         const uint8_t *seg = segs + 8 * k;
-        uint64_t page = pg_get(l->pgrants, rd32(seg));
+        uint64_t page = tb_get(l->pgrants, rd32(seg));
         if (!page)
             return 0;   /* not a persistent grant yet: Python maps it */
         iov[k].iov_base = (void *)(uintptr_t)(page + ((uint64_t)seg[4] << 9));
@@ -325,7 +361,7 @@ static unsigned fetch_indirect(struct blkpy_ringloop *l, const uint8_t *s, uint8
     const uint8_t *grefs = s + l->abi.seg_off + 4;
     unsigned pages = (nseg + DESCS_PER_PAGE - 1) / DESCS_PER_PAGE;
     for (unsigned p = 0; p < pages; p++) {
-        uint64_t page = pg_get(l->pgrants, rd32(grefs + 4 * p));
+        uint64_t page = tb_get(l->pgrants, rd32(grefs + 4 * p));
         if (!page)
             return 0;
         unsigned count = nseg - p * DESCS_PER_PAGE;
@@ -409,6 +445,88 @@ static void reap_async(struct blkpy_ringloop *l, int wait)
     }
 }
 
+/* ---------------- image-format extents (qcow2) ---------------- */
+
+static inline void extents_enter(struct blkpy_ringloop *l)
+{
+    /* A full barrier: the lookups that follow cannot pass it (see blkpy_ringloop_quiesce). */
+    __atomic_fetch_add(&l->extent_epoch, 1, __ATOMIC_SEQ_CST);
+}
+
+static inline void extents_leave(struct blkpy_ringloop *l)
+{
+    __atomic_fetch_add(&l->extent_epoch, 1, __ATOMIC_RELEASE);
+}
+
+void blkpy_ringloop_quiesce(struct blkpy_ringloop *const *loops, int n)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    for (int i = 0; i < n; i++) {
+        uint64_t e = __atomic_load_n(&loops[i]->extent_epoch, __ATOMIC_SEQ_CST);
+        if (e & 1)
+            while (__atomic_load_n(&loops[i]->extent_epoch, __ATOMIC_SEQ_CST) == e)
+                cpu_relax();
+    }
+}
+
+/* Every cluster of [off, off + nbytes) is known with the flag the operation needs. */
+static int extents_known(const struct blkpy_ringloop *l, uint64_t need, uint64_t off,
+                         int64_t nbytes)
+{
+    uint64_t last = (off + (uint64_t)nbytes - 1) >> l->cluster_bits;
+    for (uint64_t c = off >> l->cluster_bits; c <= last; c++)
+        if (!(tb_get(l->extents, c) & need))
+            return 0;
+    return 1;
+}
+
+/* nbytes at guest offset off through the extents: each run of host-contiguous clusters
+ * in one preadv/pwritev. Returns nbytes or -errno. */
+static int64_t io_extents(struct blkpy_ringloop *l, int write, uint64_t off,
+                          const struct iovec *iov, int64_t nbytes)
+{
+    static __thread struct iovec sub[BLKPY_RL_MAX_INDIRECT_SEGS];
+    uint64_t cs = 1ull << l->cluster_bits, need = write ? BLKPY_EXTENT_WRITE : BLKPY_EXTENT_READ;
+    uint64_t pos = 0, total = (uint64_t)nbytes;
+    unsigned vi = 0;
+    size_t vo = 0;   /* cursor in iov: entry vi, byte vo */
+    while (pos < total) {
+        uint64_t g = off + pos, v = tb_get(l->extents, g >> l->cluster_bits);
+        if (!(v & need))
+            return -EIO;   /* forgotten since the check: impossible inside the epoch */
+        uint64_t host = (v & ~(uint64_t)BLKPY_EXTENT_FLAGS) + (g & (cs - 1));
+        uint64_t len = cs - (g & (cs - 1));
+        if (len > total - pos)
+            len = total - pos;
+        while (pos + len < total) {
+            uint64_t v2 = tb_get(l->extents, (off + pos + len) >> l->cluster_bits);
+            if (!(v2 & need) || (v2 & ~(uint64_t)BLKPY_EXTENT_FLAGS) != host + len)
+                break;
+            len += cs < total - pos - len ? cs : total - pos - len;
+        }
+        unsigned ns = 0;
+        for (uint64_t left = len; left;) {
+            size_t take = iov[vi].iov_len - vo;
+            if (take > left)
+                take = (size_t)left;
+            sub[ns].iov_base = (char *)iov[vi].iov_base + vo;
+            sub[ns++].iov_len = take;
+            left -= take;
+            vo += take;
+            if (vo == iov[vi].iov_len) {
+                vi++;
+                vo = 0;
+            }
+        }
+        struct blkpy_io io = {.fd = l->disk_fd, .op = write, .offset = host, .iov_count = ns};
+        int64_t r = blkpy_io_one(&io, sub);
+        if (r != (int64_t)len)
+            return r < 0 ? r : -EIO;
+        pos += len;
+    }
+    return nbytes;
+}
+
 /* Serve the copied request s if it is the common case; 0 leaves it untouched for Python. */
 static int serve_one(struct blkpy_ringloop *l, const uint8_t *s)
 {
@@ -447,17 +565,28 @@ static int serve_one(struct blkpy_ringloop *l, const uint8_t *s)
     uint64_t id = rd64(s + l->abi.id_off);
     if (l->uring)
         return submit_async(l, slot, id, op, rsp_op, flushing, nseg, nbytes, s);
+    uint64_t off = rd64(s + l->abi.sector_off) << 9;
+    int write = op != OP_READ;
+    if (l->extents) {
+        if (flushing)
+            return 0;   /* the format's metadata is written back by Python */
+        extents_enter(l);
+        if (!extents_known(l, write ? BLKPY_EXTENT_WRITE : BLKPY_EXTENT_READ, off, nbytes)) {
+            extents_leave(l);
+            return 0;   /* unallocated, shared, compressed...: the format decides */
+        }
+    }
     int16_t status = RSP_OKAY;
     count_request(l, op, flushing, nbytes);
     if (flushing)   /* the flush first: QEMU's presync, Linux's PREFLUSH write */
         status = io_status(l, fdatasync(l->disk_fd) ? -errno : 0, 0);
     if (nseg && status == RSP_OKAY) {
-        struct blkpy_io io = {
-            .fd = l->disk_fd, .op = op != OP_READ,
-            .offset = rd64(s + l->abi.sector_off) << 9, .iov_count = nseg,
-        };
-        status = io_status(l, blkpy_io_one(&io, iov), nbytes);
+        struct blkpy_io io = {.fd = l->disk_fd, .op = write, .offset = off, .iov_count = nseg};
+        int64_t res = l->extents ? io_extents(l, write, off, iov, nbytes) : blkpy_io_one(&io, iov);
+        status = io_status(l, res, nbytes);
     }
+    if (l->extents)
+        extents_leave(l);
     respond(l, id, rsp_op, status);
     return 1;
 }
@@ -467,6 +596,8 @@ static int serve_one(struct blkpy_ringloop *l, const uint8_t *s)
 int blkpy_ringloop_open(struct blkpy_ringloop *l)
 {
     l->epoll_fd = -1;
+    if (l->uring && l->extents)
+        return -EINVAL;   /* translated I/O is synchronous */
     if (l->uring) {
         uint32_t size = l->ring->size;
         if (l->iov_per_slot < MAX_SEGS)

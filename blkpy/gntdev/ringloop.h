@@ -54,17 +54,26 @@ void blkpy_validate_slots(const uint8_t *slots, int n, const struct blkpy_slot_l
                           const struct blkpy_geometry *g, int8_t *code, int64_t *nbytes,
                           uint8_t *rsp_op, int64_t *io_op);
 
-/* Persistent-grant cache: open addressing over a power-of-two table; keys hold gref + 1
- * (0 is an empty slot). The table never holds more than half its slots. */
-struct blkpy_pgrants {
-    uint32_t *keys;
-    uint64_t *addrs;
+/* A map from 64-bit keys to 64-bit values that Python fills and the loop reads without
+ * locks: open addressing over a power-of-two table, never more than half full. keys hold
+ * key + 1 (0: an empty slot); a value of 0 means "not known" (the caller asks Python), so
+ * an entry is invalidated by zeroing its value and the probe chains stay intact.
+ * Used for the persistent grants (gref -> page address) and for the extents of an image
+ * format (guest cluster -> host offset | BLKPY_EXTENT_* flags). */
+struct blkpy_table {
+    uint64_t *keys;
+    uint64_t *vals;
     uint32_t mask;
 };
-void blkpy_pgrants_put(struct blkpy_pgrants *t, uint32_t gref, uint64_t addr);
-/* out[i] = page address of grefs[i], or 0 where it is not cached. */
-void blkpy_pgrants_get(const struct blkpy_pgrants *t, const uint32_t *grefs, int n,
-                       uint64_t *out);
+void blkpy_table_put(struct blkpy_table *t, uint64_t key, uint64_t val);
+/* out[i] = value of keys[i], 0 where unknown. */
+void blkpy_table_get(const struct blkpy_table *t, const uint64_t *keys, int n, uint64_t *out);
+/* Zero the values of keys first .. first + count - 1. */
+void blkpy_table_forget(struct blkpy_table *t, uint64_t first, uint64_t count);
+
+#define BLKPY_EXTENT_READ 1     /* the guest cluster reads as host data at the offset */
+#define BLKPY_EXTENT_WRITE 2    /* ... and may be rewritten there in place */
+#define BLKPY_EXTENT_FLAGS 3
 
 /* How the loop reaches the event channel without Python. */
 #define BLKPY_EVTCHN_PYTHON 0   /* only Python can: the loop hands notify/sleep back */
@@ -96,7 +105,14 @@ struct blkpy_ringloop {
     struct blkpy_back_ring *ring;
     struct blkpy_slot_layout abi;
     struct blkpy_geometry geom;
-    struct blkpy_pgrants *pgrants;   /* NULL: data grants are not persistent */
+    struct blkpy_table *pgrants;     /* gref -> page; NULL: grants are not persistent */
+    /* An image format's extents (qcow2): guest cluster -> host offset | flags; NULL for
+     * raw images, where guest offset X is host offset X of disk_fd. Flushes go to Python
+     * then (they write metadata back). */
+    struct blkpy_table *extents;
+    uint32_t cluster_bits;
+    uint32_t _pad0;
+    uint64_t extent_epoch;           /* odd while the loop uses extents it looked up */
     struct blkpy_evtchn evtchn;
     int disk_fd;                     /* raw image or device; -1: all requests go to Python */
     /* Asynchronous mode (O_DIRECT images): requests go to io_uring and are answered as
@@ -129,6 +145,10 @@ void blkpy_ringloop_close(struct blkpy_ringloop *l);
 /* Serve until something needs Python (BLKPY_LOOP_*). With may_sleep 0 it returns IDLE
  * where it would sleep. Called without the GIL. */
 int blkpy_ringloop_run(struct blkpy_ringloop *l, int may_sleep);
+/* Wait until none of the n loops still uses an extent looked up before the call (its
+ * epoch is even, or has moved on): after forgetting extents, before reusing their host
+ * clusters. */
+void blkpy_ringloop_quiesce(struct blkpy_ringloop *const *loops, int n);
 /* Push produced responses and notify per the ring's rules (or set notify_pending). */
 void blkpy_ringloop_push(struct blkpy_ringloop *l);
 /* CDEF-END */
