@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from blkpy import ring
-from blkpy.backends.raw import RawDisk
+from blkpy.backends import open_disk
 from blkpy.engine import make_engine
 from blkpy.requests import DiskGeometry
 from blkpy.sim.guest import SimGuest
@@ -22,7 +22,7 @@ class InProcessDevice:
     def __init__(self, image: str, *, abi: str = "x86_64-abi", order: int = 0,
                  readonly: bool = False, persistent: bool = False, grant_mode: str = "map",
                  engine: str = "sync", sector_size: int = 512, discard: bool = True,
-                 poll_us: int = 0) -> None:
+                 poll_us: int = 0, fmt: str = "raw") -> None:
         self.sim_dir = create_sim_dir()
         self.guest = SimGuest(self.sim_dir, GUEST, memory_pages=4096)
         self.platform = SimPlatform(self.sim_dir, xenstore_path="unused")
@@ -35,9 +35,10 @@ class InProcessDevice:
         back = ring.BackRing(self.ring_map.buffer, self.abi, npages)
         self.port = self.guest.alloc_unbound_port(0)
         evt = self.platform.bind_interdomain(GUEST, self.port.port)
-        self.disk = RawDisk(image, readonly=readonly, sector_size=sector_size)
+        options = {"sector_size": sector_size} if fmt == "raw" else {}
+        self.disk = open_disk(image, fmt, readonly=readonly, **options)
         self.geometry = DiskGeometry(
-            sectors=self.disk.size >> 9, sector_size=sector_size, readonly=readonly,
+            sectors=self.disk.size >> 9, sector_size=self.disk.sector_size, readonly=readonly,
             discard=discard and self.disk.can_discard,
         )
         self.broken: list[str] = []
