@@ -27,7 +27,7 @@ def main(size_mb: int, seconds: float) -> None:
     for label, args in MODES.items():
         click.echo(f"{label} ...", err=True)
         report = run_benchmark(size_mb=size_mb, seconds=seconds, serve_args=args,
-                               fio_engines=("psync",) if not rows else ())
+                               rows=("rand4k-qd32", "seq1m"), peers=not rows)
         for run in report.runs:
             side = label if run.side == "blkpy" else run.side
             backend_cpu = run.cpu_seconds.get("backend", run.cpu_seconds.get("fio", 0.0))

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Run blkpy's first benchmark (the simulated guest against `blkpy serve`, and fio, on one
-raw file in the page cache) and print the figures. Same as `blkpy bench`."""
+"""Run blkpy's benchmark (the simulated guest against `blkpy serve`, and fio and qemu-img
+bench on the same files) and print every row against its target. Same as `blkpy bench`."""
 
 from blkpy.benchmark import bench_command
 

@@ -41,6 +41,7 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -528,6 +529,7 @@ class ServedDisk:
         self.backend = backend
         self.frontend = frontend
         self.next_offset = 0  # sequential runs go on where the last one stopped
+        self.covered = 0  # bytes the sequential runs have stepped over, all told
 
     def measure(self, pattern: Pattern, seconds: float, guest_poll_us: int) -> Run:
         pid = self.backend.proc.pid
@@ -536,7 +538,6 @@ class ServedDisk:
         wall0 = time.monotonic()
         busy0, be0 = _host_busy_seconds(), _process_cpu_seconds(pid)
         xs0 = _process_cpu_seconds(xenstored) if xenstored else 0.0
-        start = self.next_offset
         step = pattern.step or pattern.block_size
         result = run_load(
             self.frontend,
@@ -545,7 +546,7 @@ class ServedDisk:
             depth=pattern.queue_depth,
             seconds=seconds,
             random=pattern.random,
-            start=start,
+            start=self.next_offset,
             step=step,
             poll_us=guest_poll_us,
             fill_byte=WRITE_FILL,
@@ -558,8 +559,9 @@ class ServedDisk:
         note = ""
         if not pattern.random:
             self.next_offset = result.next_offset
+            self.covered += result.completed * step
             size = self.frontend.info.size if self.frontend.info else 0
-            if pattern.disk == "qcow2-fresh" and start + result.completed * step > size:
+            if pattern.disk == "qcow2-fresh" and self.covered > size:
                 note = "the fresh region ran out: some writes did not allocate"
         n = max(result.completed, 1)
         per_request = {
@@ -709,12 +711,17 @@ def _qemu_img_bench(path: Path, pattern: Pattern, count: int) -> tuple[float, fl
 
 
 def qemu_img_run(image: Callable[[], Path], pattern: Pattern, seconds: float) -> Run:
-    """`qemu-img bench` on the image ``image()`` returns (called once per run): a short
-    probe sizes the count so the measured run lasts about ``seconds``."""
+    """`qemu-img bench` on the image ``image()`` returns: a short probe on one sizes the
+    count so that the measured run, on the next, lasts about ``seconds``."""
     count, limit = 1000, 50_000_000
+    path = image()
     if pattern.disk == "qcow2-fresh":
-        limit = FRESH_QCOW2_SIZE // (pattern.step or pattern.block_size)
-    elapsed, *_ = _qemu_img_bench(image(), pattern, count)
+        # every write allocates a whole cluster on the disk: stay within the image and
+        # within a quarter of the free space
+        step = pattern.step or pattern.block_size
+        free = shutil.disk_usage(path.parent).free
+        limit = max(min(FRESH_QCOW2_SIZE // step, free // 4 // QCOW2_CLUSTER), count)
+    elapsed, *_ = _qemu_img_bench(path, pattern, count)
     count = min(max(int(count * seconds / max(elapsed, 1e-3)), count), limit)
     elapsed, wall, cpu, foreign = _qemu_img_bench(image(), pattern, count)
     elapsed = max(elapsed, 1e-3)
@@ -1023,7 +1030,15 @@ def plot_sweep(report: BenchReport, path: str | Path) -> None:
         ax_iops.axhline(psync.iops, **ref)
         if "p99" in psync.latency_us:
             ax_lat.axhline(psync.latency_us["p99"], **ref)
-    from matplotlib.ticker import EngFormatter
+    from matplotlib.ticker import EngFormatter, LogFormatterSciNotation
+
+    eng = EngFormatter(sep="")
+
+    class EngLog(LogFormatterSciNotation):
+        """Labels where matplotlib's log axis would put one, written as 20k, not 2x10^4."""
+
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            return eng.format_eng(x) if super().__call__(x, pos) else ""
 
     for ax, ylabel in ((ax_iops, "IOPS"), (ax_lat, "p99 completion latency (us)")):
         ax.set_xscale("log", base=2)
@@ -1031,9 +1046,11 @@ def plot_sweep(report: BenchReport, path: str | Path) -> None:
         low, high = ax.get_ylim()
         if ax is ax_lat or high > 20 * max(low, 1e-9):
             ax.set_yscale("log")  # latency spans decades across depths, IOPS may too
+            ax.yaxis.set_major_formatter(EngLog())
+            ax.yaxis.set_minor_formatter(EngLog(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
         else:
             ax.set_ylim(bottom=0)
-        ax.yaxis.set_major_formatter(EngFormatter(sep=""))
+            ax.yaxis.set_major_formatter(eng)
         ax.set_xlabel("queue depth")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
@@ -1049,15 +1066,25 @@ def plot_sweep(report: BenchReport, path: str | Path) -> None:
 # ---- command line (`blkpy bench`, bench/run_bench.py) --------------------------------
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+def _rows_help() -> str:
+    groups: dict[str, list[str]] = {}
+    for r in ROWS:
+        groups.setdefault(r.group, []).append(r.key)
+    lines = [
+        textwrap.fill(" ".join(keys), 76, initial_indent=f"  {group:<8} ",
+                      subsequent_indent=" " * 11, break_on_hyphens=False)
+        for group, keys in groups.items()
+    ]
+    return "\b\nRows (--rows takes a group or single rows):\n" + "\n".join(lines)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=_rows_help())
 @click.option("--size-mb", default=256, show_default=True, help="Size of each test file.")
 @click.option("--seconds", default=5.0, show_default=True, help="Duration of each run.")
 @click.option("--repeats", type=click.IntRange(1), default=1, show_default=True,
               help="Runs per side and pattern; rows report the medians.")
 @click.option("--rows", "rows", multiple=True, metavar="ROW[,ROW...]",
-              help="Rows to run, by name or group (repeatable; default: all). Rows: "
-              + ", ".join(r.key for r in ROWS) + "; groups: "
-              + ", ".join(dict.fromkeys(r.group for r in ROWS)) + ".")
+              help="Rows to run, by name or group (below; repeatable; default: all).")
 @click.option("--quick", is_flag=True,
               help=f"Add the CI-sized subset {','.join(QUICK_ROWS)} (alone: only it).")
 @click.option("--idle-seconds", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
