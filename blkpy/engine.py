@@ -139,6 +139,10 @@ def _run_direct(fd: int, vec: IoVector, start: int, end: int) -> None:
 class IoEngine(abc.ABC):
     """Submit batches, collect completions."""
 
+    #: how the native ring loop does its own I/O alongside this engine (blkpy.fastpath:
+    #: "sync", "hybrid" or "async")
+    loop_io = "sync"
+
     def __init__(self, disk: Disk) -> None:
         self.disk = disk
 
@@ -286,6 +290,8 @@ class UringEngine(IoEngine):
     Vectors with discards, and disks without a direct fd (qcow2), run synchronously once
     the ring has drained."""
 
+    loop_io = "async"
+
     def __init__(self, disk: Disk, entries: int = 256) -> None:
         super().__init__(disk)
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -416,17 +422,20 @@ ENGINES = {"sync": SyncEngine, "thread": ThreadEngine, "uring": UringEngine}
 
 
 def make_engine(name: str, disk: Disk) -> IoEngine:
-    """``auto``: io_uring where it pays, an O_DIRECT image (the guest's queue depth must
-    reach the device), falling back to ``sync`` where the kernel refuses io_uring; ``sync``
-    on the page cache, where a plain preadv costs less per request than a ring round trip
-    (fio psync vs io_uring in `blkpy bench`)."""
+    """``auto``: io_uring where it pays. An O_DIRECT image goes through io_uring (the
+    guest's queue depth must reach the device; ``sync`` where the kernel refuses io_uring).
+    On the page cache the reference path stays ``sync`` and the native loop is hybrid:
+    io_uring for the reads of deep batches, preadv/pwritev for the rest (`blkpy bench`
+    measured each; README design notes)."""
     if name == "auto":
         if disk.o_direct:
             try:
                 return UringEngine(disk)
             except OSError:
                 pass
-        return SyncEngine(disk)
+        engine = SyncEngine(disk)
+        engine.loop_io = "sync" if disk.o_direct else "hybrid"
+        return engine
     try:
         return ENGINES[name](disk)
     except KeyError:

@@ -29,6 +29,15 @@ OVERFLOW = lib.BLKPY_LOOP_OVERFLOW
 EVTCHN = lib.BLKPY_LOOP_EVTCHN
 NOTIFY = lib.BLKPY_LOOP_NOTIFY
 
+#: How the loop does data I/O: all synchronous (preadv/pwritev), all through io_uring
+#: (O_DIRECT: the guest's queue depth must reach the device), or hybrid: the reads of
+#: batches of at least ASYNC_READS_MIN requests through io_uring (one system call for the
+#: batch beats one preadv each on the page cache), single reads and every buffered write
+#: synchronous (io_uring punts buffered writes to a worker thread). `blkpy bench` measured
+#: the three (README, design notes).
+SYNC, HYBRID, ASYNC = "sync", "hybrid", "async"
+ASYNC_READS_MIN = 2
+
 #: counters the loop keeps that mean the same as VbdStats fields
 STAT_FIELDS = ("rd_req", "wr_req", "f_req", "rd_sect", "wr_sect", "errors", "batches")
 #: the loop's own figures of merit (notifications, sleeps, polling)
@@ -95,7 +104,7 @@ class RingLoop:
 
     def __init__(self, back: ring.BackRing, geom: DiskGeometry, evtchn: EventChannel, *,
                  disk_fd: int | None, grants: PersistentGrantTable | None, poll_us: int,
-                 max_batch: int, io_fd: int | None = None, asynchronous: bool = False,
+                 max_batch: int, io_fd: int | None = None, io_mode: str = SYNC,
                  extents: ExtentMap | None = None) -> None:
         self._back = back  # keeps the ring struct alive
         self._grants = grants
@@ -111,7 +120,7 @@ class RingLoop:
         if extents is not None:
             n.extents = extents.native
             n.cluster_bits = extents.cluster_bits
-            asynchronous = False  # translated I/O is synchronous (formats are buffered)
+            io_mode = SYNC  # translated I/O is synchronous (formats are buffered)
         self.evtchn_spec = evtchn.native()
         _fill_evtchn(n.evtchn, self.evtchn_spec)
         n.disk_fd = -1 if disk_fd is None else disk_fd
@@ -120,8 +129,12 @@ class RingLoop:
         n.io_fd = -1 if io_fd is None else io_fd
         n.max_batch = max_batch
         n.poll_max_ns = n.poll_ns = max(poll_us, 0) * 1000
-        if asynchronous and disk_fd is not None:
-            self._open_uring(back.size, geom.max_indirect_segments)
+        if io_mode not in (SYNC, HYBRID, ASYNC):
+            raise ValueError(f"unknown ring loop I/O mode {io_mode!r}")
+        if io_mode != SYNC and disk_fd is not None and self._open_uring(
+                back.size, geom.max_indirect_segments):
+            n.async_all = io_mode == ASYNC
+            n.async_reads_min = ASYNC_READS_MIN
         err = lib.blkpy_ringloop_open(n)
         if err < 0:
             self.close()
@@ -129,23 +142,24 @@ class RingLoop:
         if extents is not None:
             extents.attach(n)
 
-    def _open_uring(self, entries: int, max_segments: int) -> None:
-        """io_uring for the asynchronous mode; where the kernel refuses it the loop stays
-        synchronous (logged once by the caller through ``asynchronous``)."""
+    def _open_uring(self, entries: int, max_segments: int) -> bool:
+        """io_uring for the loop; False where the kernel refuses it (the loop then stays
+        synchronous: the caller reads ``uses_uring`` and says so)."""
         efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         err = ffi.new("int *")
         uring = lib.blkpy_uring_new(entries, efd, err)
         if uring == ffi.NULL:
             os.close(efd)
-            return
+            return False
         self._uring, self._uring_efd = uring, efd
         self.native.uring = uring
         self.native.uring_efd = efd
         self.native.iov_per_slot = min(max(max_segments, 11), lib.BLKPY_RL_MAX_INDIRECT_SEGS)
+        return True
 
     @property
-    def asynchronous(self) -> bool:
-        """Requests go to io_uring and are answered as they complete."""
+    def uses_uring(self) -> bool:
+        """Some requests go to io_uring and are answered as they complete."""
         return self._uring != ffi.NULL
 
     @property

@@ -146,17 +146,15 @@ class Vbd:
             raise ValueError(f"unknown grant mode {grant_mode!r}")
         self._batches: dict[int, _Batch] = {}
         self._next_batch = 0
-        # Synchronous I/O would hold an O_DIRECT disk at queue depth 1: there (and with
-        # the uring engine asked for) the loop submits to io_uring and answers requests as
-        # they complete; on the page cache plain preadv/pwritev is cheaper per request.
+        # The engine says how the loop does I/O (synchronous, io_uring, or both).
         table = self.pages.table if isinstance(self.pages, GrantMapper) else None
         target = disk.native_io()
         fd, extents = target if target is not None else (None, None)
-        asynchronous = extents is None and (disk.o_direct or isinstance(engine, io.UringEngine))
+        io_mode = engine.loop_io
         self.loop = RingLoop(back_ring, geometry, evtchn, disk_fd=fd, grants=table,
                              poll_us=poll_us, max_batch=MAX_BATCH, io_fd=engine.fileno(),
-                             asynchronous=asynchronous, extents=extents)
-        if asynchronous and not self.loop.asynchronous:
+                             io_mode=io_mode, extents=extents)
+        if io_mode != fastpath.SYNC and extents is None and not self.loop.uses_uring:
             log.warning("io_uring unavailable: the ring loop does synchronous I/O")
         self._geometry = geometry
         self._io_errors_logged = 0

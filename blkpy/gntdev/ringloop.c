@@ -33,6 +33,7 @@
 #define SECTORS_PER_PAGE 8
 #define DISCARD_SECURE 1
 #define MAX_SLOT 128
+#define PUSH_EVERY 8   /* requests served between two pushes of responses inside a batch */
 #define DESCS_PER_PAGE 512   /* 8-byte segment descriptors in a 4 KiB indirect page */
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -411,7 +412,7 @@ static int submit_async(struct blkpy_ringloop *l, uint32_t slot, uint64_t id, un
         .iov_count = flushing ? 0 : nseg, .user_data = slot,
     };
     if (blkpy_uring_queue(l->uring, &uio, 1) != 1)
-        return 0;   /* the submission queue is full: Python's engine gets the request */
+        return 0;   /* the submission queue is full */
     l->n_free--;
     l->c_in_flight++;
     struct blkpy_rl_inflight *f = &l->inflight[slot];
@@ -542,14 +543,23 @@ static int serve_one(struct blkpy_ringloop *l, const uint8_t *s)
     static __thread uint8_t descs[BLKPY_RL_MAX_INDIRECT_SEGS * 8];
     struct iovec *iov = sync_iov;
     uint32_t slot = 0;
+    int use_async = 0;
     if (l->uring) {
-        /* A flush that carries data is two ordered ops: Python's engine does those. */
-        if (flushing && s[1])
-            return 0;
+        unsigned eff = op == OP_INDIRECT ? (unsigned)io_op : op;
+        unsigned want = op == OP_INDIRECT ? rd16(s + 2) : s[1];
+        if (l->async_all) {
+            /* A flush that carries data is two ordered ops: Python's engine does those. */
+            if ((flushing && s[1]) || want > l->iov_per_slot)
+                return 0;
+            use_async = 1;
+        } else {   /* reads of a deep enough batch: one io_uring_enter serves them all */
+            use_async = eff == OP_READ && l->async_reads_min && l->cur_batch >= l->async_reads_min
+                        && want <= l->iov_per_slot;
+        }
+    }
+    if (use_async) {
         slot = l->free_slots[l->n_free - 1];   /* never empty: one slot per ring entry */
         iov = l->iov_pool + (size_t)slot * l->iov_per_slot;
-        if (op == OP_INDIRECT && rd16(s + 2) > l->iov_per_slot)
-            return 0;
     }
     unsigned nseg;
     if (op == OP_INDIRECT) {
@@ -563,8 +573,10 @@ static int serve_one(struct blkpy_ringloop *l, const uint8_t *s)
             return 0;
     }
     uint64_t id = rd64(s + l->abi.id_off);
-    if (l->uring)
-        return submit_async(l, slot, id, op, rsp_op, flushing, nseg, nbytes, s);
+    if (use_async && submit_async(l, slot, id, op, rsp_op, flushing, nseg, nbytes, s))
+        return 1;
+    if (l->async_all)
+        return 0;   /* the submission queue is full: Python's engine gets the request */
     uint64_t off = rd64(s + l->abi.sector_off) << 9;
     int write = op != OP_READ;
     if (l->extents) {
@@ -722,6 +734,7 @@ int blkpy_ringloop_run(struct blkpy_ringloop *l, int may_sleep)
             if (n > l->max_batch)
                 n = l->max_batch;
             l->batches++;
+            l->cur_batch = n;
             if (n > l->max_batch_seen)
                 l->max_batch_seen = n;
             for (uint32_t i = 0; i < n; i++) {
@@ -730,6 +743,11 @@ int blkpy_ringloop_run(struct blkpy_ringloop *l, int may_sleep)
                 if (l->py_in_flight || l->disk_fd < 0 || !l->pgrants || !serve_one(l, s))
                     return hand_back(l, BLKPY_LOOP_SLOW);
                 r->req_cons++;
+                /* Answer as we go: a frontend that sees responses early refills the ring
+                 * before it would go to sleep, so a batch of slow requests (buffered
+                 * writes) does not turn into lock-step rounds with a wake-up each. */
+                if ((i & (PUSH_EVERY - 1)) == PUSH_EVERY - 1)
+                    blkpy_ringloop_push(l);
             }
             if (l->uring)
                 blkpy_uring_enter(l->uring);

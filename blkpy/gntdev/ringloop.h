@@ -115,10 +115,16 @@ struct blkpy_ringloop {
     uint64_t extent_epoch;           /* odd while the loop uses extents it looked up */
     struct blkpy_evtchn evtchn;
     int disk_fd;                     /* raw image or device; -1: all requests go to Python */
-    /* Asynchronous mode (O_DIRECT images): requests go to io_uring and are answered as
-     * they complete, so the guest's queue depth reaches the device. NULL: synchronous
-     * preadv/pwritev, the fastest on the page cache. */
+    /* io_uring, answered as completions arrive. With async_all (O_DIRECT images) every
+     * request goes there, so the guest's queue depth reaches the device; otherwise only the
+     * reads of batches of at least async_reads_min requests (0: none), where one
+     * io_uring_enter costs less than a preadv each, while single reads and buffered writes
+     * (which io_uring punts to a worker) stay synchronous. NULL: all synchronous. */
     struct blkpy_uring *uring;
+    uint8_t async_all;
+    uint8_t _pad1[3];
+    uint32_t async_reads_min;
+    uint32_t cur_batch;              /* requests in the batch being served */
     int uring_efd;                   /* the uring's completion eventfd */
     struct blkpy_rl_inflight *inflight;   /* set up by blkpy_ringloop_open */
     struct iovec *iov_pool;
