@@ -44,6 +44,17 @@ class NativeTable:
         lib.blkpy_table_put(self.native, key, value)
         self.count += 1
 
+    def put_many(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Several entries in one call (no more than the room left)."""
+        k = np.ascontiguousarray(keys, dtype=np.uint64)
+        v = np.ascontiguousarray(values, dtype=np.uint64)
+        if len(k) > self.capacity - self.count:
+            raise OverflowError("native table full")
+        if len(k):
+            lib.blkpy_table_put_many(self.native, ffi.cast("uint64_t *", k.ctypes.data),
+                                     ffi.cast("uint64_t *", v.ctypes.data), len(k))
+            self.count += len(k)
+
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Value per key, 0 where unknown."""
         wanted = np.ascontiguousarray(keys, dtype=np.uint64)
@@ -78,6 +89,7 @@ class ExtentMap(NativeTable):
         self.cluster_bits = cluster_bits
         self._loops: list[object] = []
         self._lock = threading.Lock()
+        self.generation = 0  # counts clears: what was learnt before one is gone
 
     def attach(self, loop: object) -> None:
         """A ring loop (``struct blkpy_ringloop *``) starts using the map."""
@@ -101,6 +113,17 @@ class ExtentMap(NativeTable):
             self.clear()
         self.put(cluster, host | EXTENT_READ | (EXTENT_WRITE if writable else 0))
 
+    def learn_many(self, clusters: np.ndarray, hosts: np.ndarray, writable: np.ndarray) -> None:
+        """``learn`` for arrays of clusters (hosts 0 are skipped)."""
+        known = hosts != 0
+        values = (hosts[known] | np.uint64(EXTENT_READ)
+                  | np.where(writable[known], np.uint64(EXTENT_WRITE), np.uint64(0)))
+        if known.sum() > self.capacity - self.count:
+            self.clear()
+            if known.sum() > self.capacity:
+                return
+        self.put_many(clusters[known], values)
+
     def forget(self, offset: int, length: int) -> None:
         """Drop the clusters of guest bytes [offset, offset + length)."""
         if length <= 0:
@@ -114,3 +137,4 @@ class ExtentMap(NativeTable):
         self._vals[:] = 0  # unknown at once for every loop ...
         self._quiesce()  # ... and none still using an old entry when the keys go
         self._wipe()
+        self.generation += 1

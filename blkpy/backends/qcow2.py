@@ -15,6 +15,8 @@ import threading
 import zlib
 from collections.abc import Sequence
 
+import numpy as np
+
 from blkpy.backends.base import CorruptImage, Disk, DiskError, UnsupportedImage
 from blkpy.backends.raw import punch_hole
 from blkpy.native_table import ExtentMap
@@ -170,6 +172,8 @@ class Qcow2Disk(Disk):
         # Where plain data clusters live, for the native ring loop (the top image only:
         # backing files are read through this object).
         self._extents = ExtentMap(EXTENT_MAP_CLUSTERS, h.cluster_bits) if _depth == 0 else None
+        self._learnt_tables: set[int] = set()  # L1 indices whose L2 table was learnt whole
+        self._learnt_generation = 0
 
     def native_io(self) -> tuple[int, ExtentMap | None] | None:
         if self._extents is None or self._fd < 0:
@@ -178,13 +182,22 @@ class Qcow2Disk(Disk):
 
     def _learn(self, offset: int, length: int) -> None:
         """Tell the ring loop where the clusters just served live, so the next requests
-        there need no Python. Only whole clusters of plain host data are learnt, and only
-        clusters we own alone may be written in place."""
+        there need no Python: the whole L2 table the first time one is used (one
+        vectorised pass), then the request's own clusters (after copy-on-write or a
+        discard made the loop forget them). Only whole clusters of plain host data are
+        learnt, and only clusters we own alone may be written in place."""
         extents = self._extents
         if extents is None or length <= 0:
             return
         bits, cs, meta = extents.cluster_bits, self.cluster_size, self.meta
         writable = not self.readonly and meta.writable and not meta.write_failed
+        if self._learnt_generation != extents.generation:
+            self._learnt_tables.clear()
+            self._learnt_generation = extents.generation
+        table_span = bits + meta.geo.l2_bits
+        for l1_index in range(offset >> table_span, ((offset + length - 1) >> table_span) + 1):
+            if l1_index not in self._learnt_tables:
+                self._learn_table(l1_index << table_span, writable)
         first = offset >> bits
         last = min((offset + length - 1) >> bits, first + LEARN_CLUSTERS - 1)
         for cluster in range(first, last + 1):
@@ -195,6 +208,21 @@ class Qcow2Disk(Disk):
             if host is not None:
                 extents.learn(cluster, host,
                               writable and meta.fast_host(start, cs, write=True) is not None)
+
+    def _learn_table(self, guest: int, writable: bool) -> None:
+        extents = self._extents
+        assert extents is not None
+        try:
+            found = self.meta.plain_clusters(guest)
+        except CorruptImage:
+            return  # the request path reports it when it gets there
+        if found is not None:
+            first, hosts, own = found
+            clusters = first + np.arange(len(hosts), dtype=np.uint64)
+            whole = ((clusters + np.uint64(1)) << np.uint64(extents.cluster_bits)) <= self.size
+            extents.learn_many(clusters[whole], hosts[whole], own[whole] & writable)
+        if self._learnt_generation == extents.generation:
+            self._learnt_tables.add(guest >> (extents.cluster_bits + self.meta.geo.l2_bits))
 
     def _forget_all(self) -> None:
         """The image went read-only (corrupt) or a write-back failed: no more in place."""

@@ -169,6 +169,13 @@ void blkpy_table_put(struct blkpy_table *t, uint64_t key, uint64_t val)
     __atomic_store_n(&t->keys[i], k, __ATOMIC_RELEASE);
 }
 
+void blkpy_table_put_many(struct blkpy_table *t, const uint64_t *keys, const uint64_t *vals,
+                          int n)
+{
+    for (int i = 0; i < n; i++)
+        blkpy_table_put(t, keys[i], vals[i]);
+}
+
 static inline uint64_t tb_get(const struct blkpy_table *t, uint64_t key)
 {
     uint64_t k = key + 1;

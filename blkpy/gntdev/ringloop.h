@@ -66,6 +66,8 @@ struct blkpy_table {
     uint32_t mask;
 };
 void blkpy_table_put(struct blkpy_table *t, uint64_t key, uint64_t val);
+void blkpy_table_put_many(struct blkpy_table *t, const uint64_t *keys, const uint64_t *vals,
+                          int n);
 /* out[i] = value of keys[i], 0 where unknown. */
 void blkpy_table_get(const struct blkpy_table *t, const uint64_t *keys, int n, uint64_t *out);
 /* Zero the values of keys first .. first + count - 1. */

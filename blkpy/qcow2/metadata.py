@@ -236,6 +236,31 @@ class Metadata:
                 return None
         return host + inoff
 
+    def plain_clusters(self, guest: int) -> tuple[int, np.ndarray, np.ndarray] | None:
+        """``fast_host`` for every cluster of the L2 table covering guest offset ``guest``
+        at once: (first guest cluster, host offset per entry or 0, writable in place per
+        entry). None for images with extended L2 entries (their subclusters decide) and
+        where there is no L2 table."""
+        if self._wide == 2:
+            return None
+        geo = self.geo
+        l1_index = guest >> self._l1_shift
+        if l1_index >= len(self.l1):
+            return None
+        l1v = int(self.l1[l1_index])
+        off = self._l2_offset(l1_index)
+        if not off:
+            return None
+        v = self._l2_table(off).astype(np.uint64)
+        host = v & np.uint64(l2.L2E_OFFSET_MASK)
+        bad = np.uint64(l2.OFLAG_COMPRESSED | l2.L2E_STD_RESERVED_MASK | l2.OFLAG_ZERO)
+        cs = np.uint64(geo.cluster_size)
+        plain = ((host != 0) & ((v & bad) == 0) & (host % cs == 0)
+                 & (host < np.uint64(self.alloc.file_end)))
+        writable = (plain & ((v & np.uint64(l2.OFLAG_COPIED)) != 0)
+                    & bool(l1v & l2.OFLAG_COPIED))
+        return l1_index << geo.l2_bits, np.where(plain, host, np.uint64(0)), writable
+
     def fast_runs(self, guest: int, length: int, write: bool) -> list[tuple[int, int]] | None:
         """``fast_host`` over several clusters: (host offset, length) runs of physically
         contiguous clusters covering the range, or None if any piece needs the general

@@ -165,3 +165,33 @@ def test_failed_write_back_stops_writes_and_leaves_no_corruption(fail_at):
     with pytest.raises(PermissionError):
         meta.plan_write(0, 512)
     assert check_image(_reopen(storage)).corruptions == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(cluster_bits=st.sampled_from([9, 12, 16]),
+       writes=st.lists(st.tuples(st.integers(0, (4 << 20) - 1), st.integers(1, 20000)),
+                       max_size=12),
+       discards=st.lists(st.tuples(st.integers(0, (4 << 20) - 1), st.integers(1, 70000)),
+                         max_size=4))
+def test_plain_clusters_agrees_with_fast_host(cluster_bits, writes, discards):
+    """The ring loop's bulk-learnt extents say what fast_host says, cluster by cluster."""
+    size = 4 << 20
+    storage, meta = _meta(size=size, cluster_size=1 << cluster_bits)
+    for off, n in writes:
+        _write(storage, meta, off, min(n, size - off))
+    for off, n in discards:
+        meta.discard(off, min(n, size - off))
+    cs = 1 << cluster_bits
+    span = cs * (cs // 8)  # guest bytes one L2 table covers
+    for table_start in range(0, size, span):
+        found = meta.plain_clusters(table_start)
+        for k in range(min(cs // 8, (size - table_start) // cs)):
+            start = table_start + k * cs
+            read, write = meta.fast_host(start, cs, False), meta.fast_host(start, cs, True)
+            if found is None:
+                assert read is None
+                continue
+            first, hosts, own = found
+            assert first == table_start >> cluster_bits
+            assert (int(hosts[k]) or None) == read
+            assert bool(own[k]) == (write is not None)
