@@ -22,7 +22,7 @@ class InProcessDevice:
     def __init__(self, image: str, *, abi: str = "x86_64-abi", order: int = 0,
                  readonly: bool = False, persistent: bool = False, grant_mode: str = "map",
                  engine: str = "sync", sector_size: int = 512, discard: bool = True,
-                 poll_us: int = 0, fmt: str = "raw") -> None:
+                 poll_us: int = 0, fmt: str = "raw", direct: bool = False) -> None:
         self.sim_dir = create_sim_dir()
         self.guest = SimGuest(self.sim_dir, GUEST, memory_pages=4096)
         self.platform = SimPlatform(self.sim_dir, xenstore_path="unused")
@@ -35,7 +35,7 @@ class InProcessDevice:
         back = ring.BackRing(self.ring_map.buffer, self.abi, npages)
         self.port = self.guest.alloc_unbound_port(0)
         evt = self.platform.bind_interdomain(GUEST, self.port.port)
-        options = {"sector_size": sector_size} if fmt == "raw" else {}
+        options = {"sector_size": sector_size, "direct": direct} if fmt == "raw" else {}
         self.disk = open_disk(image, fmt, readonly=readonly, **options)
         self.geometry = DiskGeometry(
             sectors=self.disk.size >> 9, sector_size=self.disk.sector_size, readonly=readonly,
