@@ -11,8 +11,8 @@ pick some):
   at QD8 on a raw file in the page cache, IOPS against fio psync;
 - the backend's CPU per 4 KiB read at QD32 against fio psync's, and its CPU while the guest
   is connected and idle;
-- 4 KiB random reads at QD32 with O_DIRECT on the machine's disk (`serve --direct-io
-  --engine uring` against fio io_uring --direct=1 at the same depth);
+- 4 KiB random reads at QD32 with O_DIRECT on the machine's disk (`serve --direct-io`,
+  whose engine auto is io_uring, against fio io_uring --direct=1 at the same depth);
 - qcow2: 4 KiB random reads, random writes and allocating writes at QD1 and QD32, IOPS
   against `qemu-img bench`.
 
@@ -186,12 +186,22 @@ class Measurement:
 
 
 @dataclasses.dataclass(frozen=True)
+class IdleFigures:
+    """The served raw disk after its runs: idle CPU, and memory."""
+
+    cpu_percent: float
+    rss_mib: float
+    pss_mib: float
+
+
+@dataclasses.dataclass(frozen=True)
 class RowSpec:
     """One line of the report: what is compared with what, and the target."""
 
     key: str  # for --rows
     group: str  # --rows also takes these
-    kind: str  # "iops": blkpy/peer IOPS; "cpu": blkpy/peer CPU per I/O; "idle": % of a core
+    kind: str  # "iops": blkpy/peer IOPS; "cpu": blkpy/peer CPU per I/O; "idle": % of a core;
+    # "memory": the serve's resident MiB
     target: float
     comparison: str  # ">=" or "<="
     pattern: Pattern | None = None
@@ -223,6 +233,7 @@ ROWS: tuple[RowSpec, ...] = (
             "fio psync"),
     RowSpec("cpu-qd32", "cpu", "cpu", 1.3, "<=", rand4k(32), "fio psync"),
     RowSpec("idle", "idle", "idle", 1.0, "<="),
+    RowSpec("memory", "memory", "memory", 40.0, "<="),
     RowSpec("direct4k-qd32", "direct", "iops", 0.9, ">=",
             Pattern("direct4k", 4096, True, 32, disk="direct"), "fio io_uring"),
     *_qcow2_rows(),
@@ -594,6 +605,17 @@ class ServedDisk:
         time.sleep(seconds)
         return (_process_cpu_seconds(pid) - cpu0) / (time.monotonic() - t0) * 100
 
+    def memory_mib(self) -> tuple[float, float]:
+        """The serve's resident and proportional set sizes (MiB): PSS counts pages shared
+        with other processes (forked serves of the hotplug daemon) by their share."""
+        sizes = {}
+        with open(f"/proc/{self.backend.proc.pid}/smaps_rollup") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name in ("Rss", "Pss"):
+                    sizes[name] = int(rest.split()[0]) / 1024
+        return sizes["Rss"], sizes["Pss"]
+
 
 @contextlib.contextmanager
 def served_disk(
@@ -838,9 +860,9 @@ class _Bench:
 
     def run_disk(self, host: SimHost, guest: SimGuest, disk: str, target: str,
                  peers: list[_Side], cached: Path | None,
-                 idle_seconds: float | None = None) -> float | None:
+                 idle_seconds: float | None = None) -> IdleFigures | None:
         """Serve ``target`` as ``disk`` and measure what the plan has for it; then, given
-        ``idle_seconds``, the backend's idle CPU (% of a core, returned)."""
+        ``idle_seconds``, the backend's idle CPU and its memory after the runs."""
         items = self.todo[disk]
         order = _ring_order((p for s, p in items if s == "blkpy"), self.ring_order)
         with served_disk(host, guest, disk, target, order) as served:
@@ -853,19 +875,26 @@ class _Bench:
             if idle_seconds is None:
                 return None
             self.say(f"blkpy idle for {idle_seconds:g} s ...")
-            return served.idle_cpu_percent(idle_seconds)
+            cpu = served.idle_cpu_percent(idle_seconds)
+            return IdleFigures(cpu, *served.memory_mib())
 
     def get(self, side: str, pattern: Pattern) -> Measurement | None:
         runs = self.results.get((side, pattern.label))
         return Measurement(runs) if runs else None
 
-    def row(self, spec: RowSpec, idle: float | None, idle_seconds: float,
+    def row(self, spec: RowSpec, idle: IdleFigures | None, idle_seconds: float,
             skipped: dict[str, str]) -> Row:
         """``spec``'s outcome from the medians of what was measured."""
         common = {"key": spec.key, "target": spec.target, "comparison": spec.comparison}
         if spec.kind == "idle":
-            return Row(name=f"idle backend CPU % of a core ({idle_seconds:g} s)", blkpy=idle,
-                       peer=None, peer_side=None, value=idle, **common)
+            cpu = idle.cpu_percent if idle else None
+            return Row(name=f"idle backend CPU % of a core ({idle_seconds:g} s)", blkpy=cpu,
+                       peer=None, peer_side=None, value=cpu, **common)
+        if spec.kind == "memory":
+            rss = idle.rss_mib if idle else None
+            pss = f" (PSS {idle.pss_mib:.1f})" if idle else ""
+            return Row(name=f"serve RSS MiB after the runs{pss}", blkpy=rss, peer=None,
+                       peer_side=None, value=rss, **common)
         assert spec.pattern is not None and spec.peer is not None
         pattern = spec.pattern
         mine = self.get("blkpy", pattern)
@@ -915,13 +944,13 @@ def run_benchmark(
     ``plot_sweep``); ``ring_order``: the guest's max ring-page-order (default: the smallest
     ring holding the deepest queue); ``engine``/``poll_us``: `blkpy serve`
     --engine/--poll-us; ``serve_args``: further serve options (the O_DIRECT row adds
-    --direct-io --engine uring); ``guest_poll_us``: how long the guest polls its ring
+    --direct-io); ``guest_poll_us``: how long the guest polls its ring
     before sleeping on the event channel; ``workdir``: where the test files go (default
     ``DEFAULT_WORKDIR``: the O_DIRECT row needs a disk)."""
     say = echo or (lambda _msg: None)
     specs = select_rows(rows)
     todo = _plan(specs, sweep, peers)
-    want_idle = any(s.kind == "idle" for s in specs)
+    want_idle = any(s.kind in ("idle", "memory") for s in specs)
     sides = {side for items in todo.values() for side, _p in items}
     if any(s.startswith("fio") for s in sides) and shutil.which("fio") is None:
         raise RuntimeError("fio is not installed (setup.sh installs it)")
@@ -938,7 +967,7 @@ def run_benchmark(
     tmp = Path(tempfile.mkdtemp(prefix="blkpy-bench-", dir=workdir))
     bench = _Bench(todo, seconds, repeats, guest_poll_us, ring_order, say)
     skipped: dict[str, str] = {}
-    idle: float | None = None
+    idle: IdleFigures | None = None
     try:
         raw = tmp / "bench.raw"
         if todo["raw"] or want_idle or todo["qcow2"]:
@@ -976,7 +1005,7 @@ def run_benchmark(
                 say(f"writing {size_mb} MiB O_DIRECT test file {direct}")
                 make_file(direct, size)
                 drop_from_cache(direct)
-                with SimHost(serve_args=[*args, "--direct-io", "--engine", "uring"]) as host:
+                with SimHost(serve_args=[*args, "--direct-io"]) as host:
                     pages = _guest_pages(p for _s, p in todo["direct"])
                     guest = host.create_guest(GUEST_DOMID, memory_pages=pages)
                     fio = [_fio_side("io_uring", direct, size, seconds, False)]

@@ -102,6 +102,9 @@ def serve(backend_path: str, platform_name: str, xenstore_path: str | None,
           log_level: str) -> None:
     """Serve one virtual block device: BACKEND_PATH is its backend directory, e.g.
     backend/vbd/<domid>/<devid> (relative paths are under /local/domain/<self>)."""
+    # A serve never speaks TLS: without this, asyncio loads OpenSSL (~4 MiB resident per
+    # device). A serve forked by the hotplug daemon already shares the daemon's copy.
+    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
     from blkpy.platform import PlatformError, open_platform
     from blkpy.serve import ServeError, ServeOptions
     from blkpy.serve import serve as run_serve

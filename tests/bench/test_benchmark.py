@@ -86,7 +86,7 @@ def test_pattern_labels():
 
 def test_every_row_has_a_unique_key_and_a_target():
     keys = [r.key for r in bench.ROWS]
-    assert len(keys) == len(set(keys)) == 14
+    assert len(keys) == len(set(keys)) == 15
     assert all(r.comparison in (">=", "<=") for r in bench.ROWS)
     assert {r.pattern.label for r in bench.ROWS if r.group == "qcow2"} == {
         f"qcow2 {kind} 4k QD{d}" for kind in ("randread", "randwrite", "allocating seqwrite")
@@ -240,19 +240,21 @@ def test_writes_to_a_read_only_disk_are_refused(tmp_path):
 
 @pytest.mark.skipif(not (HAVE_FIO and HAVE_QEMU_IMG), reason="fio or qemu-img not installed")
 def test_short_benchmark_json(tmp_path):
-    args = ["--rows", "rand4k-qd1,idle", "--rows", "qcow2-alloc-qd1,direct", "--seconds", "0.2",
+    args = ["--rows", "rand4k-qd1,idle,memory", "--rows", "qcow2-alloc-qd1,direct",
+            "--seconds", "0.2",
             "--size-mb", "8", "--idle-seconds", "0.2", "--workdir", str(tmp_path), "--json"]
     result = CliRunner().invoke(bench.bench_command, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout[result.stdout.index("{"):])  # click < 8.2 mixes in stderr
     rows = {row["key"]: row for row in out["rows"]}
-    assert list(rows) == ["rand4k-qd1", "idle", "direct4k-qd32", "qcow2-alloc-qd1"]
+    assert list(rows) == ["rand4k-qd1", "idle", "memory", "direct4k-qd32", "qcow2-alloc-qd1"]
     for row in rows.values():
         assert {"name", "blkpy", "peer", "value", "target", "comparison", "pass"} <= set(row)
         assert isinstance(row["pass"], bool) and row["comparison"] in (">=", "<=")
     assert rows["rand4k-qd1"]["value"] > 0 and rows["rand4k-qd1"]["target"] == 0.4
     assert set(rows["rand4k-qd1"]["latency_us"]) == {"blkpy", "fio psync"}
     assert rows["idle"]["value"] >= 0 and rows["idle"]["comparison"] == "<="
+    assert 5 < rows["memory"]["value"] < 500 and "PSS" in rows["memory"]["name"]
     assert rows["qcow2-alloc-qd1"]["peer_side"] == "qemu-img bench"
     direct = rows["direct4k-qd32"]
     assert direct["skipped"] or direct["value"] > 0  # skipped on tmpfs, with the reason
