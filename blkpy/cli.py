@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import importlib
 import json
 import logging
@@ -105,6 +106,8 @@ def serve(backend_path: str, platform_name: str, xenstore_path: str | None,
     # A serve never speaks TLS: without this, asyncio loads OpenSSL (~4 MiB resident per
     # device). A serve forked by the hotplug daemon already shares the daemon's copy.
     sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+    # A crash in native code leaves every thread's Python stack in the serve's log.
+    faulthandler.enable(all_threads=True)
     from blkpy.platform import PlatformError, open_platform
     from blkpy.serve import ServeError, ServeOptions
     from blkpy.serve import serve as run_serve

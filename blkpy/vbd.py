@@ -23,7 +23,7 @@ from blkpy import fastpath, ring
 from blkpy.backends.base import Disk
 from blkpy.defaults import MAX_PERSISTENT_GRANTS
 from blkpy.engine import IoEngine, IoVector
-from blkpy.fastpath import LOOP_FIELDS, STAT_FIELDS, RingLoop
+from blkpy.fastpath import STAT_FIELDS, RingLoop
 from blkpy.grants import (
     Acquired,
     GrantCopier,
@@ -124,6 +124,7 @@ class Vbd:
         grant_mode: str = "map",
         poll_us: int = 0,
         max_persistent_grants: int = MAX_PERSISTENT_GRANTS,
+        format_in_loop: bool = True,
         on_broken: Callable[[str], None] | None = None,
         bad_request_log: RateLimitedLog | None = None,
     ) -> None:
@@ -150,6 +151,8 @@ class Vbd:
         table = self.pages.table if isinstance(self.pages, GrantMapper) else None
         target = disk.native_io()
         fd, extents = target if target is not None else (None, None)
+        if extents is not None and not format_in_loop:
+            fd, extents = None, None  # every request of this image goes to Python
         io_mode = engine.loop_io
         self.loop = RingLoop(back_ring, geometry, evtchn, disk_fd=fd, grants=table,
                              poll_us=poll_us, max_batch=MAX_BATCH, io_fd=engine.fileno(),
@@ -181,8 +184,8 @@ class Vbd:
         return st
 
     def loop_counters(self) -> dict[str, int]:
-        """The native loop's notifications, wake-ups, sleeps and polls."""
-        return {k: v for k, v in self.loop.counters().items() if k in LOOP_FIELDS}
+        """What the native loop served itself, and its notifications, wake-ups and sleeps."""
+        return self.loop.counters()
 
     # ---- running ----------------------------------------------------------------------
 

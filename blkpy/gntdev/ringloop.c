@@ -34,6 +34,8 @@
 #define DISCARD_SECURE 1
 #define MAX_SLOT 128
 #define PUSH_EVERY 8   /* requests served between two pushes of responses inside a batch */
+/* clusters one request may span: 1024 pages at the smallest (512-byte) clusters, + 1 */
+#define RL_MAX_CLUSTERS (BLKPY_RL_MAX_INDIRECT_SEGS * 8 + 1)
 #define DESCS_PER_PAGE 512   /* 8-byte segment descriptors in a 4 KiB indirect page */
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -41,6 +43,14 @@
 #else
 #define cpu_relax() __asm__ __volatile__("" ::: "memory")
 #endif
+
+/* Per-loop scratch space for one request (the loop serves one at a time). */
+struct blkpy_rl_scratch {
+    struct iovec iov[BLKPY_RL_MAX_INDIRECT_SEGS];   /* the request's segments */
+    struct iovec sub[BLKPY_RL_MAX_INDIRECT_SEGS];   /* one run of them (io_extents) */
+    uint8_t descs[BLKPY_RL_MAX_INDIRECT_SEGS * 8];  /* indirect descriptors, copied */
+    uint64_t ext[RL_MAX_CLUSTERS];                   /* extents of the request, checked */
+};
 
 /* A request handed to io_uring, answered when its completion arrives. */
 struct blkpy_rl_inflight {
@@ -478,42 +488,52 @@ void blkpy_ringloop_quiesce(struct blkpy_ringloop *const *loops, int n)
 }
 
 /* Every cluster of [off, off + nbytes) is known with the flag the operation needs. */
-static int extents_known(const struct blkpy_ringloop *l, uint64_t need, uint64_t off,
+/* Every cluster of [off, off + nbytes) is known with the flag the operation needs; their
+ * values are kept in scratch->ext, so the I/O uses exactly what was checked (a concurrent
+ * forget zeroes the table entries at once and then waits for this request to finish). */
+static int extents_known(struct blkpy_ringloop *l, uint64_t need, uint64_t off,
                          int64_t nbytes)
 {
+    uint64_t first = off >> l->cluster_bits;
     uint64_t last = (off + (uint64_t)nbytes - 1) >> l->cluster_bits;
-    for (uint64_t c = off >> l->cluster_bits; c <= last; c++)
-        if (!(tb_get(l->extents, c) & need))
+    if (last - first >= RL_MAX_CLUSTERS)
+        return 0;
+    for (uint64_t c = first; c <= last; c++) {
+        uint64_t v = tb_get(l->extents, c);
+        if (!(v & need))
             return 0;
+        l->scratch->ext[c - first] = v;
+    }
     return 1;
 }
 
 /* nbytes at guest offset off through the extents: each run of host-contiguous clusters
  * in one preadv/pwritev. Returns nbytes or -errno. */
 static int64_t io_extents(struct blkpy_ringloop *l, int write, uint64_t off,
-                          const struct iovec *iov, int64_t nbytes)
+                          const struct iovec *iov, unsigned niov, int64_t nbytes)
 {
-    static __thread struct iovec sub[BLKPY_RL_MAX_INDIRECT_SEGS];
-    uint64_t cs = 1ull << l->cluster_bits, need = write ? BLKPY_EXTENT_WRITE : BLKPY_EXTENT_READ;
-    uint64_t pos = 0, total = (uint64_t)nbytes;
+    struct iovec *sub = l->scratch->sub;
+    uint64_t cs = 1ull << l->cluster_bits;
+    uint64_t pos = 0, total = (uint64_t)nbytes, first = off >> l->cluster_bits;
+    const uint64_t *ext = l->scratch->ext;   /* as extents_known saw them */
     unsigned vi = 0;
     size_t vo = 0;   /* cursor in iov: entry vi, byte vo */
     while (pos < total) {
-        uint64_t g = off + pos, v = tb_get(l->extents, g >> l->cluster_bits);
-        if (!(v & need))
-            return -EIO;   /* forgotten since the check: impossible inside the epoch */
+        uint64_t g = off + pos, v = ext[(g >> l->cluster_bits) - first];
         uint64_t host = (v & ~(uint64_t)BLKPY_EXTENT_FLAGS) + (g & (cs - 1));
         uint64_t len = cs - (g & (cs - 1));
         if (len > total - pos)
             len = total - pos;
         while (pos + len < total) {
-            uint64_t v2 = tb_get(l->extents, (off + pos + len) >> l->cluster_bits);
-            if (!(v2 & need) || (v2 & ~(uint64_t)BLKPY_EXTENT_FLAGS) != host + len)
+            uint64_t v2 = ext[((off + pos + len) >> l->cluster_bits) - first];
+            if ((v2 & ~(uint64_t)BLKPY_EXTENT_FLAGS) != host + len)
                 break;
             len += cs < total - pos - len ? cs : total - pos - len;
         }
         unsigned ns = 0;
         for (uint64_t left = len; left;) {
+            if (vi >= niov || ns >= BLKPY_RL_MAX_INDIRECT_SEGS)
+                return -EIO;   /* the iovecs cover fewer bytes than the request: a bug */
             size_t take = iov[vi].iov_len - vo;
             if (take > left)
                 take = (size_t)left;
@@ -546,9 +566,8 @@ static int serve_one(struct blkpy_ringloop *l, const uint8_t *s)
     int flushing = op == OP_BARRIER || op == OP_FLUSH;
     if (op == OP_DISCARD)
         return 0;
-    static __thread struct iovec sync_iov[BLKPY_RL_MAX_INDIRECT_SEGS];
-    static __thread uint8_t descs[BLKPY_RL_MAX_INDIRECT_SEGS * 8];
-    struct iovec *iov = sync_iov;
+    uint8_t *descs = l->scratch->descs;
+    struct iovec *iov = l->scratch->iov;
     uint32_t slot = 0;
     int use_async = 0;
     if (l->uring) {
@@ -601,7 +620,7 @@ static int serve_one(struct blkpy_ringloop *l, const uint8_t *s)
         status = io_status(l, fdatasync(l->disk_fd) ? -errno : 0, 0);
     if (nseg && status == RSP_OKAY) {
         struct blkpy_io io = {.fd = l->disk_fd, .op = write, .offset = off, .iov_count = nseg};
-        int64_t res = l->extents ? io_extents(l, write, off, iov, nbytes) : blkpy_io_one(&io, iov);
+        int64_t res = l->extents ? io_extents(l, write, off, iov, nseg, nbytes) : blkpy_io_one(&io, iov);
         status = io_status(l, res, nbytes);
     }
     if (l->extents)
@@ -617,6 +636,9 @@ int blkpy_ringloop_open(struct blkpy_ringloop *l)
     l->epoll_fd = -1;
     if (l->uring && l->extents)
         return -EINVAL;   /* translated I/O is synchronous */
+    l->scratch = calloc(1, sizeof *l->scratch);
+    if (!l->scratch)
+        return -ENOMEM;
     if (l->uring) {
         uint32_t size = l->ring->size;
         if (l->iov_per_slot < MAX_SEGS)
@@ -661,6 +683,8 @@ void blkpy_ringloop_close(struct blkpy_ringloop *l)
     free(l->inflight);
     free(l->iov_pool);
     free(l->free_slots);
+    free(l->scratch);
+    l->scratch = NULL;
     l->inflight = NULL;
     l->iov_pool = NULL;
     l->free_slots = NULL;

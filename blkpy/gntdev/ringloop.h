@@ -101,6 +101,7 @@ struct blkpy_evtchn {
 #define BLKPY_LOOP_NOTIFY 5      /* BLKPY_EVTCHN_PYTHON: Python must notify, then call again */
 
 struct blkpy_rl_inflight;
+struct blkpy_rl_scratch;
 struct blkpy_uring;
 struct iovec;
 struct blkpy_ringloop {
@@ -135,6 +136,7 @@ struct blkpy_ringloop {
     int wake_fd;                     /* eventfd Python writes to get the loop back; -1 */
     int io_fd;                       /* Python's engine completion fd; -1 */
     int epoll_fd;                    /* set up by blkpy_ringloop_open */
+    struct blkpy_rl_scratch *scratch;     /* set up by blkpy_ringloop_open */
     int stop;                        /* set by Python (any thread) to get the loop back */
     uint32_t py_in_flight;           /* batches in Python's engine: every request waits */
     uint32_t max_batch;              /* requests per batch before responses are pushed */

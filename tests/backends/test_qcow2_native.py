@@ -167,3 +167,33 @@ def test_shared_clusters_are_read_natively_but_never_written_in_place(tmp_path):
     check_clean(path)
     qemu_img("snapshot", "-a", "s1", path)
     assert as_raw(path, str(tmp_path / "s2.raw")) == snap
+
+
+def _served_counts(tmp_path, queues: int) -> list[dict]:
+    from blkpy.sim import toolstack
+    from blkpy.sim.frontend import Frontend
+    from blkpy.sim.host import SimHost
+    from blkpy.sim.workloads import run_workload
+
+    tmp_path.mkdir()
+    path = _image(tmp_path, 65536, snapshot=False)
+    with SimHost() as host:
+        guest = host.create_guest(1, memory_pages=8192)
+        backend = host.add_disk(toolstack.DiskSpec(1, 51712, "xvda", f"qcow2:{path}"))
+        fe = Frontend(guest, host.guest_xenstore(1), 51712, num_queues=queues,
+                      max_ring_page_order=1, max_indirect_segments=32)
+        fe.connect(timeout=15)
+        s = run_workload(fe, "randrw", requests=600, seed=3, zeroed=True)
+        assert s.ok, s.to_text() + backend.log()
+        loops = backend.stats()["loops"]
+        fe.close(timeout=10)
+    check_clean(path)
+    return loops
+
+
+def test_qcow2_in_the_loop_with_one_queue_only(tmp_path):
+    """With several queues the qcow2 data path stays in Python (see README)."""
+    (one,) = _served_counts(tmp_path / "one", 1)
+    assert one["rd_req"] + one["wr_req"] > 0
+    two = _served_counts(tmp_path / "two", 2)
+    assert len(two) == 2 and all(lp["rd_req"] + lp["wr_req"] == 0 for lp in two)
