@@ -187,9 +187,10 @@ class Measurement:
 
 @dataclasses.dataclass(frozen=True)
 class IdleFigures:
-    """The served raw disk after its runs: idle CPU, and memory."""
+    """The served raw disk after its runs: idle CPU, and memory (MiB)."""
 
     cpu_percent: float
+    own_mib: float
     rss_mib: float
     pss_mib: float
 
@@ -201,7 +202,7 @@ class RowSpec:
     key: str  # for --rows
     group: str  # --rows also takes these
     kind: str  # "iops": blkpy/peer IOPS; "cpu": blkpy/peer CPU per I/O; "idle": % of a core;
-    # "memory": the serve's resident MiB
+    # "memory": the serve's own resident MiB
     target: float
     comparison: str  # ">=" or "<="
     pattern: Pattern | None = None
@@ -605,16 +606,21 @@ class ServedDisk:
         time.sleep(seconds)
         return (_process_cpu_seconds(pid) - cpu0) / (time.monotonic() - t0) * 100
 
-    def memory_mib(self) -> tuple[float, float]:
-        """The serve's resident and proportional set sizes (MiB): PSS counts pages shared
-        with other processes (forked serves of the hotplug daemon) by their share."""
-        sizes = {}
-        with open(f"/proc/{self.backend.proc.pid}/smaps_rollup") as f:
-            for line in f:
-                name, _, rest = line.partition(":")
-                if name in ("Rss", "Pss"):
-                    sizes[name] = int(rest.split()[0]) / 1024
-        return sizes["Rss"], sizes["Pss"]
+    def memory_mib(self) -> tuple[float, float, float]:
+        """The serve's own resident memory (anonymous + file pages), its whole RSS and its
+        PSS (MiB). The own figure leaves out the guest pages it keeps mapped (persistent
+        grants: shared memory in the simulator, foreign frames on Xen): they are the
+        guest's memory. PSS counts pages shared with other processes (the interpreter and
+        numpy of serves forked by the hotplug daemon) by their share."""
+        pid = self.backend.proc.pid
+        sizes: dict[str, float] = {}
+        for path in (f"/proc/{pid}/status", f"/proc/{pid}/smaps_rollup"):
+            with open(path) as f:
+                for line in f:
+                    name, _, rest = line.partition(":")
+                    if name in ("RssAnon", "RssFile", "Rss", "Pss"):
+                        sizes[name] = int(rest.split()[0]) / 1024
+        return sizes["RssAnon"] + sizes["RssFile"], sizes["Rss"], sizes["Pss"]
 
 
 @contextlib.contextmanager
@@ -891,10 +897,10 @@ class _Bench:
             return Row(name=f"idle backend CPU % of a core ({idle_seconds:g} s)", blkpy=cpu,
                        peer=None, peer_side=None, value=cpu, **common)
         if spec.kind == "memory":
-            rss = idle.rss_mib if idle else None
-            pss = f" (PSS {idle.pss_mib:.1f})" if idle else ""
-            return Row(name=f"serve RSS MiB after the runs{pss}", blkpy=rss, peer=None,
-                       peer_side=None, value=rss, **common)
+            own = idle.own_mib if idle else None
+            more = f" (RSS {idle.rss_mib:.1f}, PSS {idle.pss_mib:.1f})" if idle else ""
+            return Row(name=f"serve own MiB after the runs{more}", blkpy=own, peer=None,
+                       peer_side=None, value=own, **common)
         assert spec.pattern is not None and spec.peer is not None
         pattern = spec.pattern
         mine = self.get("blkpy", pattern)
