@@ -315,7 +315,7 @@ class DeviceServer:
                 prefix = "" if queues == 1 else f"queue-{q}/"
                 refs = self._ring_refs(prefix, order)
                 port = _uint(fe(f"{prefix}event-channel"), f"{prefix}event-channel")
-                self._attach_queue(abi, refs, port, geometry, persistent, queues)
+                self._attach_queue(abi, refs, port, geometry, persistent)
         except BaseException:
             self._disconnect()
             raise
@@ -350,7 +350,7 @@ class DeviceServer:
                 for i in range(1 << order)]
 
     def _attach_queue(self, abi: ring.Abi, refs: list[int], port: int,
-                      geometry: DiskGeometry, persistent: bool, queues: int) -> None:
+                      geometry: DiskGeometry, persistent: bool) -> None:
         mapping = self.platform.map_grants(self.frontend_id, refs, writable=True)
         self._ring_maps.append(mapping)
         back = ring.BackRing(mapping.buffer, abi, len(refs))
@@ -361,9 +361,6 @@ class DeviceServer:
                                                                       persistent),
                   poll_us=self.opts.poll_us,
                   max_persistent_grants=self.opts.max_persistent_grants,
-                  # qcow2 in the native loop only with one queue: several queues sharing
-                  # an extent map crashed serves on real Xen (README, design notes)
-                  format_in_loop=queues == 1,
                   on_broken=self._on_ring_broken,
                   bad_request_log=self._bad_log)
         self.vbds.append(vbd)

@@ -124,7 +124,6 @@ class Vbd:
         grant_mode: str = "map",
         poll_us: int = 0,
         max_persistent_grants: int = MAX_PERSISTENT_GRANTS,
-        format_in_loop: bool = True,
         on_broken: Callable[[str], None] | None = None,
         bad_request_log: RateLimitedLog | None = None,
     ) -> None:
@@ -151,8 +150,6 @@ class Vbd:
         table = self.pages.table if isinstance(self.pages, GrantMapper) else None
         target = disk.native_io()
         fd, extents = target if target is not None else (None, None)
-        if extents is not None and not format_in_loop:
-            fd, extents = None, None  # every request of this image goes to Python
         io_mode = engine.loop_io
         self.loop = RingLoop(back_ring, geometry, evtchn, disk_fd=fd, grants=table,
                              poll_us=poll_us, max_batch=MAX_BATCH, io_fd=engine.fileno(),
