@@ -174,9 +174,6 @@ class RingLoop:
         self.native.py_in_flight = py_in_flight
         return int(lib.blkpy_ringloop_run(self.native, int(may_sleep)))
 
-    def push(self) -> None:
-        lib.blkpy_ringloop_push(self.native)
-
     def take_notify(self) -> bool:
         """A notification the loop could not send itself (Python event channel)."""
         pending = bool(self.native.notify_pending)

@@ -171,6 +171,7 @@ def test_ring_thread_serves_and_stops_polling_when_idle(raw_image):
         time.sleep(0.5)
         assert _thread_cpu_seconds(tid) - cpu0 < 0.05  # an idle ring sleeps
         assert h.vbd.loop.counters()["sleeps"] >= 20
+        assert h.vbd.loop.counters()["polls_missed"] >= 1  # it polled, then gave up
     finally:
         h.close()
 

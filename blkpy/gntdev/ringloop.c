@@ -718,14 +718,16 @@ static int poll_ring(struct blkpy_ringloop *l)
     int64_t deadline = now_ns() + l->poll_ns;
     unsigned spins = 0;
     while (!__atomic_load_n(&l->stop, __ATOMIC_RELAXED)) {
-        if (unconsumed(r, ld32(r->sring, RL_REQ_PROD)))
+        if (unconsumed(r, ld32(r->sring, RL_REQ_PROD)) ||
+            (l->c_in_flight && blkpy_uring_ready(l->uring))) {
+            l->polls_hit++;
             return 1;
-        if (l->c_in_flight && blkpy_uring_ready(l->uring))
-            return 1;
+        }
         if ((++spins & 31) == 0 && now_ns() >= deadline)
             break;
         cpu_relax();
     }
+    l->polls_missed++;
     return 0;
 }
 
