@@ -114,7 +114,8 @@ class RingLoop:
         self.native = ffi.new("struct blkpy_ringloop *")
         n = self.native
         n.ring = back.native
-        n.abi = ring.slot_layout(back.abi)[0]
+        layout = ring.slot_layout(back.abi)  # kept alive while its struct is copied
+        n.abi = layout[0]
         fill_geometry(n.geom, geom)
         n.pgrants = grants.native if grants is not None else ffi.NULL
         if extents is not None:
