@@ -1,8 +1,9 @@
 """The native ring loop (blkpy/gntdev/ringloop.c) seen from Python: its C structures built
 from the Python objects they mirror, and one object per ring to run it.
 
-The loop serves the common case (valid READ/WRITE/FLUSH/BARRIER on persistent grants of a
-raw image) with one call that releases the GIL and returns only when something needs
+The loop serves the common case (valid READ/WRITE/FLUSH/BARRIER and indirect READ/WRITE
+on persistent grants, of a raw image or the known clusters of a qcow2 image) with one call
+that releases the GIL and returns only when something needs
 Python: a request it does not serve, a wake-up from the control plane, a broken ring. The
 numpy validator in blkpy.requests stays the reference; ``validate_native`` exposes the C
 verdicts so a property test can hold the two equal.

@@ -103,12 +103,8 @@ class GrantMapper:
         missing = addr == 0
         room = self.max_persistent - self.table.count
         if missing.any() and room > 0:
-            # 0xffffffff has no place in the table: such a grant is always mapped per batch
-            new = np.unique(grefs[missing])
-            new = new[new != 0xFFFFFFFF][:room].tolist()
-            if new:
-                self._map_persistent(new)
-                addr = self.table.lookup(grefs)
+            self._map_persistent(np.unique(grefs[missing])[:room].tolist())
+            addr = self.table.lookup(grefs)
         return addr
 
     def _map_persistent(self, grefs: list[int]) -> None:

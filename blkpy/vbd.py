@@ -108,7 +108,8 @@ class Vbd:
 
     The native ring loop (blkpy.fastpath) serves the common case; this class owns the ring
     thread, the grants and the reference path that takes every request the loop leaves
-    (``_slow_batch``): refusals, discards, indirect requests, grants not yet persistent."""
+    (``_slow_batch``): refusals, discards, grants not yet persistent, what an image format
+    must decide (qcow2 allocation, flushes)."""
 
     def __init__(
         self,
