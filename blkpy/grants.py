@@ -239,7 +239,8 @@ def fetch_indirect(
         mapping = platform.map_grants(domid, flat, writable=False)
     except GrantError:
         if len(order) == 1:
-            return {order[0]: None}
+            out[order[0]] = None  # keep what the cache already fetched for the others
+            return out
         for i in order:
             out.update(fetch_indirect(platform, domid, {i: grefs[i]}, {i: counts[i]}))
         return out

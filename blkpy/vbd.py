@@ -402,8 +402,9 @@ class Vbd:
             counts[i] = n
         mapper = self.pages if isinstance(self.pages, GrantMapper) else None
         fetched = fetch_indirect(self.platform, self.domid, grefs, counts, mapper)
-        for i, descs in fetched.items():
-            if descs is None:
+        for i in todo.tolist():
+            descs = fetched.get(i)
+            if descs is None:  # bad page, or (defensively) never fetched: never I/O without it
                 v.refuse(i, BLKIF_RSP_ERROR, "bad indirect grant reference")
                 continue
             nbytes, reason = validate_indirect(descs, int(ind["sector_number"][i]), self.geometry)

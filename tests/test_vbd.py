@@ -194,6 +194,48 @@ def test_hostile_field_gets_error_and_device_keeps_serving(dev, case):
     assert not dev.broken
 
 
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_refusal_leaves_an_indirect_neighbour_alone(dev, case):
+    # An outside fuzzer found a bad indirect page (persistent grants) failing the valid
+    # indirect request after it in the same batch; every refusal must leave its batch alone.
+    with open(dev.disk.path, "r+b") as f:
+        f.seek(100 * 512)
+        f.write(bytes(range(256)) * 64)
+    _, g = dev.data_page(0x11)
+    ind_frame, ind_gref = dev.data_page(0)
+    pages = [dev.data_page(0) for _ in range(4)]
+    descs = np.zeros(512, dtype=ring.SEGMENT_DTYPE)
+    for k, (_, pg) in enumerate(pages):
+        descs[k] = (pg, 0, 7)
+    dev.guest.page(ind_frame)[:] = descs.tobytes()
+    good = _indirect(dev, ind_gref, 4, grefs=ind_gref).copy()
+    good["id"], good["sector_number"] = 7, 100
+    bad = HOSTILE[case][0](dev, g)
+    rsp = dev.run(ring.concat_slots(dev.abi, [bad, good]))
+    got = dict(zip(rsp["id"].tolist(), rsp["status"].tolist(), strict=True))
+    assert got[7] == OK, case
+    data = b"".join(bytes(dev.guest.page(fr)) for fr, _ in pages)
+    assert data == bytes(range(256)) * 64
+    assert not dev.broken
+
+
+def test_bad_indirect_page_before_a_good_one_in_one_batch(dev):
+    # The outside fuzzer's minimal case: two indirect READs of 4 segments at sector 100,
+    # the first naming a never-granted indirect page.
+    ind_frame, ind_gref = dev.data_page(0)
+    descs = np.zeros(512, dtype=ring.SEGMENT_DTYPE)
+    for k in range(4):
+        descs[k] = (dev.data_page(0)[1], 0, 7)
+    dev.guest.page(ind_frame)[:] = descs.tobytes()
+    first = _indirect(dev, 0, 4, grefs=99999).copy()
+    second = _indirect(dev, 0, 4, grefs=ind_gref).copy()
+    first["id"], second["id"] = 1, 2
+    first["sector_number"] = second["sector_number"] = 100
+    rsp = dev.run(ring.concat_slots(dev.abi, [first, second]))
+    assert rsp["id"].tolist() == [1, 2]
+    assert rsp["status"].tolist() == [ERR, OK]
+
+
 def test_indirect_descriptors_are_validated(dev):
     f, g = dev.data_page(0)
     ind_frame, ind_gref = dev.data_page(0)
