@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from blkpy.benchmark import run_benchmark
+from blkpy.bench.benchmark import run_benchmark
 
 MODES = {
     "persistent map": ("--grant-mode", "map", "--persistent"),

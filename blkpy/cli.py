@@ -18,13 +18,13 @@ from blkpy.defaults import (
     MAX_QUEUES_DEFAULT,
     POLL_US_DEFAULT,
 )
-from blkpy.hotplug_cli import hotplug
+from blkpy.hotplug.cli import hotplug
 
 
 class _LazyGroup(click.Group):
     """A group whose heavy subcommands are imported only when used."""
 
-    lazy = {"image": "blkpy.image_cli:image"}
+    lazy = {"image": "blkpy.backends.image_cli:image"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.lazy})
@@ -214,7 +214,7 @@ def sim_xenstored(socket_path: str) -> None:
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(args: tuple[str, ...]) -> None:
     """Benchmark blkpy against fio on one file (options: `blkpy bench --help`)."""
-    from blkpy.benchmark import bench_command
+    from blkpy.bench.benchmark import bench_command
 
     bench_command.main(args=list(args), prog_name="blkpy bench")
 

@@ -15,9 +15,9 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blkpy import benchmark as bench
 from blkpy import ring as blkif
-from blkpy.benchmark import BenchReport, Measurement, Pattern, Row, Run
+from blkpy.bench import benchmark as bench
+from blkpy.bench.benchmark import BenchReport, Measurement, Pattern, Row, Run
 from blkpy.gntdev.native import lib
 from blkpy.sim.host import SimHost
 from blkpy.sim.load_generator import HIST_BINS, percentiles, run_load

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from qemu_img import as_raw, check_clean, needs_qemu, qemu_img, qemu_io
 
+from blkpy.backends.image_cli import parse_size
 from blkpy.cli import main
-from blkpy.image_cli import parse_size
 
 pytestmark = needs_qemu
 

@@ -1,0 +1,1 @@
+"""`blkpy bench`: blkpy against its real peers (fio, qemu-img) in one run."""
