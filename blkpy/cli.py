@@ -24,7 +24,7 @@ from blkpy.hotplug.cli import hotplug
 class _LazyGroup(click.Group):
     """A group whose heavy subcommands are imported only when used."""
 
-    lazy = {"image": "blkpy.backends.image_cli:image"}
+    lazy = {"image": "blkpy.backends.image_cli:image", "fuzz": "blkpy.fuzz.cli:fuzz"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.lazy})
