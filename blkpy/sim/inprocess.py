@@ -30,6 +30,7 @@ class InProcessDevice:
         npages = 1 << order
         self.ring_frames = self.guest.alloc_pages(npages)
         refs = [self.guest.grant_access(f, 0) for f in self.ring_frames]
+        self.ring_refs = refs
         self.front = ring.FrontRing(self._ring_view(), self.abi, npages)
         self.ring_map = self.platform.map_grants(GUEST, refs, writable=True)
         back = ring.BackRing(self.ring_map.buffer, self.abi, npages)
