@@ -23,7 +23,7 @@ from blkpy.native_table import ExtentMap
 from blkpy.qcow2.header import COMPRESSION_ZSTD, MAGIC
 from blkpy.qcow2.l2 import Entry, Kind
 from blkpy.qcow2.metadata import DEFAULT_CACHE_SIZE, ClusterWrite, Metadata
-from blkpy.qcow2.plan import Op, Punch, Resize, Sync, Write
+from blkpy.qcow2.plan import Op, Punch, Resize, Sync, SyncLost, Write
 
 MAX_BACKING_DEPTH = 64  # QEMU's limit too; a deeper chain is most likely a loop
 #: clusters whose host offsets the native ring loop may know at once (a 2 MiB table:
@@ -52,7 +52,10 @@ class FileStorage:
                 if os.pwrite(self.fd, op.data, op.offset) != len(op.data):
                     raise OSError(f"short write at 0x{op.offset:x}")
             elif isinstance(op, Sync):
-                os.fdatasync(self.fd)
+                try:
+                    os.fdatasync(self.fd)
+                except OSError as exc:
+                    raise SyncLost(exc.errno, f"fdatasync: {exc.strerror}") from exc
             elif isinstance(op, Resize) and os.fstat(self.fd).st_size < op.size:
                 os.ftruncate(self.fd, op.size)
             elif isinstance(op, Punch):
@@ -374,18 +377,32 @@ class Qcow2Disk(Disk):
         # steps whose host bytes follow each other go out in one pwritev; their L2
         # entries are committed only after it
         run_host, run_data, run_steps, run_len = 0, [], [], 0
-        for step in meta.plan_write(offset, length):
-            host, data = self._step_data(step, offset, length, views)
-            if run_data and (run_host + run_len != host or len(run_data) + len(data) > 1024):
-                self._write_run(run_host, run_data, run_steps)
-                run_data, run_steps = [], []
-            if not run_data:
-                run_host, run_len = host, 0
-            run_data += data
-            run_steps.append(step)
-            run_len += sum(len(d) for d in data)
-        if run_data:
-            self._write_run(run_host, run_data, run_steps)
+        steps = meta.plan_write(offset, length)
+        committed = 0
+
+        def write_run() -> None:
+            nonlocal committed
+            self._write_run(run_host, run_data)
+            for step in run_steps:
+                meta.commit(step)
+                committed += 1
+
+        try:
+            for step in steps:
+                host, data = self._step_data(step, offset, length, views)
+                if run_data and (run_host + run_len != host or len(run_data) + len(data) > 1024):
+                    write_run()
+                    run_data, run_steps = [], []
+                if not run_data:
+                    run_host, run_len = host, 0
+                run_data += data
+                run_steps.append(step)
+                run_len += sum(len(d) for d in data)
+            if run_data:
+                write_run()
+        except BaseException:
+            meta.abort(steps[committed:])  # their new clusters would leak otherwise
+            raise
         self._last_compressed = None
 
     def _step_data(self, step: ClusterWrite, offset: int, length: int,
@@ -412,12 +429,12 @@ class Qcow2Disk(Disk):
             pos += len(d)
         return step.host, [rv]
 
-    def _write_run(self, host: int, data: list[memoryview], steps: list[ClusterWrite]) -> None:
+    def _write_run(self, host: int, data: list[memoryview]) -> None:
+        """Guest data of steps whose host bytes follow each other, in one pwritev (their
+        L2 entries are committed only after it)."""
         if os.pwritev(self._fd, data, host) != sum(len(d) for d in data):
             raise OSError(errno.EIO, f"short write at 0x{host:x}")
         self.meta.data_written()
-        for step in steps:
-            self.meta.commit(step)
 
     def discard(self, offset: int, length: int) -> None:
         self.check_range(offset, length)

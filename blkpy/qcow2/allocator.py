@@ -7,6 +7,7 @@ reference removal they account for is durable (``free_later`` + ``apply_pending_
 
 from __future__ import annotations
 
+import errno
 import struct
 
 import numpy as np
@@ -15,7 +16,7 @@ from blkpy.backends.base import CorruptImage
 from blkpy.qcow2 import refcount as rc
 from blkpy.qcow2.cache import TableCache
 from blkpy.qcow2.header import MAX_HOST_OFFSET, MAX_REFTABLE_BYTES, OFF_REFCOUNT_TABLE
-from blkpy.qcow2.plan import Op, Resize, Storage, Sync, Write
+from blkpy.qcow2.plan import Op, Resize, Storage, Sync, SyncLost, Write
 
 
 class RefcountOverflow(CorruptImage):
@@ -40,6 +41,8 @@ class Allocator:
         #: end of the file including clusters allocated but not yet written (bounds checks)
         self.file_end = file_size
         self._real_end = file_size
+        #: a refcount table move failed half-way: see plan.SyncLost
+        self.lost = False
         self.cache = TableCache(cache_bytes, cs)
         self.pending_frees: list[int] = []
         self._hint = 0  # no free cluster below this index
@@ -219,7 +222,15 @@ class Allocator:
         plan += [Write(self.reftable_offset, self.reftable.tobytes()), Sync(),
                  Write(OFF_REFCOUNT_TABLE, struct.pack(">QI", self.reftable_offset, tclusters)),
                  Sync()]
-        self.storage.execute(plan)
+        try:
+            self.storage.execute(plan)
+        except OSError as exc:
+            # the header may or may not point at the new table now: nothing written from
+            # here on could be trusted, as after a lost sync
+            self.lost = True
+            raise SyncLost(exc.errno or errno.EIO, f"refcount table move: {exc}") from exc
+        self.blocks_written()
+        self.resized(self.file_end)
         self._reftable_dirty.clear()
         for i in range(old_clusters):  # nothing points at the old table any more
             self.decrement(old_offset + i * cs)
@@ -235,23 +246,26 @@ class Allocator:
         return bool(self._reftable_dirty)
 
     def block_writes(self) -> list[Op]:
-        """Writes of every dirty refcount block (safe at any time, see module doc);
-        marks them clean."""
-        ops: list[Op] = [Write(off, rc.encode_block(b, self.refcount_bits))
-                         for off, b in self.cache.dirty_tables()]
+        """Writes of every dirty refcount block (safe at any time, see module doc). They
+        stay dirty until ``blocks_written`` (a failed write is retried next time)."""
+        return [Write(off, rc.encode_block(b, self.refcount_bits))
+                for off, b in self.cache.dirty_tables()]
+
+    def blocks_written(self) -> None:
         self.cache.mark_all_clean()
-        return ops
 
     def reftable_writes(self) -> list[Op]:
         """Writes of the refcount table sectors holding changed entries (after the blocks
-        they point to are durable)."""
+        they point to are durable); dirty until ``reftable_written``."""
         ops: list[Op] = []
         per_sector = 512 // 8
         for s in sorted({r // per_sector for r in self._reftable_dirty}):
             chunk = self.reftable[s * per_sector:(s + 1) * per_sector]
             ops.append(Write(self.reftable_offset + s * 512, chunk.tobytes()))
-        self._reftable_dirty.clear()
         return ops
+
+    def reftable_written(self) -> None:
+        self._reftable_dirty.clear()
 
     @property
     def real_end(self) -> int:
@@ -259,13 +273,14 @@ class Allocator:
         return self._real_end
 
     def resize_op(self) -> list[Op]:
-        """A Resize if allocations went past the end of the file."""
-        if self.file_end > self._real_end:
-            self._real_end = self.file_end
-            return [Resize(self.file_end)]
-        return []
+        """A Resize if allocations went past the end of the file (``resized`` once done)."""
+        return [Resize(self.file_end)] if self.file_end > self._real_end else []
+
+    def resized(self, size: int) -> None:
+        self._real_end = max(self._real_end, size)
 
     def _shrink_cache(self) -> None:
         if not self.cache.shrink():
             self.storage.execute(self.block_writes())
+            self.blocks_written()
             self.cache.shrink()

@@ -10,9 +10,11 @@ also serialises allocations of the same guest cluster).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import struct
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -30,7 +32,7 @@ from blkpy.qcow2.header import (
     parse_header,
 )
 from blkpy.qcow2.l2 import Entry, Kind
-from blkpy.qcow2.plan import Op, Punch, Storage, Sync, Write
+from blkpy.qcow2.plan import Op, Punch, Storage, Sync, SyncLost, Write
 from blkpy.qcow2.snapshot import Snapshot, parse_snapshots
 
 DEFAULT_CACHE_SIZE = 4 * 1024 * 1024  # bytes of L2 tables (refcount blocks get a quarter)
@@ -66,6 +68,8 @@ class ClusterWrite:
     #: the widened parts read as zeros and the host area lies past the end of the file
     #: (reads as zeros too): only the caller's bytes need writing
     skip_cow: bool = False
+    #: ``host`` lies in a cluster allocated for this step (``abort`` gives it back)
+    allocated: bool = False
 
 
 def read_header(storage: Storage, file_size: int) -> Header:
@@ -89,13 +93,22 @@ class Metadata:
                                file_size, max(cache_size // 4, 4 * cs))
         self.l2_cache = TableCache(cache_size, cs)
         self._data_unsynced = False
-        #: a write-back failed: what is on disk is consistent but older than the cache
-        self.write_failed = False
+        #: a sync failed (plan.SyncLost): what is on disk is consistent but older than the
+        #: cache and may miss writes the kernel dropped, so no metadata is written any more
+        self._write_failed = False
         self._l1_shift = h.cluster_bits + self.geo.l2_bits
         if writable:
             self._prepare_for_writing()
 
     # ---- properties ---------------------------------------------------------------------
+
+    @property
+    def write_failed(self) -> bool:
+        return self._write_failed or self.alloc.lost
+
+    @write_failed.setter
+    def write_failed(self, value: bool) -> None:
+        self._write_failed = value
 
     @property
     def size(self) -> int:
@@ -322,11 +335,26 @@ class Metadata:
         steps: list[ClusterWrite] = []
         cs = self.geo.cluster_size
         pos, end = guest, guest + length
-        while pos < end:
-            n = min(end, (pos & ~(cs - 1)) + cs) - pos
-            steps.append(self._plan_piece(pos, n))
-            pos += n
+        try:
+            while pos < end:
+                n = min(end, (pos & ~(cs - 1)) + cs) - pos
+                steps.append(self._plan_piece(pos, n))
+                pos += n
+        except BaseException:
+            self.abort(steps)
+            raise
         return steps
+
+    def abort(self, steps: list[ClusterWrite]) -> None:
+        """Give back the clusters allocated for ``steps`` that will never be committed (a
+        data write or copy-on-write read failed), as QEMU's allocation abort does: no L2
+        entry points at them, so they are free again instead of leaked. Best effort: a
+        refcount that cannot be read here stays a leak."""
+        cs = self.geo.cluster_size
+        for step in steps:
+            if step.allocated:
+                with contextlib.suppress(OSError):
+                    self.alloc.decrement(step.host & ~(cs - 1))
 
     def _plan_piece(self, pos: int, n: int) -> ClusterWrite:
         geo = self.geo
@@ -360,7 +388,8 @@ class Metadata:
         table = self._writable_l2(geo.l1_index(pos))
         value, bitmap = l2.encode(geo, host, alloc, zero)
         return ClusterWrite(cstart + region[0], region[1] - region[0], host + region[0],
-                            table, geo.l2_index(pos), value, bitmap, frees, skip_cow)
+                            table, geo.l2_index(pos), value, bitmap, frees, skip_cow,
+                            allocated=host != e.host)
 
     def data_written(self) -> None:
         """The I/O layer wrote guest data (the next write-back must sync it first)."""
@@ -424,13 +453,22 @@ class Metadata:
         """Write every cached change in crash-safe order, each phase synced before the
         next starts: refcount blocks (and data) → refcount table entries → L2 tables →
         L1 entries → deferred refcount decrements. A crash between phases leaves at
-        worst leaked clusters, and so does a failed write: after one, the cache no
-        longer knows what reached the disk, so the image takes no more writes."""
+        worst leaked clusters, and so does a failed write: what a phase writes stays
+        dirty until its sync succeeded, so the next write-back (the guest's next flush)
+        writes it again, in the same order. After a failed sync (plan.SyncLost) the image
+        takes no more writes."""
+        if self.write_failed:
+            raise OSError(errno.EIO, "an earlier metadata sync failed")
         if not self.dirty:
             return
-        try:
+        with self._sync_guard():
             self._writeback()
-        except OSError:
+
+    @contextlib.contextmanager
+    def _sync_guard(self) -> Iterator[None]:
+        try:
+            yield
+        except SyncLost:
             self.writable = False
             self.write_failed = True
             raise
@@ -438,22 +476,30 @@ class Metadata:
     def _writeback(self) -> None:
         a = self.alloc
         run = self.storage.execute
+        end = a.file_end
         run(a.resize_op() + a.block_writes() + [Sync()])
+        a.resized(end)
+        a.blocks_written()
         self._data_unsynced = False
         if a.reftable_dirty:
             run(a.reftable_writes() + [Sync()])
+            a.reftable_written()
         if self.l2_cache.dirty:
             ops: list[Op] = [Write(off, t.tobytes()) for off, t in self.l2_cache.dirty_tables()]
-            self.l2_cache.mark_all_clean()
             run(ops + [Sync()])
+            self.l2_cache.mark_all_clean()
         if self._l1_dirty:
             run(self._l1_writes() + [Sync()])
+            self._l1_dirty.clear()
         if a.pending_frees:
+            # applied once: if their write fails the blocks stay dirty and go out first
+            # in the next write-back, after the L2/L1 changes above are already durable
             freed = a.apply_pending_frees()
             for off in freed:
                 self.l2_cache.discard(off)
             cs = self.geo.cluster_size
             run(a.block_writes() + [Sync()] + [Punch(off, cs) for off in freed])
+            a.blocks_written()
 
     def _l1_writes(self) -> list[Op]:
         per_sector = 512 // 8
@@ -461,15 +507,15 @@ class Metadata:
         for s in sorted({i // per_sector for i in self._l1_dirty}):
             chunk = self.l1[s * per_sector:(s + 1) * per_sector]
             ops.append(Write(self.header.l1_table_offset + s * 512, chunk.tobytes()))
-        self._l1_dirty.clear()
         return ops
 
     def flush(self) -> None:
         """Make every completed write durable."""
-        if self.write_failed:
-            raise OSError(errno.EIO, "an earlier metadata write failed")
         if self.dirty:
             self.writeback()
         else:
-            self.storage.execute([Sync()])
+            if self.write_failed:
+                raise OSError(errno.EIO, "an earlier metadata sync failed")
+            with self._sync_guard():
+                self.storage.execute([Sync()])
         self._data_unsynced = False

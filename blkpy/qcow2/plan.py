@@ -38,6 +38,13 @@ class Punch:
 Op = Write | Sync | Resize | Punch
 
 
+class SyncLost(OSError):
+    """A Sync failed. The kernel may have dropped the pages it could not write back (a
+    later fsync would succeed without them: QEMU's ``page_cache_inconsistent``), so what
+    the file holds is unknown and the ordering a Sync stands for is gone: no metadata may
+    be written after it. A failed Write, by contrast, is retried by the next write-back."""
+
+
 class Storage(Protocol):
     """What the core needs from the image file."""
 

@@ -299,3 +299,29 @@ def test_discard_of_the_partial_last_cluster_like_qemu(tmp_path):
             disk.discard(o, n)
     check_clean(ours)
     assert qemu_img("compare", ours, theirs, check=False).returncode == 0
+
+
+def test_failed_data_write_gives_its_clusters_back(tmp_path, monkeypatch):
+    """An allocating write whose data cannot be written fails, leaks nothing (its new
+    clusters are freed, as QEMU's allocation abort does) and the disk goes on: the next
+    write and flush succeed and qemu-img check finds the image clean."""
+    path = str(tmp_path / "img.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", path, "4M")
+    real_pwritev = os.pwritev
+    with Qcow2Disk(path) as disk:
+        disk.writev(0, [memoryview(b"\x11" * 4096)])
+        disk.flush()
+
+        def failing(fd: int, bufs, offset: int) -> int:  # noqa: ANN001
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(os, "pwritev", failing)
+        with pytest.raises(OSError):
+            disk.writev(1 << 20, [memoryview(b"\x22" * 3 * 4096)])  # three new clusters
+        monkeypatch.setattr(os, "pwritev", real_pwritev)
+        disk.writev(2 << 20, [memoryview(b"\x33" * 512)])
+        disk.flush()
+    check_clean(path)
+    data = as_raw(path, str(tmp_path / "out.raw"))
+    assert data[:4096] == b"\x11" * 4096 and data[2 << 20:(2 << 20) + 512] == b"\x33" * 512
+    assert data[1 << 20:(1 << 20) + 3 * 4096] == bytes(3 * 4096)

@@ -10,7 +10,7 @@ from blkpy.qcow2.check import check_image
 from blkpy.qcow2.l2 import Kind
 from blkpy.qcow2.layout import CreateOptions, new_image
 from blkpy.qcow2.metadata import Metadata
-from blkpy.qcow2.plan import MemoryStorage, Resize, Sync, Write
+from blkpy.qcow2.plan import MemoryStorage, Resize, Sync, SyncLost, Write
 
 
 def _meta(size=4 << 20, cache_size=1 << 20, **kw):
@@ -134,37 +134,80 @@ def test_read_only_metadata_refuses_writes():
 
 
 class _FailingStorage(MemoryStorage):
-    """Fails the n-th write it is asked to run (like a full or failing disk)."""
+    """Fails the n-th write (or, with ``syncs``, the n-th sync) it is asked to run, like a
+    full or failing disk; later ones succeed again, like a disk whose fault went away."""
 
-    def __init__(self, data: bytes, fail_at: int) -> None:
+    def __init__(self, data: bytes, fail_at: int, syncs: bool = False) -> None:
         super().__init__(data)
-        self.writes_left = fail_at
+        self.left = fail_at
+        self.kind = Sync if syncs else Write
 
     def execute(self, plan):
         for op in plan:
-            if isinstance(op, Write):
-                self.writes_left -= 1
-                if self.writes_left == 0:
+            if isinstance(op, self.kind):
+                self.left -= 1
+                if self.left == 0:
+                    if self.kind is Sync:
+                        raise SyncLost(5, "Input/output error")
                     raise OSError(28, "No space left on device")
             super().execute([op])
 
 
-@pytest.mark.parametrize("fail_at", [1, 2, 3, 4])
-def test_failed_write_back_stops_writes_and_leaves_no_corruption(fail_at):
+def _dirty_meta(fail_at: int, syncs: bool = False) -> tuple[_FailingStorage, Metadata]:
+    """Metadata with allocations, a discard (deferred frees) and a new L2 table pending."""
     storage = _FailingStorage(new_image(CreateOptions(size=4 << 20, cluster_size=4096)),
-                              fail_at=10**9)
+                              fail_at=10**9, syncs=syncs)
     meta = Metadata(storage, len(storage.data), writable=True)
     _write(storage, meta, 0, 64 << 10)
+    meta.flush()
     meta.discard(0, 8192)
     _write(storage, meta, 1 << 20, 4096)
-    storage.writes_left = fail_at
+    _write(storage, meta, 3 << 20, 4096)
+    storage.left = fail_at
+    return storage, meta
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3, 4, 5])
+def test_failed_metadata_write_is_retried_by_the_next_flush(fail_at):
+    """A failed write leaves the cache dirty: the next flush writes everything again in
+    order, and a transient fault does not stop the disk (it used to refuse every write
+    and flush for good)."""
+    storage, meta = _dirty_meta(fail_at)
     with pytest.raises(OSError):
         meta.flush()
+    assert check_image(_reopen(storage)).corruptions == 0  # the state the crash would see
+    meta.flush()
+    _write(storage, meta, 2 << 20, 512)
+    meta.flush()
+    ro = _reopen(storage)
+    result = check_image(ro)
+    assert (result.corruptions, result.leaks) == (0, 0), result.messages[:5]
+    for guest in (1 << 20, 2 << 20, 3 << 20):
+        assert ro.entry(guest).kind is Kind.NORMAL
+    assert ro.entry(0).kind is not Kind.NORMAL  # the discard reached the disk too
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3, 4])
+def test_failed_sync_stops_writes_and_leaves_no_corruption(fail_at):
+    storage, meta = _dirty_meta(fail_at, syncs=True)
+    with pytest.raises(SyncLost):
+        meta.flush()
     with pytest.raises(OSError):
-        meta.flush()  # never claims success after losing track of the disk
+        meta.flush()  # never claims success after the kernel may have dropped writes
     with pytest.raises(PermissionError):
         meta.plan_write(0, 512)
     assert check_image(_reopen(storage)).corruptions == 0
+
+
+def test_aborted_allocation_leaks_nothing():
+    """Clusters planned for a write whose data never reached the disk are given back."""
+    storage, meta = _meta()
+    steps = meta.plan_write(1 << 20, 3 * 65536)
+    assert any(s.allocated for s in steps)
+    meta.abort(steps)
+    meta.flush()
+    result = check_image(_reopen(storage))
+    assert (result.corruptions, result.leaks) == (0, 0), result.messages[:5]
 
 
 @settings(max_examples=60, deadline=None)
