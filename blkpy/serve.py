@@ -104,7 +104,9 @@ def _uint(value: str | None, what: str, limit: int = 2**32 - 1) -> int:
     if value is None:
         raise ConnectError(f"frontend node {what} is missing")
     text = value.strip()
-    if not text.isdigit() or len(text) > 10 or int(text) > limit:
+    # ASCII digits only: str.isdigit() also passes "²" (int() then raises) and "١٢" (which
+    # int() reads as 12), neither of which a Linux backend's scanf would take.
+    if not (text.isascii() and text.isdigit()) or len(text) > 10 or int(text) > limit:
         raise ConnectError(f"frontend node {what}={value[:32]!r} is not a valid number")
     return int(text)
 
@@ -129,7 +131,10 @@ class DeviceServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Future[int] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._resize_timer: asyncio.TimerHandle | None = None
         self._bad_log = RateLimitedLog(logging.getLogger("blkpy.vbd"))
+        # A frontend can fail the handshake as often as it cycles its state node.
+        self._connect_log = RateLimitedLog(log)
         self._read_backend_nodes()
         self.disk = self._open_disk()
 
@@ -189,18 +194,28 @@ class DeviceServer:
         self._loop.add_signal_handler(signal.SIGUSR1, self._on_stats_signal)
         self._loop.add_signal_handler(signal.SIGHUP, self._check_resize)
         self._resize_timer = self._loop.call_later(RESIZE_CHECK_S, self._periodic_resize)
-        self.xs.write(f"{self.path}/kthread-pid", str(os.getpid()))
-        self.xs.watch(f"{self.frontend}/state", "frontend")
-        self.xs.watch(f"{self.path}/state", "backend")
-        self.xs.watch(f"{self.path}/online", "backend")
-        self.xs.watch("@releaseDomain", "domains")
         self._loop.add_reader(self.xs.fileno(), self._on_xenstore)
-        self._execute(self.machine.start())
+        self.start()
         self._on_xenstore()
         try:
             return await self._done
         finally:
             self._teardown()
+
+    def start(self) -> None:
+        """Watch what the handshake depends on, publish the features and go to InitWait.
+        Then every watch event calls ``step`` (``blkpy fuzz handshake`` calls both
+        directly, without the event loop, to run thousands of handshakes in one process)."""
+        self.xs.write(f"{self.path}/kthread-pid", str(os.getpid()))
+        self.xs.watch(f"{self.frontend}/state", "frontend")
+        self.xs.watch(f"{self.path}/state", "backend")
+        self.xs.watch(f"{self.path}/online", "backend")
+        self.xs.watch("@releaseDomain", "domains")
+        self._execute(self.machine.start())
+
+    def step(self) -> None:
+        """A watch fired: re-read the nodes the handshake depends on and act on them."""
+        self._execute(self.machine.on_change(self._snapshot()))
 
     def _finish(self, status: int) -> None:
         if self._done is not None and not self._done.done():
@@ -216,7 +231,7 @@ class DeviceServer:
     def _on_xenstore(self) -> None:
         try:
             while self.xs.events() and not self.machine.finished:
-                self._execute(self.machine.on_change(self._snapshot()))
+                self.step()
         except ConnectionError as exc:
             log.error("%s: lost xenstore: %s", self.path, exc)
             self._disconnect()
@@ -245,7 +260,7 @@ class DeviceServer:
                 try:
                     self._connect()
                 except (ConnectError, PlatformError, ring.RingOverflow) as exc:
-                    log.error("%s: cannot connect: %s", self.path, exc)
+                    self._connect_log.error("%s: cannot connect: %s", self.path, exc)
                     queue[:0] = self.machine.failed(str(exc))
                 else:
                     queue[:0] = self.machine.connected()
@@ -309,12 +324,21 @@ class DeviceServer:
         if order is not None and order > self.opts.max_ring_page_order:
             raise ConnectError(f"requested ring page order {order} exceeds max "
                                f"{self.opts.max_ring_page_order}")
+        rings = []
+        for q in range(queues):
+            prefix = "" if queues == 1 else f"queue-{q}/"
+            refs = self._ring_refs(prefix, order)
+            rings.append((refs, _uint(fe(f"{prefix}event-channel"), f"{prefix}event-channel")))
+        # One page in two ring slots (or two rings) would have two consumers race on the
+        # same requests; the map itself would succeed, so refuse it here.
+        all_refs = [ref for refs, _ in rings for ref in refs]
+        if len(set(all_refs)) != len(all_refs):
+            raise ConnectError("frontend published the same ring grant twice")
+        if len({port for _, port in rings}) != len(rings):
+            raise ConnectError("frontend published the same event channel for two queues")
         geometry = self._geometry()
         try:
-            for q in range(queues):
-                prefix = "" if queues == 1 else f"queue-{q}/"
-                refs = self._ring_refs(prefix, order)
-                port = _uint(fe(f"{prefix}event-channel"), f"{prefix}event-channel")
+            for refs, port in rings:
                 self._attach_queue(abi, refs, port, geometry, persistent)
         except BaseException:
             self._disconnect()
@@ -409,7 +433,8 @@ class DeviceServer:
         self._ring_maps.clear()
 
     def _teardown(self) -> None:
-        self._resize_timer.cancel()
+        if self._resize_timer is not None:
+            self._resize_timer.cancel()
         self._disconnect()
         if self._loop is not None:
             self._loop.remove_reader(self.xs.fileno())

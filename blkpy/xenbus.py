@@ -113,9 +113,13 @@ class BackendStateMachine:
         self.ring_connected = False
         return [Disconnect()]
 
-    def _exit(self) -> list[Action]:
+    def _exit(self, closed: bool = True) -> list[Action]:
         self.finished = True
-        return [*self._disconnect(), Exit()]
+        # Leave our state node saying Closed, as Linux's xenbus_dev_remove does: a toolstack
+        # removing the device later must see it done, not wait 10 s for a backend that is
+        # gone (libxl then forces the removal and skips the hotplug script).
+        return [*self._disconnect(), *(self._switch(XenbusState.CLOSED) if closed else []),
+                Exit()]
 
     def connected(self) -> list[Action]:
         """The driver mapped the ring(s) and published the disk nodes."""
@@ -135,7 +139,7 @@ class BackendStateMachine:
         if self.finished:
             return []
         if not snap.backend_exists:
-            return self._exit()
+            return self._exit(closed=False)
         actions: list[Action] = []
         # The toolstack removes a device by writing online=0 and our state=Closing; if the
         # frontend is not there to answer, go straight to Closed (QEMU's rule), since libxl

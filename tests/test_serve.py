@@ -57,6 +57,22 @@ def test_connect_io_close_and_reconnect(host, raw_image):
     assert _balanced(backend.stats()), backend.stats()
 
 
+def test_reconnects_keep_one_counter_entry_per_queue(host, raw_image):
+    """Counters of finished connections are summed per queue: a guest that reconnects
+    over and over must not grow the serve by a dict per connection (the soak campaign's
+    cycles found it)."""
+    guest, spec, backend, fe = _attach(host, raw_image)
+    for _ in range(3):
+        fe.connect(timeout=10)
+        assert fe.write(16, b"\x5a" * 4096).status == 0
+        assert fe.close(timeout=10) == []
+    stats = backend.stats()
+    assert len(stats["queues"]) == 1 and len(stats["loops"]) == 1, stats
+    queue, loop = stats["queues"][0], stats["loops"][0]
+    assert queue["wr_req"] == 3 and queue["max_batch"] == 1, stats
+    assert loop["wr_req"] <= 3, stats  # the loop's share of the same three writes
+
+
 def test_toolstack_removal_while_connected(host, raw_image):
     guest, spec, backend, fe = _attach(host, raw_image)
     fe.connect(timeout=10)
@@ -130,6 +146,108 @@ def test_hostile_frontend_nodes_fail_the_connection_cleanly(host, raw_image, nod
     assert host.remove_disk(spec)
     assert backend.wait(10) == 0
     assert "Traceback" not in backend.log()
+
+
+def _publish_ring(host, spec, nodes_of):
+    """A frontend that writes the nodes ``nodes_of(refs, ports)`` returns (refs, ports: two
+    granted pages, two offered ports) and goes Initialised."""
+    guest = host.create_guest(1)
+    backend = host.add_disk(spec)
+    assert host.wait_backend_state(spec, XenbusState.INIT_WAIT, 10)
+    refs = [guest.grant_access(f, 0) for f in guest.alloc_pages(2)]
+    ports = [guest.alloc_unbound_port(0).port for _ in range(2)]
+    gxs = host.guest_xenstore(1)
+    for k, v in nodes_of(refs, ports).items():
+        gxs.write(f"{spec.frontend_path}/{k}", v.encode())
+    gxs.write(f"{spec.frontend_path}/state", "3")
+    return guest, backend, refs
+
+
+def _refused_cleanly(host, spec, backend, guest, refs):
+    assert host.wait_backend_state(spec, XenbusState.CLOSING, 10), backend.log()
+    err = host.xs.read_str(f"/local/domain/0/error/backend/vbd/1/{DEVID}/error")
+    assert err and err.startswith("5 ")
+    assert all(guest.end_access(r) for r in refs)  # nothing of the guest stays mapped
+    host.guest_xenstore(1).write(f"{spec.frontend_path}/state", "6")  # as blkfront answers
+    assert host.wait_backend_state(spec, XenbusState.CLOSED, 10), backend.log()
+    assert host.remove_disk(spec)
+    assert backend.wait(10) == 0
+    assert "Traceback" not in backend.log()
+    return err
+
+
+ARABIC_INDIC = str.maketrans("0123456789", "\u0660\u0661\u0662\u0663\u0664\u0665\u0666\u0667"
+                             "\u0668\u0669")
+
+
+@pytest.mark.parametrize("spell", [
+    lambda n: str(n).translate(ARABIC_INDIC),  # int() reads it as n; scanf would not
+    lambda n: "\u00b2",  # str.isdigit() passes it, int() raises
+])
+def test_non_ascii_digits_are_not_numbers(host, raw_image, spell):
+    """Regression (fuzz handshake): the ring-ref "\u0668" mapped grant 8, and "\u00b2" raised a
+    ValueError out of the connect code (a traceback, the device stuck in InitWait)."""
+    spec = DiskSpec(1, DEVID, "xvda", raw_image)
+    guest, backend, refs = _publish_ring(host, spec, lambda refs, ports: {
+        "ring-ref": spell(refs[0]), "event-channel": str(ports[0]), "protocol": "x86_64-abi"})
+    assert "ring-ref" in _refused_cleanly(host, spec, backend, guest, refs)
+
+
+@pytest.mark.parametrize("nodes_of", [
+    lambda refs, ports: {  # two queues on one ring page
+        "multi-queue-num-queues": "2", "queue-0/ring-ref": str(refs[0]),
+        "queue-1/ring-ref": str(refs[0]), "queue-0/event-channel": str(ports[0]),
+        "queue-1/event-channel": str(ports[1]), "protocol": "x86_64-abi"},
+    lambda refs, ports: {  # one page twice in a two-page ring
+        "ring-page-order": "1", "ring-ref0": str(refs[1]), "ring-ref1": str(refs[1]),
+        "event-channel": str(ports[0]), "protocol": "x86_64-abi"},
+])
+def test_a_ring_grant_published_twice_is_refused(host, raw_image, nodes_of):
+    """Regression (fuzz handshake): the backend mapped the same grant for two queues (or
+    two pages of one ring) and connected, two consumers of one set of requests."""
+    spec = DiskSpec(1, DEVID, "xvda", raw_image)
+    guest, backend, refs = _publish_ring(host, spec, nodes_of)
+    assert "twice" in _refused_cleanly(host, spec, backend, guest, refs)
+
+
+def test_garbage_frontend_state_leaves_the_backend_closed(host, raw_image):
+    """Regression (fuzz handshake): a frontend writing garbage to its state node made the
+    backend unregister and exit with its state node still saying Connected."""
+    guest, spec, backend, fe = _attach(host, raw_image)
+    fe.connect(timeout=10)
+    host.guest_xenstore(1).write(f"{spec.frontend_path}/state", "garbage")
+    assert backend.wait(10) == 0
+    assert host.backend_state(spec) == XenbusState.CLOSED
+    assert all(guest.end_access(r) for r in fe.ring.ring_refs)
+
+
+def test_failed_connects_are_logged_rate_limited(host, raw_image, caplog):
+    """Regression (fuzz handshake): every failed connect was logged, so a frontend cycling
+    Closed -> Initialising -> Initialised with a bad ring flooded the host's log."""
+    from blkpy.serve import DeviceServer, ServeOptions
+    from blkpy.sim.platform import SimPlatform
+    from blkpy.xenstore.client import XenstoreClient
+
+    host.create_guest(1)
+    spec = DiskSpec(1, DEVID, "xvda", raw_image)
+    host.add_disk(spec, start_backend=False)
+    platform = SimPlatform(host.sim_dir, host.socket)
+    xs = XenstoreClient.connect(host.socket)
+    server = DeviceServer(platform, xs, spec.backend_path, ServeOptions())
+    gxs = host.guest_xenstore(1)
+    gxs.write(f"{spec.frontend_path}/ring-ref", "not-a-number")
+    caplog.set_level("INFO", logger="blkpy.serve")
+    server.start()
+    for _ in range(30):
+        for state in ("3", "6", "1"):
+            gxs.write(f"{spec.frontend_path}/state", state)
+            server.step()
+    assert host.backend_state(spec) == XenbusState.INIT_WAIT  # still serving the device
+    failures = [r for r in caplog.records if "cannot connect" in r.getMessage()]
+    assert 1 <= len(failures) <= 10  # 30 connects failed
+    server._teardown()
+    xs.close()
+    platform.close()
 
 
 def test_read_only_disk_is_advertised(host, raw_image):

@@ -88,7 +88,18 @@ def test_toolstack_removal_with_dead_frontend_closes_at_once():
 
 def test_frontend_vanishing_unregisters():
     m = connected_machine()
-    assert m.on_change(snap(None, S.CONNECTED)) == [Disconnect(), Exit()]
+    assert m.on_change(snap(None, S.CONNECTED)) == [Disconnect(), SwitchState(S.CLOSED), Exit()]
+
+
+@pytest.mark.parametrize("raw", ["x", "", "99", "-1"])
+def test_garbage_frontend_state_unregisters_leaving_closed(raw):
+    """Regression (fuzz handshake): a frontend writing garbage to its state node made the
+    backend unregister while its own state node still said Connected, so a later toolstack
+    removal waited 10 s for a Closed nobody would write."""
+    m = connected_machine()
+    assert m.on_change(snap(parse_state(raw), S.CONNECTED)) == [
+        Disconnect(), SwitchState(S.CLOSED), Exit()]
+    assert m.state == S.CLOSED
 
 
 def test_backend_dir_removed_exits():

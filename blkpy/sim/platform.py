@@ -203,7 +203,8 @@ class SimPlatform(Platform):
         return self._xenstore_path
 
     def close(self) -> None:
-        """Unbind every port; guest domains are let go once their last mapping is unmapped."""
+        """Unbind every port, let go of our own domain; guest domains are let go once their
+        last mapping is unmapped."""
         for channel in self._channels:
             channel.close()
         self._channels.clear()
@@ -211,3 +212,6 @@ class SimPlatform(Platform):
             for guest in self._guests.values():
                 guest.retire()
             self._guests.clear()
+        # Our own domain's files (its memory fd stays open while mapped): a process that
+        # closes one platform and opens another must not keep one fd per platform.
+        self._self_domain.release()
