@@ -109,7 +109,10 @@ class _LogWatch(logging.Handler):
             self.bad.append(f"{record.levelname}: {record.getMessage()}")
 
 
-def _run_config(config: Config, seed: int, count: int, findings: FindingLog) -> int:
+def _run_config(config: Config, seed: int, count: int, findings: FindingLog,
+                start_index: int = 0) -> int:
+    """Fuzz one configuration with ``count`` requests; ``start_index`` is where the
+    ring's free-running indices start (near 2**32 they wrap during the run)."""
     # Imported here: `blkpy fuzz --help` should not pay for the simulator.
     from blkpy.sim.inprocess import InProcessDevice
 
@@ -132,7 +135,7 @@ def _run_config(config: Config, seed: int, count: int, findings: FindingLog) -> 
             image, abi=config.abi, order=config.order, readonly=config.readonly,
             persistent=config.grant_mode == "persistent",
             grant_mode="copy" if config.grant_mode == "copy" else "map",
-            engine=config.engine, sector_size=config.sector_size,
+            engine=config.engine, sector_size=config.sector_size, start_index=start_index,
         )
         guest = _Guest(dev, config, rng, nprng, content)
         try:

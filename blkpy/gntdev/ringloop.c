@@ -731,6 +731,29 @@ static int poll_ring(struct blkpy_ringloop *l)
     return 0;
 }
 
+/* A guest may notify in a tight loop with nothing on the ring. Like Linux's late EOI
+ * for spurious events, after SPURIOUS_FREE event wake-ups in a row that found no
+ * request, the loop waits before it acknowledges (unmasks) the channel again, doubling
+ * the wait up to SPURIOUS_MAX_DELAY_NS: a storm then costs at most ~1000 wake-ups a
+ * second, and the first real request resets it. */
+#define SPURIOUS_FREE 8
+#define SPURIOUS_MIN_DELAY_NS 10000
+#define SPURIOUS_MAX_DELAY_NS 1000000
+
+static void throttle_spurious(struct blkpy_ringloop *l)
+{
+    if (l->spurious_run < SPURIOUS_FREE)
+        return;
+    uint32_t k = l->spurious_run - SPURIOUS_FREE;
+    int64_t delay = k >= 7 ? SPURIOUS_MAX_DELAY_NS : (int64_t)SPURIOUS_MIN_DELAY_NS << k;
+    if (delay > SPURIOUS_MAX_DELAY_NS)
+        delay = SPURIOUS_MAX_DELAY_NS;
+    struct timespec ts = {0, (long)delay};
+    nanosleep(&ts, NULL);
+    l->throttled++;
+    l->poll_ns = 0;   /* polling for a guest that only rings the bell is wasted */
+}
+
 /* Haltpoll-style adaptation after a sleep of slept_ns: a sleep shorter than the bound
  * means a longer poll would have caught the request (grow); a longer one means polling
  * was wasted (shrink, down to none), so an idle device sleeps without spinning. */
@@ -764,6 +787,8 @@ int blkpy_ringloop_run(struct blkpy_ringloop *l, int may_sleep)
             return hand_back(l, BLKPY_LOOP_OVERFLOW);
         uint32_t n = unconsumed(r, req_prod);
         if (n) {
+            l->spurious_run = 0;
+            l->woke_on_event = 0;
             if (n > l->max_batch)
                 n = l->max_batch;
             l->batches++;
@@ -805,10 +830,16 @@ int blkpy_ringloop_run(struct blkpy_ringloop *l, int may_sleep)
         struct epoll_event evs[4];
         int64_t t0 = now_ns();
         uint32_t waited_for_io = l->c_in_flight;
+        if (l->woke_on_event) {   /* the event brought no request */
+            l->woke_on_event = 0;
+            l->spurious_run++;
+            l->spurious_wakeups++;
+        }
         l->sleeps++;
         int got = epoll_wait(l->epoll_fd, evs, 4, -1);
-        /* Waiting for the device says nothing about how soon the guest sends more. */
-        if (!waited_for_io)
+        /* Waiting for the device says nothing about how soon the guest sends more, and
+         * an event storm's short sleeps say nothing either. */
+        if (!waited_for_io && l->spurious_run < SPURIOUS_FREE)
             adapt_poll(l, now_ns() - t0);
         if (got < 0) {
             if (errno == EINTR)
@@ -819,8 +850,10 @@ int blkpy_ringloop_run(struct blkpy_ringloop *l, int may_sleep)
         for (int k = 0; k < got; k++) {
             uint32_t which = evs[k].data.u32;
             if (which == 0) {
+                throttle_spurious(l);
                 if (evtchn_ack(l))
                     return hand_back(l, BLKPY_LOOP_EVTCHN);
+                l->woke_on_event = 1;
             } else if (which == 3) {
                 uint64_t count;   /* completions: reaped at the top of the loop */
                 if (read(l->uring_efd, &count, sizeof count) < 0 && errno != EAGAIN)

@@ -147,6 +147,11 @@ struct blkpy_ringloop {
     uint64_t rd_req, wr_req, f_req, rd_sect, wr_sect, errors, batches, max_batch_seen;
     uint64_t notifies, wakeups, sleeps, polls_hit, polls_missed, io_errors;
     int32_t last_io_errno;
+    /* Event-storm defence: event-channel wake-ups in a row that found no request, and
+     * whether the last wake-up was an event not yet matched by a request. */
+    uint32_t spurious_run;
+    uint32_t woke_on_event;
+    uint64_t spurious_wakeups, throttled;
 };
 /* Creates the epoll set (evtchn fd, wake_fd, io_fd, uring_efd) and, with a uring, the
  * in-flight table; 0 or -errno. */

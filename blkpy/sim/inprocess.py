@@ -22,7 +22,8 @@ class InProcessDevice:
     def __init__(self, image: str, *, abi: str = "x86_64-abi", order: int = 0,
                  readonly: bool = False, persistent: bool = False, grant_mode: str = "map",
                  engine: str = "sync", sector_size: int = 512, discard: bool = True,
-                 poll_us: int = 0, fmt: str = "raw", direct: bool = False) -> None:
+                 poll_us: int = 0, fmt: str = "raw", direct: bool = False,
+                 start_index: int = 0) -> None:
         self.sim_dir = create_sim_dir()
         self.guest = SimGuest(self.sim_dir, GUEST, memory_pages=4096)
         self.platform = SimPlatform(self.sim_dir, xenstore_path="unused")
@@ -32,6 +33,13 @@ class InProcessDevice:
         refs = [self.guest.grant_access(f, 0) for f in self.ring_frames]
         self.ring_refs = refs
         self.front = ring.FrontRing(self._ring_view(), self.abi, npages)
+        if start_index:
+            # A ring whose free-running indices start anywhere (they wrap at 2**32):
+            # the frontend initialises the header, the backend attaches at rsp_prod.
+            header = np.frombuffer(self._ring_view(), dtype="<u4", count=4)
+            first, event = start_index & 0xFFFFFFFF, (start_index + 1) & 0xFFFFFFFF
+            header[:] = [first, event, first, event]
+            self.front = ring.FrontRing(self._ring_view(), self.abi, npages, init=False)
         self.ring_map = self.platform.map_grants(GUEST, refs, writable=True)
         back = ring.BackRing(self.ring_map.buffer, self.abi, npages)
         self.port = self.guest.alloc_unbound_port(0)
