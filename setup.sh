@@ -13,6 +13,8 @@ DEB_PACKAGES=(
     qemu-utils                     # qemu-img: the qcow2 oracle and bench peer
     fio                            # raw I/O ceiling for bench
     xenstore-utils                 # real xenstore clients for the simulated xenstored
+    nbdkit nbdkit-plugin-python    # blkpy fuzz crashes: storage that fails on demand (EIO)
+    libnbd-bin fuse3               #   under the backend: nbdfuse puts it in a FUSE file
 )
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
