@@ -50,7 +50,7 @@ from typing import Any
 import click
 
 from blkpy import ring as blkif
-from blkpy.sim import toolstack
+from blkpy.sim import procinfo, toolstack
 from blkpy.sim.frontend import Frontend
 from blkpy.sim.guest import SimGuest
 from blkpy.sim.host import BackendProcess, SimHost
@@ -612,15 +612,9 @@ class ServedDisk:
         grants: shared memory in the simulator, foreign frames on Xen): they are the
         guest's memory. PSS counts pages shared with other processes (the interpreter and
         numpy of serves forked by the hotplug daemon) by their share."""
-        pid = self.backend.proc.pid
-        sizes: dict[str, float] = {}
-        for path in (f"/proc/{pid}/status", f"/proc/{pid}/smaps_rollup"):
-            with open(path) as f:
-                for line in f:
-                    name, _, rest = line.partition(":")
-                    if name in ("RssAnon", "RssFile", "Rss", "Pss"):
-                        sizes[name] = int(rest.split()[0]) / 1024
-        return sizes["RssAnon"] + sizes["RssFile"], sizes["Rss"], sizes["Pss"]
+        figures = procinfo.sample(self.backend.proc.pid)
+        return (procinfo.mib(figures.own_kib), procinfo.mib(figures.rss_kib),
+                procinfo.mib(figures.pss))
 
 
 @contextlib.contextmanager

@@ -108,12 +108,15 @@ def run_load(
     seed: int = 1,
     latency: bool = True,
     fill_byte: int = 0x5A,
+    count: int = 0,
 ) -> LoadResult:
     """Keep ``depth`` requests ``op`` (READ or WRITE) of ``nbytes`` (page multiple) in
     flight for ``seconds``, at random offsets or sequentially over the first ``span``
     bytes of the disk. Offsets are multiples of ``step`` (default ``nbytes``; a larger
     step spreads requests out, e.g. one per qcow2 cluster); a sequential run begins at
-    ``start`` and wraps at the end of the span. ``latency``: record completion latency."""
+    ``start`` and wraps at the end of the span. ``latency``: record completion latency.
+    ``count``: stop after that many requests (a reproducible amount of work; ``seconds``
+    still bounds the run)."""
     if op not in (blkif.BLKIF_OP_READ, blkif.BLKIF_OP_WRITE):
         raise ValueError(f"the load generator issues READ or WRITE, not operation {op}")
     ring: BlkfrontRing = getattr(frontend, "ring", frontend)
@@ -161,7 +164,7 @@ def run_load(
     f.slots_in_disk = slots
     f.next_slot = start // step
     f.rng = (seed * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF or 1
-    f.limit = 0
+    f.limit = count
     f.submit_ns = ffi.cast("uint64_t *", submit_ns.ctypes.data)
     f.lat_hist = ffi.cast("uint64_t *", hist.ctypes.data) if hist is not None else ffi.NULL
     grefs = np.array([ref for _frame, ref in held], dtype=np.uint32)
@@ -200,7 +203,7 @@ def run_load(
                         f"{f.in_flight} requests in flight"
                     )
                 port.ack()
-            if not f.limit and time.monotonic() >= stop_at:
+            if time.monotonic() >= stop_at and not (f.limit and f.submitted >= f.limit):
                 f.limit = max(f.submitted, 1)  # stop submitting; drain what is in flight
     finally:
         elapsed = time.monotonic() - t0

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 from blkpy.backends import DiskError, probe_format
 from blkpy.sim.frontend import Frontend
-from blkpy.sim.host import SimHost
+from blkpy.sim.host import BackendProcess, SimHost
 from blkpy.sim.toolstack import DiskSpec
 from blkpy.sim.workloads import run_workload
 from blkpy.xenbus import XenbusState
@@ -72,6 +72,26 @@ def _image(config: SimRunConfig) -> Iterator[tuple[str, str]]:
     yield config.image, config.fmt or probe_format(config.image)
 
 
+def remove_and_check(host: SimHost, spec: DiskSpec, backend: BackendProcess) -> list[str]:
+    """Remove the disk as libxl does and list what the backend got wrong on the way out:
+    Closed too late, a non-zero exit, an exception in its log, grants left mapped."""
+    problems = []
+    if not host.remove_disk(spec, timeout=10):
+        problems.append("backend did not reach Closed within libxl's 10 s")
+    status = backend.wait(10)
+    if status != 0:
+        problems.append(f"backend exited with status {status}")
+    log = backend.log()
+    if "Traceback" in log:
+        problems.append("backend raised an exception:\n" + log[-2000:])
+    platform = backend.stats().get("platform", {})
+    if isinstance(platform, dict) and (
+        platform.get("pages_mapped") != platform.get("pages_unmapped")
+    ):
+        problems.append(f"backend left grants mapped: {platform}")
+    return problems
+
+
 def run(config: SimRunConfig) -> SimRunResult:
     problems: list[str] = []
     with _image(config) as (path, fmt), SimHost(serve_args=list(config.serve_args)) as host:
@@ -105,20 +125,8 @@ def run(config: SimRunConfig) -> SimRunResult:
             problems += [f"protocol: {e}" for e in frontend.close(timeout=30)]
         except Exception as exc:  # a failed run is reported, with the backend's log
             problems.append(f"{type(exc).__name__}: {exc}")
-        if not host.remove_disk(spec, timeout=10):
-            problems.append("backend did not reach Closed within libxl's 10 s")
-        status = backend.wait(10)
-        if status != 0:
-            problems.append(f"backend exited with status {status}")
-        log = backend.log()
-        if "Traceback" in log:
-            problems.append("backend raised an exception:\n" + log[-2000:])
+        problems += remove_and_check(host, spec, backend)
         stats = backend.stats()
-        platform = stats.get("platform", {})
-        if isinstance(platform, dict) and (
-            platform.get("pages_mapped") != platform.get("pages_unmapped")
-        ):
-            problems.append(f"backend left grants mapped: {platform}")
         return SimRunResult(
             config={**dataclasses.asdict(config), "image": path, "fmt": fmt},
             disk=disk, workload=summary, report=report, backend=stats, problems=problems,

@@ -88,3 +88,15 @@ def test_transient_grant_left_mapped_is_a_protocol_error(pair):
     be.keep_mapped = True
     with pytest.raises(ProtocolError, match="has not unmapped grant"):
         run_reads(fr, nbytes=4096, depth=2, seconds=0.2, random=True)
+
+
+@pytest.mark.parametrize("count", [1, 5, 1000])
+def test_count_bounds_the_run_exactly(pair, count):
+    """``count`` makes the amount of work reproducible (the soak campaign's bursts): that
+    many requests, depth or not, and nothing left in flight."""
+    fr, be = pair
+    result = run_reads(fr, nbytes=4096, depth=8, seconds=60, random=True, span=1 << 20,
+                       count=count)
+    assert result.completed == count and result.errors == 0
+    assert sum(len(b) for b in be.seen) == count
+    assert fr.in_flight == 0 and not fr.failed
