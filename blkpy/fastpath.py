@@ -29,6 +29,7 @@ WAKE = lib.BLKPY_LOOP_WAKE
 OVERFLOW = lib.BLKPY_LOOP_OVERFLOW
 EVTCHN = lib.BLKPY_LOOP_EVTCHN
 NOTIFY = lib.BLKPY_LOOP_NOTIFY
+EXTENT = lib.BLKPY_LOOP_EXTENT
 
 #: How the loop does data I/O: all synchronous (preadv/pwritev), all through io_uring
 #: (O_DIRECT: the guest's queue depth must reach the device), or hybrid: the reads of
@@ -182,6 +183,11 @@ class RingLoop:
         pending = bool(self.native.notify_pending)
         self.native.notify_pending = 0
         return pending
+
+    def extent_miss(self) -> tuple[int, int, bool]:
+        """After EXTENT: the request's guest byte range and whether it writes."""
+        n = self.native
+        return int(n.miss_off), int(n.miss_len), bool(n.miss_write)
 
     def stop(self) -> None:
         """Make a running (or the next) ``run`` return WAKE; callable from any thread."""

@@ -160,6 +160,7 @@ class Vbd:
         self._geometry = geometry
         self._io_errors_logged = 0
         self._thread: threading.Thread | None = None
+        self._last_miss: tuple[int, int, int] | None = None
 
     @property
     def geometry(self) -> DiskGeometry:
@@ -215,6 +216,8 @@ class Vbd:
                 self.evtchn.notify()
             if why == fastpath.SLOW:
                 self._slow_batch()
+            elif why == fastpath.EXTENT:
+                self._extent_miss()
             elif why == fastpath.WAKE:
                 loop.clear_wake()
                 self.complete()
@@ -245,6 +248,19 @@ class Vbd:
             self._log.warning("%d I/O error(s) on the image (last: %s)",
                               count - self._io_errors_logged, errno.errorcode.get(err, err))
             self._io_errors_logged = count
+
+    def _extent_miss(self) -> None:
+        """A valid write to clusters the loop cannot place: let the format map them
+        (qcow2 allocates, as its own write would) and hand the request back to the loop,
+        which then writes the guest's data in place; anything else takes the reference
+        path. A miss on the same request twice goes to the reference path too."""
+        off, length, write = self.loop.extent_miss()
+        miss = (self.ring.req_cons, off, length)
+        if write and miss != self._last_miss and self.disk.map_for_write(off, length):
+            self._last_miss = miss
+            return
+        self._last_miss = None
+        self._slow_batch()
 
     def _slow_batch(self) -> None:
         """The reference path for the requests at req_cons that the loop left."""

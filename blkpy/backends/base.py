@@ -57,6 +57,12 @@ class Disk(abc.ABC):
         fd = self.direct_fd
         return None if fd is None else (fd, None)
 
+    def map_for_write(self, offset: int, length: int) -> bool:
+        """Make the clusters of a write the native loop could not place writable in its
+        extent map (allocate them, keeping what the guest reads there), so the loop can
+        serve the write itself. False: this request needs the format's own write path."""
+        return False
+
     def refresh_size(self) -> int:
         """Re-read the virtual size (an operator grew the image); returns it."""
         return self.size

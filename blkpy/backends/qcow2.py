@@ -342,6 +342,61 @@ class Qcow2Disk(Disk):
                 raise
             self._learn(offset, sum(len(b) for b in _byte_views(bufs)))
 
+    def map_for_write(self, offset: int, length: int) -> bool:
+        """Allocate the whole clusters under [offset, offset + length) with the bytes the
+        guest reads there now, commit their L2 entries and teach the ring loop where they
+        are, so the loop writes the guest's data itself (an allocating write then costs
+        Python one cluster allocation, not a pass through the reference path).
+
+        Crash safety as in ``_write``: a cluster's contents are on disk before its L2 entry
+        points at it, so until the loop's write lands the guest still reads what it read
+        before. A fresh cluster past the end of the file that reads as zeros needs no
+        write at all: the file is only extended over it."""
+        if self._extents is None:
+            return False
+        cs = self.cluster_size
+        start = offset & ~(cs - 1)
+        end = (offset + length + cs - 1) & ~(cs - 1)
+        if length <= 0 or end > self.size or end - start > LEARN_CLUSTERS * cs:
+            return False
+        with self._lock:
+            try:
+                self._check_writable()
+                self._allocate(start, end - start)
+            except CorruptImage:
+                self.meta.mark_corrupt()
+                self._forget_all()
+                return False  # the reference path answers with the error
+            except OSError:
+                self._forget_all()
+                return False
+            self._learn(start, end - start)
+        return True
+
+    def _allocate(self, start: int, length: int) -> None:
+        meta = self.meta
+        if meta.fast_runs(start, length, write=True) is not None:
+            return  # already ours in place (another queue got here first)
+        self._extents.forget(start, length)  # type: ignore[union-attr]
+        steps = meta.plan_write(start, length)
+        committed = 0
+        try:
+            for step in steps:
+                if step.skip_cow:
+                    end = step.host + step.length
+                    if os.fstat(self._fd).st_size < end:
+                        os.ftruncate(self._fd, end)
+                else:
+                    current = bytearray(step.length)
+                    self._read(step.guest, step.length, [memoryview(current)])
+                    self._write_run(step.host, [memoryview(current)])
+                meta.commit(step)
+                committed += 1
+        except BaseException:
+            meta.abort(steps[committed:])
+            raise
+        self._last_compressed = None
+
     def _check_writable(self) -> None:
         if self.meta.write_failed:
             raise OSError(errno.EIO, f"{self.path}: writes stopped after a metadata error")

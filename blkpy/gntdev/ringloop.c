@@ -555,7 +555,8 @@ static int64_t io_extents(struct blkpy_ringloop *l, int write, uint64_t off,
     return nbytes;
 }
 
-/* Serve the copied request s if it is the common case; 0 leaves it untouched for Python. */
+/* Serve the copied request s if it is the common case: 1 served; 0 leaves it untouched for
+ * Python; -1 the same, because the extent map misses its clusters (miss_* say where). */
 static int serve_one(struct blkpy_ringloop *l, const uint8_t *s)
 {
     int64_t nbytes, io_op;
@@ -611,7 +612,12 @@ static int serve_one(struct blkpy_ringloop *l, const uint8_t *s)
         extents_enter(l);
         if (!extents_known(l, write ? BLKPY_EXTENT_WRITE : BLKPY_EXTENT_READ, off, nbytes)) {
             extents_leave(l);
-            return 0;   /* unallocated, shared, compressed...: the format decides */
+            /* unallocated, shared, compressed...: the format decides, and may map them
+             * for the loop to serve the request after all */
+            l->miss_off = off;
+            l->miss_len = (uint64_t)nbytes;
+            l->miss_write = (uint32_t)write;
+            return -1;
         }
     }
     int16_t status = RSP_OKAY;
@@ -798,8 +804,11 @@ int blkpy_ringloop_run(struct blkpy_ringloop *l, int may_sleep)
             for (uint32_t i = 0; i < n; i++) {
                 /* A private copy: the guest may rewrite the slot while we look at it. */
                 memcpy(s, slot_at(r, r->req_cons), r->entry_size);
-                if (l->py_in_flight || l->disk_fd < 0 || !l->pgrants || !serve_one(l, s))
-                    return hand_back(l, BLKPY_LOOP_SLOW);
+                int served = 0;
+                if (!l->py_in_flight && l->disk_fd >= 0 && l->pgrants)
+                    served = serve_one(l, s);
+                if (served <= 0)
+                    return hand_back(l, served < 0 ? BLKPY_LOOP_EXTENT : BLKPY_LOOP_SLOW);
                 r->req_cons++;
                 /* Answer as we go: a frontend that sees responses early refills the ring
                  * before it would go to sleep, so a batch of slow requests (buffered

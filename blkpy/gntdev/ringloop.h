@@ -99,6 +99,8 @@ struct blkpy_evtchn {
 #define BLKPY_LOOP_EVTCHN 4      /* the event channel needs Python: its ack failed, or the
                                   * loop would sleep on a BLKPY_EVTCHN_PYTHON channel */
 #define BLKPY_LOOP_NOTIFY 5      /* BLKPY_EVTCHN_PYTHON: Python must notify, then call again */
+#define BLKPY_LOOP_EXTENT 6      /* the valid request at req_cons names clusters the extent
+                                  * map does not hold (miss_*): the format may map them */
 
 struct blkpy_rl_inflight;
 struct blkpy_rl_scratch;
@@ -152,6 +154,9 @@ struct blkpy_ringloop {
     uint32_t spurious_run;
     uint32_t woke_on_event;
     uint64_t spurious_wakeups, throttled;
+    /* BLKPY_LOOP_EXTENT: the guest byte range of the request and whether it writes */
+    uint64_t miss_off, miss_len;
+    uint32_t miss_write;
 };
 /* Creates the epoll set (evtchn fd, wake_fd, io_fd, uring_efd) and, with a uring, the
  * in-flight table; 0 or -errno. */

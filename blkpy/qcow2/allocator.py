@@ -169,6 +169,8 @@ class Allocator:
                     return c
                 c += 1
                 continue
+            if block[c % self.epb] == 0 and not self._reserved(c):
+                return c  # the hint is usually free (appending): no scan of the block
             zeros = np.flatnonzero(block[c % self.epb:] == 0)
             for z in zeros:
                 if not self._reserved(c + int(z)):
