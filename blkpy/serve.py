@@ -150,8 +150,10 @@ class DeviceServer:
         if self.xs.read_str(self.path) is None:
             raise ServeError(f"backend directory {self.path} does not exist")
         self.frontend = self._node("frontend")
-        fe_id = self._node("frontend-id")
-        if not self.frontend or fe_id is None or not fe_id.strip().isdigit():
+        fe_id = (self._node("frontend-id") or "").strip()
+        # ASCII digits only (int() would raise on "²"), and a guest domid (< DOMID_FIRST_RESERVED)
+        if not self.frontend or not (fe_id.isascii() and fe_id.isdigit()) \
+                or int(fe_id) >= 0x7FF0:
             raise ServeError(f"{self.path}: frontend/frontend-id nodes missing or invalid")
         self.frontend_id = int(fe_id)
         mode = self._node("mode") or "r"

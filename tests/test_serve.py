@@ -279,6 +279,24 @@ def test_missing_backend_dir_is_one_clear_error(host):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("fe_id", ["\u00b2", "\u0661", "-1", "99999999999", ""])
+def test_bad_frontend_id_is_one_clear_error(host, raw_image, fe_id):
+    """Regression (review with fuzz handshake): a frontend-id of "\u00b2" passed isdigit()
+    and raised ValueError out of the constructor instead of the one-line ServeError."""
+    from blkpy.serve import DeviceServer, ServeError
+    from blkpy.sim.platform import SimPlatform
+    from blkpy.xenstore.client import XenstoreClient
+
+    host.create_guest(1)
+    spec = DiskSpec(1, DEVID, "xvda", raw_image)
+    host.add_disk(spec, start_backend=False)
+    host.xs.write(f"{spec.backend_path}/frontend-id", fe_id)
+    platform = SimPlatform(host.sim_dir, host.socket)
+    with XenstoreClient.connect(host.socket) as xs, pytest.raises(ServeError, match="frontend-id"):
+        DeviceServer(platform, xs, spec.backend_path)
+    platform.close()
+
+
 def test_params_format_comes_only_from_the_prefix():
     assert parse_params("qcow2:/images/a.qcow2") == ("qcow2", "/images/a.qcow2")
     assert parse_params("raw:/images/a.img") == ("raw", "/images/a.img")

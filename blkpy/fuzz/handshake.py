@@ -745,10 +745,13 @@ def _connect_round(case: Case, backend: InProcessBackend | ProcessBackend, front
 
 
 def _io(case: Case, front: Front, verdict: Verdict, tag: int) -> None:
-    """I/O on every queue, when the backend connected the rings the frontend really has."""
+    """I/O on every queue, when the backend connected the rings the frontend really has
+    and the frontend's grant handling is the one it published (feature-persistent)."""
     real = tuple((tuple(r.ring_refs), r.event_channel) for r in front.rings)
+    persistent = "1" if front.plan.persistent else "0"
     if verdict.connect is not True or case.problems or verdict.queues != real \
-            or verdict.abi != front.plan.abi:
+            or verdict.abi != front.plan.abi \
+            or front.nodes.get("feature-persistent") != persistent:
         return
     world = case.world
     if _state(world.backend_state_raw()) != CONNECTED:
