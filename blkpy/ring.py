@@ -307,6 +307,17 @@ class BackRing(_SharedRing):
         self.req_cons = (self.req_cons + n) & _IDX_MASK
         return batch.view(self.abi.request)
 
+    def has_unconsumed_count(self) -> int:
+        """How many requests wait at req_cons (bounded by the free response slots)."""
+        req_prod = self._load(self._REQ_PROD)
+        if (req_prod - self.rsp_prod_pvt) & _IDX_MASK > self.size:
+            return 0
+        return self._unconsumed(req_prod)
+
+    def peek(self, n: int) -> np.ndarray:
+        """Copies of the next ``n`` request slots without consuming them."""
+        return self._copy_out(self.req_cons, n)
+
     def has_unconsumed(self) -> bool:
         """Requests are waiting (a cheap peek, no re-arming of req_event)."""
         return self._unconsumed(self._load(self._REQ_PROD)) > 0

@@ -258,9 +258,28 @@ class Vbd:
         miss = (self.ring.req_cons, off, length)
         if write and miss != self._last_miss and self.disk.map_for_write(off, length):
             self._last_miss = miss
+            self._map_ahead()
             return
         self._last_miss = None
         self._slow_batch()
+
+    def _map_ahead(self) -> None:
+        """Map the clusters of the other writes already on the ring too, so a deep queue
+        of allocating writes costs one hand-back per batch, not one per request. Only a
+        hint: the slots are read without consuming them (the guest may still rewrite
+        them; the loop validates what it serves), and mapping keeps what the guest reads."""
+        ring = self.ring
+        n = min(ring.has_unconsumed_count(), MAX_BATCH)
+        if n <= 1:
+            return
+        batch = ring.peek(n).view(ring.abi.request)
+        v = validate_batch(batch, ring.abi, self.geometry)
+        writes = np.flatnonzero((v.status == PENDING) & (v.io_op == BLKIF_OP_WRITE)
+                                & (batch["operation"] == BLKIF_OP_WRITE) & (v.nbytes > 0))
+        for i in writes[1:].tolist():  # the first is the request just mapped
+            off = int(batch["sector_number"][i]) << SECTOR_SHIFT
+            if not self.disk.map_for_write(off, int(v.nbytes[i])):
+                break
 
     def _slow_batch(self) -> None:
         """The reference path for the requests at req_cons that the loop left."""

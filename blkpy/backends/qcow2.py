@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from blkpy.backends.base import CorruptImage, Disk, DiskError, UnsupportedImage
-from blkpy.backends.raw import punch_hole
+from blkpy.backends.raw import preadv_full, punch_hole
 from blkpy.native_table import ExtentMap
 from blkpy.qcow2.header import COMPRESSION_ZSTD, MAGIC
 from blkpy.qcow2.l2 import Entry, Kind
@@ -41,10 +41,9 @@ class FileStorage:
         self.fd = fd
 
     def read(self, offset: int, length: int) -> bytes:
-        data = os.pread(self.fd, length, offset)
-        if len(data) < length:  # past the end of the file reads as zeros
-            data += bytes(length - len(data))
-        return data
+        data = bytearray(length)  # past the end of the file reads as zeros
+        preadv_full(self.fd, [memoryview(data)], offset)
+        return bytes(data)
 
     def execute(self, plan: list[Op]) -> None:
         for op in plan:
@@ -115,8 +114,8 @@ class _RawBacking:
 
     def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
         total = sum(len(b) for b in bufs)
-        n = os.preadv(self.fd, bufs, offset)
-        if n < total:
+        n = preadv_full(self.fd, bufs, offset)
+        if n < total:  # past the end of the backing file
             _zero(_slices(bufs, n, total - n))
 
     def close(self) -> None:
@@ -281,7 +280,7 @@ class Qcow2Disk(Disk):
             pos = 0
             for host, n in runs:
                 part = views if len(runs) == 1 else _slices(views, pos, n)
-                got = os.preadv(self._fd, part, host)
+                got = preadv_full(self._fd, part, host)
                 if got < n:  # allocated past the end of the file, not written yet
                     _zero(_slices(part, got, n - got))
                 pos += n
@@ -297,7 +296,7 @@ class Qcow2Disk(Disk):
         for ext in self.meta.map_read(offset, length):
             part = _slices(views, ext.guest - offset, ext.length)
             if ext.kind is Kind.NORMAL:
-                n = os.preadv(self._fd, part, ext.host)
+                n = preadv_full(self._fd, part, ext.host)
                 if n < ext.length:  # allocated past the end, not written yet
                     _zero(_slices(part, n, ext.length - n))
             elif ext.kind is Kind.ZERO:
@@ -317,7 +316,9 @@ class Qcow2Disk(Disk):
         if self._last_compressed and self._last_compressed[0] == e.host:
             return self._last_compressed[1]
         # the stream's last sector may lie past the end of the file: never read there
-        raw = os.pread(self._fd, min(e.compressed_len, self.meta.file_end - e.host), e.host)
+        buf = bytearray(min(e.compressed_len, self.meta.file_end - e.host))
+        with memoryview(buf) as view:
+            raw = bytes(view[:preadv_full(self._fd, [view], e.host)])
         cs = self.cluster_size
         try:
             if self.meta.header.compression_type == COMPRESSION_ZSTD:
@@ -370,14 +371,15 @@ class Qcow2Disk(Disk):
             except OSError:
                 self._forget_all()
                 return False
-            self._learn(start, end - start)
         return True
 
     def _allocate(self, start: int, length: int) -> None:
-        meta = self.meta
+        meta, extents = self.meta, self._extents
+        assert extents is not None
         if meta.fast_runs(start, length, write=True) is not None:
-            return  # already ours in place (another queue got here first)
-        self._extents.forget(start, length)  # type: ignore[union-attr]
+            self._learn(start, length)  # already ours (another queue got here first)
+            return
+        extents.forget(start, length)
         steps = meta.plan_write(start, length)
         committed = 0
         try:
@@ -396,6 +398,11 @@ class Qcow2Disk(Disk):
             meta.abort(steps[committed:])
             raise
         self._last_compressed = None
+        # Whole clusters we now own alone: the loop may write them in place.
+        bits = extents.cluster_bits
+        for step in steps:
+            for k in range(step.length >> bits):
+                extents.learn((step.guest >> bits) + k, step.host + (k << bits), True)
 
     def _check_writable(self) -> None:
         if self.meta.write_failed:
