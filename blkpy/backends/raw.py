@@ -74,14 +74,9 @@ class RawDisk(Disk):
     def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
         self.check_range(offset, sum(len(b) for b in bufs))
         views = [memoryview(b).cast("B") for b in bufs]
-        while views:
-            n = os.preadv(self._fd, views, offset)
-            if n == 0:  # shrunk under us: the rest reads as zeros
-                for v in views:
-                    v[:] = bytes(len(v))
-                return
-            offset += n
-            views = _advance(views, n)
+        n = preadv_full(self._fd, views, offset)
+        for v in _advance(views, n):  # shrunk under us: the rest reads as zeros
+            v[:] = bytes(len(v))
 
     def writev(self, offset: int, bufs: Sequence[memoryview]) -> None:
         if self.readonly:
@@ -112,6 +107,21 @@ class RawDisk(Disk):
         if not self._closed:
             self._closed = True
             os.close(self._fd)
+
+
+def preadv_full(fd: int, views: Sequence[memoryview], offset: int) -> int:
+    """preadv until every byte is read or the file ends; returns the bytes read. A short
+    read is retried, never taken for the end of the file: the kernel returns one when an
+    I/O error strikes after some bytes were copied, and the retry raises that error."""
+    done = 0
+    views = list(views)
+    while views:
+        n = os.preadv(fd, views, offset + done)
+        if n == 0:
+            break
+        done += n
+        views = _advance(views, n)
+    return done
 
 
 def _advance(views: list[memoryview], n: int) -> list[memoryview]:

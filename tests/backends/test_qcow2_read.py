@@ -211,3 +211,36 @@ def test_small_cache_still_reads_correctly(tmp_path):
     expected = as_raw(path, str(tmp_path / "expected.raw"))
     with Qcow2Disk(path, readonly=True, cache_size=512) as disk:
         assert read_all(disk) == expected
+
+
+class _ShortThenEIO:
+    """os.preadv as a failing disk does it: the first call stops short after the bytes it
+    could copy, the retry gets the I/O error."""
+
+    def __init__(self) -> None:
+        self.real = os.preadv
+        self.calls = 0
+
+    def __call__(self, fd: int, bufs, offset: int) -> int:  # noqa: ANN001
+        self.calls += 1
+        if self.calls == 1:
+            return self.real(fd, [memoryview(bufs[0])[:512]], offset)
+        raise OSError(5, "Input/output error")
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_short_read_from_a_failing_disk_is_an_error_not_zeros(tmp_path, monkeypatch, cached):
+    """A short preadv inside the file is an I/O error striking mid-way, not the end of
+    the file: the read must fail (it used to return zeros for the rest, silently)."""
+    path = str(tmp_path / "img.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", path, "1M")
+    qemu_io(path, "write -P 0x5a 0 64k")
+    with Qcow2Disk(path, readonly=True) as disk:
+        if cached:  # tables cached: the fast path; otherwise the metadata walk
+            disk.readv(0, [memoryview(bytearray(512))])
+        failing = _ShortThenEIO()
+        monkeypatch.setattr(os, "preadv", failing)
+        buf = bytearray(8192)
+        with pytest.raises(OSError):
+            disk.readv(4096, [memoryview(buf)])
+        assert failing.calls == 2
