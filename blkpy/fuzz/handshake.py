@@ -345,6 +345,39 @@ class _Records(logging.Handler):
         self.records.append(record)
 
 
+class Tripwire:
+    """The backend's xenstore connection with a trap: ``arm(n, action)`` runs ``action``
+    right after the backend's n-th read from now, i.e. between two of its reads (the
+    frontend changing or vanishing while the backend is reading its nodes)."""
+
+    def __init__(self, xs: XenstoreClient) -> None:
+        self._xs = xs
+        self._left = 0
+        self._action: Callable[[], None] | None = None
+
+    def arm(self, reads: int, action: Callable[[], None]) -> None:
+        self._left, self._action = reads, action
+
+    def fire(self) -> bool:
+        """Run the action now if it has not run; False if it had."""
+        action, self._action = self._action, None
+        if action is None:
+            return False
+        action()
+        return True
+
+    def read_str(self, path: str, default: str | None = None, tx: int = 0) -> str | None:
+        value = self._xs.read_str(path, default, tx)
+        if self._action is not None:
+            self._left -= 1
+            if self._left <= 0:
+                self.fire()
+        return value
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._xs, name)
+
+
 class InProcessBackend:
     """`DeviceServer` driven directly: ``step`` is one watch event."""
 
@@ -354,8 +387,17 @@ class InProcessBackend:
         self.world = world
         self.platform = SimPlatform(world.host.sim_dir, world.host.socket)
         self.xs = XenstoreClient.connect(world.host.socket)
-        self.server = DeviceServer(self.platform, self.xs, world.spec.backend_path, OPTIONS)
+        self.tripwire = Tripwire(self.xs)
+        self.server = DeviceServer(self.platform, self.tripwire,  # type: ignore[arg-type]
+                                   world.spec.backend_path, OPTIONS)
         self.crash: str | None = None
+
+    def between_reads(self, action: Callable[[], None]) -> None:
+        """Step with ``action`` run between two of the backend's reads (or after the step
+        if it reads less), at a point the case's generator picks."""
+        self.tripwire.arm(self.world.rng_reads(), action)
+        self.step()
+        self.tripwire.fire()
 
     def _guard(self, fn: Callable[[], None]) -> None:
         if self.crash is not None:
@@ -427,6 +469,11 @@ class ProcessBackend:
             timeout = 0.5 if _state(self.world.backend_state_raw()) == CLOSED else 0.0
         return self.proc.wait(timeout) is not None
 
+    def between_reads(self, action: Callable[[], None]) -> None:
+        """A process cannot be stopped between two reads: the action races its step."""
+        action()
+        self.step()
+
     def log_tail(self) -> str:
         return self.proc.log()[-800:].replace("\n", " | ")
 
@@ -472,6 +519,7 @@ class World:
         self.gxs: XenstoreClient
         self.domain: Domain
         self.removed = False
+        self.rng_reads: Callable[[], int] = lambda: 1  # set per case
         self._new_guest()
 
     def _new_guest(self) -> None:
@@ -558,8 +606,8 @@ class World:
 
 # ---- cases ---------------------------------------------------------------------------------------
 
-KINDS = ("valid", "malformed", "after", "flap", "vanish", "flood")
-KIND_WEIGHTS = (20, 40, 10, 12, 14, 4)
+KINDS = ("valid", "malformed", "after", "flap", "vanish", "flood", "race")
+KIND_WEIGHTS = (20, 36, 10, 12, 14, 4, 4)
 
 _GARBAGE = ["", " ", "abc", "-1", "-3", "0x10", "1e3", "1.5", "4294967296", "99999999999",
             "18446744073709551616", "9" * 300, "\u0661\u0662", "\u00b2", "1\x002", "+",
@@ -597,6 +645,7 @@ class Case:
         self.subprocess = subprocess
         self.notes: list[str] = []  # what was done, for the finding's case line
         self.problems: list[str] = []
+        world.rng_reads = lambda: self.rng.randrange(1, 24)
 
     def describe(self) -> str:
         where = "serve subprocess" if self.subprocess else "in-process"
@@ -865,12 +914,25 @@ def script_vanish(case: Case, backend: InProcessBackend | ProcessBackend, front:
     (it exits once the toolstack deleted the directories) holding nothing."""
     rng = case.rng
     world = case.world
-    point = rng.choice(["published", "initialised", "connected", "closing"])
-    how = rng.choice(["directory", "grants", "domain", "toolstack"])
+    point = rng.choice(["published", "initialised", "connecting", "connected", "closing"])
+    how = rng.choice(["directory", "grants", "domain"] + ["toolstack"] * (point != "connecting"))
     case.notes.append(f"vanish at {point} by {how}")
-    if point == "published":
+
+    def vanish() -> None:
+        if how == "grants":
+            for r in front.rings:  # what Linux does on a dying guest: end what it can
+                # (an ended ref is the guest's to reuse: the ring must not end it again)
+                r.ring_refs = [ref for ref in r.ring_refs if not world.guest.end_access(ref)]
+        elif how == "domain":
+            world.destroy_guest()
+        world.xs.rm(world.spec.frontend_path)
+
+    if point in ("published", "connecting"):
         front.build_rings()
         front.publish(front.nodes)
+        if point == "connecting":  # between two of the backend's reads of the nodes
+            front.set_state(INITIALISED)
+            backend.between_reads(vanish)
     else:
         _connect_round(case, backend, front, rng.choice([0, 0, 1]))
         if point == "closing" and not backend.finished:
@@ -878,20 +940,12 @@ def script_vanish(case: Case, backend: InProcessBackend | ProcessBackend, front:
             backend.step({CLOSING})
     if point == "initialised":
         front.set_state(INITIALISED)  # written again; the backend has not looked yet
-    if how == "grants":
-        for r in front.rings:  # what Linux does on a dying guest: end what it can
-            # (an ended ref is the guest's to reuse: the ring must not end it again)
-            r.ring_refs = [ref for ref in r.ring_refs if not world.guest.end_access(ref)]
-        world.xs.rm(world.spec.frontend_path)
-    elif how == "domain":
-        world.destroy_guest()
-        world.xs.rm(world.spec.frontend_path)
-    elif how == "directory":
-        world.xs.rm(world.spec.frontend_path)
-    else:  # libxl's forced removal: online=0 + Closing, then the frontend dir goes
+    if how == "toolstack":  # libxl's forced removal: online=0 + Closing, then the dir goes
         world.toolstack_remove(force=False)
         backend.step()
         world.xs.rm(world.spec.frontend_path)
+    elif point != "connecting":
+        vanish()
     backend.step()
     if not backend.subprocess and not backend.finished:
         case.problem(f"frontend vanished ({how}) but the backend did not unregister")
@@ -901,6 +955,31 @@ def script_vanish(case: Case, backend: InProcessBackend | ProcessBackend, front:
             case.problem(f"frontend vanished but refs {sorted(leftover)} still mapped")
 
 
+def script_race(case: Case, backend: InProcessBackend | ProcessBackend, front: Front) -> None:
+    """The frontend rewrites its nodes while the backend reads them (between two reads):
+    whatever the backend connects with must be rings and ports the frontend offered, each
+    once; whatever it refused it must not hold."""
+    rng = case.rng
+    case.problems += [f"leak: {e}" for e in front.build_rings()]
+    front.publish(front.nodes)
+    changes = case.mutate(front, rng.choice([1, 2, 3]))
+    front.set_state(INITIALISED)
+    backend.between_reads(lambda: front.publish(changes, in_transaction=rng.random() < 0.5))
+    state = _state(case.world.backend_state_raw())
+    offered = front.offered()
+    mapped = case.world.mapped_refs() & _granted(front)
+    bound = case.world.bound_ports() & _ports(front)
+    if backend.crash:
+        case.problem(f"crash while the nodes changed under the reads: {backend.crash}")
+    elif state == CONNECTED and not (mapped <= offered.refs and bound <= offered.ports
+                                     and len(bound) in range(1, MAX_QUEUES + 1)):
+        case.problem(f"Connected with refs {sorted(mapped)} ports {sorted(bound)} while "
+                     f"the frontend offered {sorted(offered.refs)} {sorted(offered.ports)}")
+    elif state != CONNECTED and (mapped or bound):
+        case.problem(f"state {state} but holds refs {sorted(mapped)} ports {sorted(bound)}")
+    _close(case, backend, front)
+
+
 SCRIPTS: dict[str, Callable[[Case, InProcessBackend | ProcessBackend, Front], None]] = {
     "valid": script_valid,
     "malformed": script_malformed,
@@ -908,6 +987,7 @@ SCRIPTS: dict[str, Callable[[Case, InProcessBackend | ProcessBackend, Front], No
     "flap": script_flap,
     "vanish": script_vanish,
     "flood": script_flood,
+    "race": script_race,
 }
 
 

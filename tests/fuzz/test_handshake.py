@@ -119,3 +119,14 @@ def test_short_campaign_finds_nothing():
     result = handshake.run(seed=1, scale=1, progress=lambda msg: None)
     assert result.count == 100 and result.figures["in serve processes"] == 2
     assert [f.line() for f in result.findings] == []
+
+
+def test_tripwire_acts_between_two_reads():
+    """The race and mid-connect vanish cases depend on it: the action runs right after the
+    n-th read, before the next one, and only once."""
+    with SimHost() as host:
+        host.xs.write("/t/a", "1")
+        wire = handshake.Tripwire(host.xs)
+        wire.arm(2, lambda: host.xs.write("/t/a", "2"))
+        assert [wire.read_str("/t/a") for _ in range(4)] == ["1", "1", "2", "2"]
+        assert not wire.fire()  # already ran
