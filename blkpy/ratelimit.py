@@ -34,6 +34,10 @@ class RateLimitedLog:
         self.suppressed += 1
         return False
 
+    def info(self, msg: str, *args: object) -> None:
+        if self._allow():
+            self.logger.info(msg, *args)
+
     def warning(self, msg: str, *args: object) -> None:
         if self._allow():
             self.logger.warning(msg, *args)

@@ -136,8 +136,9 @@ class DeviceServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._resize_timer: asyncio.TimerHandle | None = None
         self._bad_log = RateLimitedLog(logging.getLogger("blkpy.vbd"))
-        # A frontend can fail the handshake as often as it cycles its state node.
-        self._connect_log = RateLimitedLog(log)
+        # What the guest drives (state switches, connects, failed connects): it can cycle
+        # its state node as fast as xenstored takes writes.
+        self._guest_log = RateLimitedLog(log)
         self._read_backend_nodes()
         self.disk = self._open_disk()
 
@@ -265,7 +266,7 @@ class DeviceServer:
                 try:
                     self._connect()
                 except (ConnectError, PlatformError, ring.RingOverflow) as exc:
-                    self._connect_log.error("%s: cannot connect: %s", self.path, exc)
+                    self._guest_log.error("%s: cannot connect: %s", self.path, exc)
                     queue[:0] = self.machine.failed(str(exc))
                 else:
                     queue[:0] = self.machine.connected()
@@ -282,7 +283,7 @@ class DeviceServer:
     def _write_state(self, state: XenbusState) -> None:
         if self.xs.read_str(self.path) is None:
             return  # our directory is gone: never recreate it
-        log.info("%s: state %s", self.path, state.name)
+        self._guest_log.info("%s: state %s", self.path, state.name)
         self.xs.write(f"{self.path}/state", str(int(state)))
 
     def _write_nodes(self, nodes: dict[str, str]) -> None:
@@ -366,7 +367,7 @@ class DeviceServer:
                 "discard-secure": "0",
             })
         self._write_nodes(nodes)
-        log.info("%s: connected: %s, %d queue(s), ring order %s, persistent=%s, %s %s",
+        self._guest_log.info("%s: connected: %s, %d queue(s), ring order %s, persistent=%s, %s %s",
                  self.path, protocol, queues, order or 0, persistent, self.fmt, self.image)
 
     def _ring_refs(self, prefix: str, order: int | None) -> list[int]:

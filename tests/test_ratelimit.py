@@ -11,6 +11,17 @@ class Clock:
         return self.now
 
 
+def test_info_lines_share_the_budget(caplog):
+    clock = Clock()
+    log = RateLimitedLog(logging.getLogger("t"), burst=2, interval=5.0, clock=clock)
+    with caplog.at_level(logging.INFO, logger="t"):
+        for i in range(5):
+            log.info("state %d", i)
+        log.error("refused")
+    assert [r.getMessage() for r in caplog.records] == ["state 0", "state 1"]
+    assert log.suppressed == 4
+
+
 def test_burst_then_suppression_then_summary(caplog):
     clock = Clock()
     log = RateLimitedLog(logging.getLogger("t"), burst=3, interval=5.0, clock=clock)

@@ -221,9 +221,10 @@ def test_garbage_frontend_state_leaves_the_backend_closed(host, raw_image):
     assert all(guest.end_access(r) for r in fe.ring.ring_refs)
 
 
-def test_failed_connects_are_logged_rate_limited(host, raw_image, caplog):
-    """Regression (fuzz handshake): every failed connect was logged, so a frontend cycling
-    Closed -> Initialising -> Initialised with a bad ring flooded the host's log."""
+def test_what_the_guest_drives_is_logged_rate_limited(host, raw_image, caplog):
+    """Regression (fuzz handshake): every failed connect and every state switch was logged,
+    so a frontend cycling Closed -> Initialising -> Initialised with a bad ring flooded the
+    host's log (four lines per cycle)."""
     from blkpy.serve import DeviceServer, ServeOptions
     from blkpy.sim.platform import SimPlatform
     from blkpy.xenstore.client import XenstoreClient
@@ -243,8 +244,9 @@ def test_failed_connects_are_logged_rate_limited(host, raw_image, caplog):
             gxs.write(f"{spec.frontend_path}/state", state)
             server.step()
     assert host.backend_state(spec) == XenbusState.INIT_WAIT  # still serving the device
-    failures = [r for r in caplog.records if "cannot connect" in r.getMessage()]
-    assert 1 <= len(failures) <= 10  # 30 connects failed
+    lines = [r.getMessage() for r in caplog.records if r.name == "blkpy.serve"]
+    assert any("cannot connect" in line for line in lines)
+    assert len(lines) <= 10  # 30 connects failed, 120 state switches
     server._teardown()
     xs.close()
     platform.close()
