@@ -219,6 +219,69 @@ def bench(args: tuple[str, ...]) -> None:
     bench_command.main(args=list(args), prog_name="blkpy bench")
 
 
+RUN_DIR_OPTION = click.option(
+    "--run-dir", type=click.Path(file_okay=False), default=None,
+    help="Where the serves publish their status (default: BLKPY_RUN_DIR, then /run/blkpy).")
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h" if s >= 86400 else (
+        f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s")
+
+
+@main.command("list")
+@RUN_DIR_OPTION
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per device, in a list.")
+def list_devices(run_dir: str | None, as_json: bool) -> None:
+    """Every running `blkpy serve`: what it serves and how, and its rates over the last
+    interval (about a second)."""
+    from pathlib import Path
+
+    from blkpy.status import read_all
+
+    devices = read_all(Path(run_dir) if run_dir else None)
+    if as_json:
+        click.echo(json.dumps([d.to_json() for d in devices], indent=2))
+        return
+    header = ("DOMID", "DEVID", "STATE", "QUEUES", "ORDER", "GRANTS", "ENGINE", "FORMAT",
+              "UPTIME", "IOPS", "RD MB/s", "WR MB/s", "IMAGE")
+    rows = [(str(d.domid), str(d.devid), d.state, str(d.queues), str(d.ring_order),
+             d.grant_mode, d.engine, d.format, _duration(d.uptime), f"{d.iops:.0f}",
+             f"{d.read_mb_s:.1f}", f"{d.write_mb_s:.1f}", d.image) for d in devices]
+    widths = [max(len(r[k]) for r in [header, *rows]) for k in range(len(header))]
+    for r in [header, *rows]:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
+@main.command("stats")
+@click.argument("domid", type=click.IntRange(0, 0x7FEF))
+@click.argument("devid", type=click.IntRange(0, 2**31 - 1))
+@RUN_DIR_OPTION
+@click.option("--json", "as_json", is_flag=True, help="The counters as JSON.")
+def device_stats(domid: int, devid: int, run_dir: str | None, as_json: bool) -> None:
+    """One device's counters under blkback's names (oo_req, rd_req, wr_req, f_req,
+    ds_req, rd_sect, wr_sect), errors, and latency percentiles when known."""
+    from pathlib import Path
+
+    from blkpy.status import COUNTERS, find
+
+    status = find(domid, devid, Path(run_dir) if run_dir else None)
+    if status is None:
+        click.echo(f"blkpy stats: no running blkpy serve for domain {domid} device {devid}",
+                   err=True)
+        sys.exit(1)
+    counters = {name: int(status.counters.get(name, 0)) for name in COUNTERS}
+    extra = {k: v for k, v in status.counters.items() if k not in counters}
+    if as_json:
+        click.echo(json.dumps({"domid": domid, "devid": devid, **counters, **extra,
+                               "iops": status.iops, "read_mb_s": status.read_mb_s,
+                               "write_mb_s": status.write_mb_s}, indent=2))
+        return
+    for name, value in {**counters, **extra}.items():
+        click.echo(f"{name:<16}{value}")
+
+
 main.add_command(hotplug)
 
 if __name__ == "__main__":

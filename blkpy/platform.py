@@ -179,6 +179,11 @@ class Platform(abc.ABC):
         """The domain this backend runs in (0 for dom0)."""
         return 0
 
+    def state_dirs(self) -> tuple[str, str]:
+        """Where a serve publishes its status (`blkpy list`) and its xentop statistics
+        page (tapdisk3's shared-memory directory)."""
+        return "/run/blkpy", "/dev/shm"
+
     def close(self) -> None:  # noqa: B027 - platforms without handles need nothing
         """Release device handles; idempotent."""
 

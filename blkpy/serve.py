@@ -18,7 +18,9 @@ import json
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import aiofiles
 import aiofiles.os
@@ -30,6 +32,13 @@ from blkpy.engine import make_engine
 from blkpy.platform import GrantMapping, Platform, PlatformError
 from blkpy.ratelimit import RateLimitedLog
 from blkpy.requests import DiskGeometry
+from blkpy.status import (
+    COUNTERS,
+    RUN_DIR_ENV,
+    SHM_DIR_ENV,
+    DeviceStatus,
+    StatusPublisher,
+)
 from blkpy.vbd import Vbd
 from blkpy.xenbus import (
     Action,
@@ -53,6 +62,7 @@ log = logging.getLogger("blkpy.serve")
 FORMAT_PREFIXES = {"raw": "raw", "aio": "raw", "qcow2": "qcow2"}
 STATS_FILE_ENV = "BLKPY_STATS_FILE"
 RESIZE_CHECK_S = 2.0  # how often a connected device looks for a grown image
+STATUS_INTERVAL_S = 1.0  # how often `blkpy list`/xentop figures are refreshed
 
 
 class ServeError(Exception):
@@ -141,6 +151,9 @@ class DeviceServer:
         self._guest_log = RateLimitedLog(log)
         self._read_backend_nodes()
         self.disk = self._open_disk()
+        self._status: StatusPublisher | None = None
+        self._status_timer: asyncio.TimerHandle | None = None
+        self._link = {"queues": 0, "ring_order": 0, "grant_mode": "", "engine": ""}
 
     # ---- setup ------------------------------------------------------------------------
 
@@ -202,6 +215,7 @@ class DeviceServer:
         self._resize_timer = self._loop.call_later(RESIZE_CHECK_S, self._periodic_resize)
         self._loop.add_reader(self.xs.fileno(), self._on_xenstore)
         self.start()
+        self._start_status()
         self._on_xenstore()
         try:
             return await self._done
@@ -367,6 +381,13 @@ class DeviceServer:
                 "discard-secure": "0",
             })
         self._write_nodes(nodes)
+        engine = self.vbds[0].engine if self.vbds else None
+        self._link = {
+            "queues": queues, "ring_order": order or 0,
+            "grant_mode": "persistent" if persistent else choose_grant_mode(
+                self.opts.grant_mode, persistent),
+            "engine": f"{self.opts.engine}:{engine.loop_io}" if engine else self.opts.engine,
+        }
         self._guest_log.info("%s: connected: %s, %d queue(s), ring order %s, persistent=%s, %s %s",
                  self.path, protocol, queues, order or 0, persistent, self.fmt, self.image)
 
@@ -443,6 +464,10 @@ class DeviceServer:
     def _teardown(self) -> None:
         if self._resize_timer is not None:
             self._resize_timer.cancel()
+        if self._status_timer is not None:
+            self._status_timer.cancel()
+        if self._status is not None:
+            self._status.close()
         self._disconnect()
         if self._loop is not None:
             self._loop.remove_reader(self.xs.fileno())
@@ -450,6 +475,33 @@ class DeviceServer:
         self.disk.close()
 
     # ---- statistics -------------------------------------------------------------------------
+
+    def _start_status(self) -> None:
+        """Publish this device for `blkpy list`/`blkpy stats` and xentop (blkpy.status)."""
+        assert self._loop is not None
+        devid = self.path.rsplit("/", 1)[-1]
+        run, shm = self.platform.state_dirs()
+        self._status = StatusPublisher(DeviceStatus(
+            domid=self.frontend_id, devid=int(devid) if devid.isdigit() else 0,
+            backend_path=self.path, pid=os.getpid(), image=self.image, format=self.fmt,
+            started=time.time()),
+            Path(os.environ.get(RUN_DIR_ENV) or run), Path(os.environ.get(SHM_DIR_ENV) or shm))
+        self._publish_status()
+
+    def _publish_status(self) -> None:
+        assert self._loop is not None and self._status is not None
+        totals: dict[str, int] = {}
+        for queue in _per_queue_totals(self._past_stats, [v.stats.as_dict() for v in self.vbds]):
+            for name in COUNTERS:
+                totals[name] = totals.get(name, 0) + int(queue.get(name, 0))
+        try:
+            self._status.update(totals, state=self.machine.state.name.title(),
+                                **(self._link if self.vbds else {**self._link, "queues": 0}))
+        except OSError as exc:
+            log.warning("%s: cannot publish the device status (blkpy list): %s",
+                        self.path, exc)
+            return  # not again: the device serves on regardless
+        self._status_timer = self._loop.call_later(STATUS_INTERVAL_S, self._publish_status)
 
     def stats(self) -> dict[str, object]:
         """Counters as JSON: the platform's (the native loops' notifications and wake-ups

@@ -78,6 +78,7 @@ class VbdStats:
     wr_sect: int = 0
     errors: int = 0
     eopnotsupp: int = 0
+    oo_req: int = 0  # blkback's "out of requests": requests left waiting for a free slot
     batches: int = 0
     max_batch: int = 0
 
@@ -283,6 +284,8 @@ class Vbd:
 
     def _slow_batch(self) -> None:
         """The reference path for the requests at req_cons that the loop left."""
+        if self.engine.in_flight >= MAX_BATCHES_IN_FLIGHT:
+            self._stats.oo_req += 1
         while self.engine.in_flight >= MAX_BATCHES_IN_FLIGHT:
             done = self.engine.wait(timeout=1.0)
             if done:

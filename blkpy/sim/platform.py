@@ -194,6 +194,10 @@ class SimPlatform(Platform):
         self._channels.append(channel)
         return channel
 
+    def state_dirs(self) -> tuple[str, str]:
+        # A simulated host keeps everything under its own directory.
+        return os.path.join(self.sim_dir, "run"), os.path.join(self.sim_dir, "shm")
+
     def xenstore_path(self) -> str:
         if not self._xenstore_path:
             raise PlatformError(
