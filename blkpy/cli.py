@@ -42,10 +42,18 @@ def main() -> None:
     """blkpy: a user-space Xen block backend."""
 
 
-def _setup_logging(level: str) -> None:
+def device_tag(backend_path: str) -> str:
+    """blkback's name for a device (its sysfs entry): ``vbd-<domid>-<devid>``."""
+    parts = backend_path.rstrip("/").split("/")
+    return "-".join(parts[-3:]) if len(parts) >= 3 else backend_path
+
+
+def _setup_logging(level: str, device: str | None = None) -> None:
+    # Every line names the device: a host's serves all log to one journal.
+    tag = f" {device}" if device else ""
     logging.basicConfig(
         level=getattr(logging, level.upper()),
-        format="%(asctime)s blkpy[%(process)d] %(levelname)s %(message)s",
+        format=f"%(asctime)s blkpy[%(process)d]{tag} %(levelname)s %(message)s",
         stream=sys.stderr,
     )
 
@@ -59,9 +67,9 @@ def _setup_logging(level: str) -> None:
                    "standard socket paths).")
 @click.option("--sim-dir", metavar="DIR", help="Simulated hypervisor state (sim platform; "
               "default BLKPY_SIM_DIR).")
-@click.option("--format", "fmt", type=click.Choice(["raw", "qcow2"]),
-              help="Image format; default: the prefix in the params node (raw:, qcow2:), "
-                   "else raw. Never guessed from the image's contents.")
+@click.option("--format", "fmt", type=click.Choice(["raw", "qcow2", "nbd"]),
+              help="Image format; default: the prefix in the params node (raw:, qcow2:, "
+                   "nbd:), else raw. Never guessed from the image's contents.")
 @click.option("--image", metavar="PATH", help="Image to serve instead of the params node.")
 @click.option("--engine", type=click.Choice(ENGINE_NAMES), default="auto",
               show_default=True, help="I/O engine: auto is io_uring for --direct-io images "
@@ -112,7 +120,7 @@ def serve(backend_path: str, platform_name: str, xenstore_path: str | None,
     from blkpy.serve import ServeError, ServeOptions
     from blkpy.serve import serve as run_serve
 
-    _setup_logging(log_level)
+    _setup_logging(log_level, device_tag(backend_path))
     options = ServeOptions(
         fmt=fmt, image=image, engine=engine, grant_mode=grant_mode, persistent=persistent,
         max_persistent_grants=max_persistent_grants,

@@ -83,6 +83,8 @@ def test_list_and_stats_of_a_running_serve(tmp_path):
         host.remove_disk(spec)
         assert backend.wait(10) == 0
         assert not list(run.glob("*.json"))  # a serve that exits takes its files along
+        lines = [line for line in backend.log().splitlines() if " blkpy[" in line]
+        assert lines and all(" vbd-1-51712 " in line for line in lines)  # one journal, many disks
 
 
 def test_stats_of_an_unknown_device_is_one_line(tmp_path):

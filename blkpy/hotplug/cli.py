@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import sys
 from collections.abc import Iterator
@@ -78,16 +79,28 @@ def remove(backend_path: str, xenstore_path: str | None) -> None:
               type=click.Path(file_okay=False), help="Xen hotplug scripts directory.")
 @click.option("--python", "python", metavar="PATH",
               help="Interpreter the script runs blkpy with (default: this one).")
-def install(directory: str, python: str | None) -> None:
-    """Install the block-blkpy hotplug script (mode 0755)."""
-    from blkpy.hotplug.script import install_script
+@click.option("--systemd-dir", default=None, type=click.Path(file_okay=False),
+              help="Where the blkpy-hotplug.service unit goes (default: /etc/systemd/system "
+                   "if it exists).")
+@click.option("--no-systemd", is_flag=True, help="Do not install the systemd unit.")
+def install(directory: str, python: str | None, systemd_dir: str | None,
+            no_systemd: bool) -> None:
+    """Install the block-blkpy hotplug script (mode 0755) and the systemd unit that runs
+    `blkpy hotplug daemon` (enable it with `systemctl enable --now blkpy-hotplug`)."""
+    from blkpy.hotplug.script import DEFAULT_SYSTEMD_DIR, install_script, install_unit
 
-    try:
-        path = install_script(directory, python)
-    except OSError as exc:
-        raise click.ClickException(f"cannot install into {directory}: "
-                                   f"{exc.strerror or exc}") from None
-    click.echo(path)
+    targets = [(directory, install_script)]
+    if not no_systemd:
+        if systemd_dir is not None:
+            targets.append((systemd_dir, install_unit))
+        elif os.path.isdir(DEFAULT_SYSTEMD_DIR):
+            targets.append((DEFAULT_SYSTEMD_DIR, install_unit))
+    for where, install_one in targets:
+        try:
+            click.echo(install_one(where, python))
+        except OSError as exc:
+            raise click.ClickException(f"cannot install into {where}: "
+                                       f"{exc.strerror or exc}") from None
 
 
 @hotplug.command("daemon")

@@ -1,4 +1,5 @@
-"""Installing the hotplug script into the Xen scripts directory."""
+"""Installing the hotplug script into the Xen scripts directory, and the systemd unit
+that runs the device watcher (`blkpy hotplug daemon`)."""
 
 from __future__ import annotations
 
@@ -24,14 +25,54 @@ def script_text(python: str | None = None) -> str:
             .replace("@BLKPY_HOME@", blkpy_home()))
 
 
-def install_script(directory: str | os.PathLike[str], python: str | None = None) -> Path:
-    """Write the script into ``directory`` (mode 0755, atomically); return its path."""
-    dest_dir = Path(directory)
-    if not dest_dir.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(dest_dir))
-    dest = dest_dir / SCRIPT_NAME
-    tmp = dest_dir / f".{SCRIPT_NAME}.tmp"
-    tmp.write_text(script_text(python))
-    os.chmod(tmp, 0o755)
+UNIT_NAME = "blkpy-hotplug.service"
+DEFAULT_SYSTEMD_DIR = "/etc/systemd/system"
+
+
+def unit_text(python: str | None = None) -> str:
+    """The watcher's unit. It must run before any guest starts (libxl waits for InitWait
+    before it runs the hotplug script) and after xenstored. KillMode=process: stopping
+    or restarting the watcher leaves the serves, i.e. the guests' disks, running; a new
+    watcher takes over the devices they serve. Serves log to the journal through the
+    watcher's stderr, each line naming its device (vbd-<domid>-<devid>)."""
+    python = python or sys.executable
+    return f"""[Unit]
+Description=blkpy block backends: start `blkpy serve` for every block-blkpy disk
+Documentation=man:xl-disk-configuration(5)
+After=proc-xen.mount xenstored.service
+Requires=proc-xen.mount
+Before=xendomains.service xen-watchdog.service
+ConditionPathExists=/proc/xen/capabilities
+
+[Service]
+Type=simple
+Environment=PYTHONPATH={blkpy_home()}
+ExecStart={python} -m blkpy hotplug daemon
+KillMode=process
+Restart=on-failure
+RestartSec=1
+SyslogIdentifier=blkpy
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def _write_atomically(dest: Path, text: str, mode: int) -> Path:
+    if not dest.parent.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(dest.parent))
+    tmp = dest.parent / f".{dest.name}.tmp"
+    tmp.write_text(text)
+    os.chmod(tmp, mode)
     os.replace(tmp, dest)
     return dest
+
+
+def install_script(directory: str | os.PathLike[str], python: str | None = None) -> Path:
+    """Write the script into ``directory`` (mode 0755, atomically); return its path."""
+    return _write_atomically(Path(directory) / SCRIPT_NAME, script_text(python), 0o755)
+
+
+def install_unit(directory: str | os.PathLike[str], python: str | None = None) -> Path:
+    """Write the watcher's systemd unit into ``directory`` (mode 0644, atomically)."""
+    return _write_atomically(Path(directory) / UNIT_NAME, unit_text(python), 0o644)

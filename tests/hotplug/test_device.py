@@ -101,12 +101,21 @@ def test_remove_never_signals_a_process_that_is_not_this_devices_serve(xs, raw_i
         other.wait()
 
 
-def test_install_writes_an_executable_script(tmp_path):
+def test_install_writes_an_executable_script_and_the_unit(tmp_path):
+    units = tmp_path / "systemd"
+    units.mkdir()
     res = subprocess.run([*BLKPY, "hotplug", "install", "--dir", str(tmp_path),
-                          "--python", "/opt/x/python3"], capture_output=True, text=True)
+                          "--python", "/opt/x/python3", "--systemd-dir", str(units)],
+                         capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     script = tmp_path / "block-blkpy"
-    assert res.stdout.strip() == str(script)
+    unit = units / "blkpy-hotplug.service"
+    assert res.stdout.split() == [str(script), str(unit)]
+    text = unit.read_text()
+    assert "ExecStart=/opt/x/python3 -m blkpy hotplug daemon" in text
+    assert "KillMode=process" in text  # restarting the watcher must not kill the disks
+    assert "Before=xendomains.service" in text.replace(" xen-watchdog.service", "")
+    assert stat.S_IMODE(unit.stat().st_mode) == 0o644
     assert stat.S_IMODE(script.stat().st_mode) == 0o755
     text = script.read_text()
     assert 'PYTHON="/opt/x/python3"' in text
@@ -114,8 +123,8 @@ def test_install_writes_an_executable_script(tmp_path):
 
 
 def test_install_into_a_missing_dir_is_one_line(tmp_path):
-    res = subprocess.run([*BLKPY, "hotplug", "install", "--dir", str(tmp_path / "no")],
-                         capture_output=True, text=True)
+    res = subprocess.run([*BLKPY, "hotplug", "install", "--dir", str(tmp_path / "no"),
+                          "--no-systemd"], capture_output=True, text=True)
     assert res.returncode == 1 and res.stderr.count("\n") == 1 and "not a directory" in res.stderr
 
 
