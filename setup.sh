@@ -15,6 +15,8 @@ DEB_PACKAGES=(
     xenstore-utils                 # real xenstore clients for the simulated xenstored
     nbdkit nbdkit-plugin-python    # blkpy fuzz crashes: storage that fails on demand (EIO)
     libnbd-bin fuse3               #   under the backend: nbdfuse puts it in a FUSE file
+    libnbd-dev                     # nbd backend: libnbd's C API (in place into guest pages);
+                                   #   its tests serve through nbdkit and qemu-nbd (qemu-utils)
 )
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do

@@ -426,7 +426,11 @@ def make_engine(name: str, disk: Disk) -> IoEngine:
     guest's queue depth must reach the device; ``sync`` where the kernel refuses io_uring).
     On the page cache the reference path stays ``sync`` and the native loop is hybrid:
     io_uring for the reads of deep batches, preadv/pwritev for the rest (`blkpy bench`
-    measured each; README design notes)."""
+    measured each; README design notes). A disk that only its own client library can reach
+    (NBD) brings its engine."""
+    own_engine = getattr(disk, "engine", None)
+    if name == "auto" and own_engine is not None:
+        return own_engine()
     if name == "auto":
         if disk.o_direct:
             try:

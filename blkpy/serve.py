@@ -26,7 +26,7 @@ import aiofiles
 import aiofiles.os
 
 from blkpy import ring
-from blkpy.backends import Disk, DiskError, open_disk
+from blkpy.backends import Disk, DiskError, network_format, open_disk
 from blkpy.defaults import MAX_PERSISTENT_GRANTS, MAX_QUEUES_DEFAULT, POLL_US_DEFAULT
 from blkpy.engine import make_engine
 from blkpy.platform import GrantMapping, Platform, PlatformError
@@ -97,6 +97,9 @@ def parse_params(params: str) -> tuple[str, str]:
     head, sep, rest = params.partition(":")
     if sep and head in FORMAT_PREFIXES:
         return FORMAT_PREFIXES[head], rest
+    network = network_format(params)
+    if network:  # its client parses the whole target, scheme included
+        return network, params
     return "raw", params
 
 
@@ -151,6 +154,9 @@ class DeviceServer:
         self._guest_log = RateLimitedLog(log)
         self._read_backend_nodes()
         self.disk = self._open_disk()
+        if self.disk.readonly and not self.readonly:  # a read-only NBD export
+            log.info("%s: %s is read-only: so is the device", self.path, self.image)
+            self.readonly = True
         self._status: StatusPublisher | None = None
         self._status_timer: asyncio.TimerHandle | None = None
         self._link = {"queues": 0, "ring_order": 0, "grant_mode": "", "engine": ""}
@@ -182,9 +188,10 @@ class DeviceServer:
 
     def _open_disk(self) -> Disk:
         try:
+            options: dict[str, object] = {}
             if self.fmt == "raw":
                 options = {"sector_size": self.opts.sector_size, "direct": self.opts.direct_io}
-            else:
+            elif self.fmt == "qcow2":
                 options = {"cache_size": self.opts.qcow2_cache_size}
             return open_disk(self.image, self.fmt, readonly=self.readonly, **options)
         except DiskError as exc:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from blkpy.backends.base import CorruptImage, Disk, DiskError, UnsupportedImage
 
 FORMATS = ("raw", "qcow2")
+#: disks reached over the network: their "path" is the whole target (scheme included)
+NETWORK_FORMATS = ("nbd",)
 QCOW2_MAGIC = b"QFI\xfb"
 
 
@@ -19,7 +21,29 @@ def open_disk(path: str, fmt: str, readonly: bool = False, **options: object) ->
         from blkpy.backends.qcow2 import Qcow2Disk
 
         return Qcow2Disk(path, readonly=readonly, **options)  # type: ignore[arg-type]
-    raise DiskError(f"unknown image format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    if fmt == "nbd":
+        from blkpy.backends.nbd import NbdDisk
+
+        return NbdDisk(path, readonly=readonly)
+    raise DiskError(f"unknown image format {fmt!r} "
+                    f"(expected one of {', '.join(FORMATS + NETWORK_FORMATS)})")
+
+
+def network_format(target: str) -> str | None:
+    """The network disk format a target names by its scheme (``nbd:...``, ``nbd+unix://``,
+    ``nbds://``...), or None for a file."""
+    scheme = target.partition(":")[0]
+    if scheme.split("+")[0] in ("nbd", "nbds") and ":" in target:
+        return "nbd"
+    return None
+
+
+def check_target(target: str, fmt: str) -> None:
+    """Raise DiskError (one line) unless a network target parses, without connecting."""
+    if fmt == "nbd":
+        from blkpy.backends.nbd import parse_target
+
+        parse_target(target)
 
 
 def probe_format(path: str) -> str:
@@ -35,10 +59,13 @@ def probe_format(path: str) -> str:
 
 __all__ = [
     "FORMATS",
+    "NETWORK_FORMATS",
     "CorruptImage",
     "Disk",
     "DiskError",
     "UnsupportedImage",
+    "check_target",
+    "network_format",
     "open_disk",
     "probe_format",
 ]

@@ -12,7 +12,7 @@ ffibuilder = FFI()
 # gntdev.c: device ioctls, barriers, batched I/O; uring.c: the io_uring engine; ringloop.c: the
 # ring loop's common case without the interpreter; simfront.c: the simulated frontend's
 # request generator (so the load generator is never the bottleneck of a benchmark).
-UNITS = [HERE / "gntdev", HERE / "uring", HERE / "ringloop", HERE.parent / "sim" / "simfront"]
+UNITS = [HERE / "gntdev", HERE / "uring", HERE / "ringloop", HERE.parent / "sim" / "simfront", HERE.parent / "backends" / "nbdio"]
 
 
 def _cdef(header: Path) -> str:

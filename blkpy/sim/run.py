@@ -14,7 +14,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 
-from blkpy.backends import DiskError, probe_format
+from blkpy.backends import DiskError, check_target, network_format, probe_format
 from blkpy.sim.frontend import Frontend
 from blkpy.sim.host import BackendProcess, SimHost
 from blkpy.sim.toolstack import DiskSpec
@@ -66,6 +66,11 @@ def _image(config: SimRunConfig) -> Iterator[tuple[str, str]]:
                 f.truncate(DEFAULT_IMAGE_SIZE)
             yield path, "raw"
         return
+    network = network_format(config.image)
+    if network:  # a server's export: nothing to look at here, the target must parse
+        check_target(config.image, network)
+        yield config.image, network
+        return
     if not os.path.isfile(config.image) and not os.path.exists(config.image):
         raise DiskError(f"cannot open {config.image}: No such file or directory")
     # The operator's own file: sniffing its header is fine here, `serve` never does.
@@ -96,7 +101,7 @@ def run(config: SimRunConfig) -> SimRunResult:
     problems: list[str] = []
     with _image(config) as (path, fmt), SimHost(serve_args=list(config.serve_args)) as host:
         guest = host.create_guest(GUEST_DOMID)
-        target = f"{fmt}:{path}"
+        target = path if fmt == network_format(path) else f"{fmt}:{path}"
         spec = DiskSpec(GUEST_DOMID, DEVID, "xvda", target, readonly=config.readonly,
                         protocol=config.abi)
         backend = host.add_disk(spec)

@@ -1,0 +1,76 @@
+/* blkpy's NBD client core: one libnbd connection per disk, driven by its own thread, which
+ * takes the guest's reads and writes as address ranges of the mapped pages (no copy),
+ * keeps flushes and discards ordered after everything submitted before them, and retries
+ * what was in flight when the connection dropped once it is back.
+ *
+ * libnbd is opened with dlopen on first use: the native module then neither needs libnbd
+ * to load nor its headers to build (without <libnbd.h> every call reports ENOSYS). */
+#ifndef BLKPY_NBDIO_H
+#define BLKPY_NBDIO_H
+#include <stdint.h>
+
+/* CDEF-BEGIN */
+struct blkpy_nbd;
+struct blkpy_nbd_queue;
+
+/* What the export offers, as negotiated on the current connection. */
+struct blkpy_nbd_info {
+    uint64_t size;
+    int32_t read_only;
+    int32_t can_flush;
+    int32_t can_trim;
+    int32_t can_zero;
+    int32_t can_multi_conn;
+    int32_t structured_replies;
+    int32_t tls;
+    uint32_t block_min;
+    uint32_t block_preferred;
+    uint32_t block_max;
+};
+
+/* Counters; `state` is 0 connected, 1 reconnecting (requests wait), 2 reconnecting past
+ * the reconnect delay (requests fail at once). */
+struct blkpy_nbd_stats {
+    uint64_t commands;
+    uint64_t reconnects;
+    uint64_t retried;
+    uint64_t expired;
+    int32_t state;
+    int32_t last_errno;
+};
+
+/* One disk operation handed over from an IoVector entry. */
+struct blkpy_nbd_op {
+    uint32_t kind;        /* 0 read, 1 write, 2 flush, 3 zero (may punch), 4 trim */
+    uint32_t iov_count;
+    uint64_t offset;
+    uint64_t length;
+    uint64_t iov_addr;    /* struct iovec array, alive until the op completes */
+    uint64_t user_data;
+};
+
+/* 1 if libnbd can be used; otherwise 0 and why in msg. */
+int blkpy_nbd_available(char *msg, uint32_t msglen);
+/* Connect to `uri` (libnbd's URI syntax) within connect_ms; NULL and a message on
+ * failure. Requests that find the connection gone wait up to reconnect_ms for it. */
+struct blkpy_nbd *blkpy_nbd_open(const char *uri, int readonly, int64_t connect_ms,
+                                 int64_t reconnect_ms, char *msg, uint32_t msglen);
+void blkpy_nbd_get_info(struct blkpy_nbd *c, struct blkpy_nbd_info *info);
+void blkpy_nbd_get_stats(struct blkpy_nbd *c, struct blkpy_nbd_stats *stats);
+/* Drop the current connection as if the network had (tests); it reconnects. */
+void blkpy_nbd_drop(struct blkpy_nbd *c);
+/* Stop the thread and disconnect. Every queue must be freed first. */
+void blkpy_nbd_close(struct blkpy_nbd *c);
+
+/* A completion queue: its eventfd is readable while completions wait. */
+struct blkpy_nbd_queue *blkpy_nbd_queue_new(struct blkpy_nbd *c);
+int blkpy_nbd_queue_fd(const struct blkpy_nbd_queue *q);
+/* Queue n ops (they complete in any order, flushes and discards after every earlier
+ * op); 0 or -errno. */
+int blkpy_nbd_submit(struct blkpy_nbd_queue *q, const struct blkpy_nbd_op *ops, uint32_t n);
+/* Up to max completions: user_data and 0 or -errno each. */
+int blkpy_nbd_reap(struct blkpy_nbd_queue *q, uint64_t *user_data, int64_t *result,
+                   uint32_t max);
+void blkpy_nbd_queue_free(struct blkpy_nbd_queue *q);
+/* CDEF-END */
+#endif
