@@ -181,7 +181,8 @@ def _parse_uri(target: str) -> NbdTarget:
     if any(k in options for k in TLS_OPTIONS) and not parts.scheme.startswith("nbds"):
         raise _bad(target, "TLS options need an nbds:// or nbds+unix:// URI")
     query = f"?{_query(options)}" if options else ""
-    uri = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")) + query
+    # (urlunsplit would drop the empty authority of nbd+unix:///)
+    uri = f"{parts.scheme}://{parts.netloc}{parts.path}{query}"
     return NbdTarget(uri, delay)
 
 

@@ -1,0 +1,364 @@
+"""The nbd backend against real servers (nbdkit, qemu-nbd): the simulated guest's
+workloads through `blkpy serve`, data checked afterwards with the servers' own tools,
+reconnects, read-only exports, flush/trim/zero as the server sees them, TLS, and a
+migration between two serves over one export."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from nbd_servers import nbdkit, need, qemu_nbd
+
+from blkpy import engine as io
+from blkpy import ring as blkif
+from blkpy.backends import DiskError, open_disk
+from blkpy.backends.nbd import DEFAULT_RECONNECT_DELAY_S, NbdDisk, parse_target
+from blkpy.engine import IoVector, make_engine
+from blkpy.sim.disk_model import DiskModel
+from blkpy.sim.frontend import Frontend
+from blkpy.sim.host import BackendProcess, SimHost
+from blkpy.sim.run import remove_and_check
+from blkpy.sim.toolstack import DiskSpec
+from blkpy.sim.workloads import run_workload
+from blkpy.xenbus import XenbusState
+
+MIB = 1 << 20
+GUEST = 1
+DEVID = 51712
+
+
+# ---- targets ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("target", "uri", "delay"), [
+    ("nbd:unix:/run/n.sock", "nbd+unix:///?socket=/run/n.sock", DEFAULT_RECONNECT_DELAY_S),
+    ("nbd:unix:/run/n.sock:exportname=vm 1", "nbd+unix:///vm%201?socket=/run/n.sock",
+     DEFAULT_RECONNECT_DELAY_S),
+    ("nbd:storage.example:10809:exportname=disk", "nbd://storage.example:10809/disk",
+     DEFAULT_RECONNECT_DELAY_S),
+    ("nbd:10.0.0.2:10809:reconnect-delay=2.5", "nbd://10.0.0.2:10809/", 2.5),
+    ("nbd:unix:/s:tls-psk-file=/etc/k.psk", "nbds+unix:///?socket=/s&tls-psk-file=/etc/k.psk",
+     DEFAULT_RECONNECT_DELAY_S),
+    ("nbd+unix:///exp?socket=/run/n.sock&reconnect-delay=0",
+     "nbd+unix:///exp?socket=/run/n.sock", 0.0),
+    ("nbds://alice@host:10810/exp?tls-certificates=/etc/pki",
+     "nbds://alice@host:10810/exp?tls-certificates=/etc/pki", DEFAULT_RECONNECT_DELAY_S),
+    ("nbd://[::1]:10809/", "nbd://[::1]:10809/", DEFAULT_RECONNECT_DELAY_S),
+])
+def test_targets_become_libnbd_uris(target: str, uri: str, delay: float) -> None:
+    parsed = parse_target(target)
+    assert (parsed.uri, parsed.reconnect_delay) == (uri, delay)
+
+
+@pytest.mark.parametrize("target", [
+    "nbd:", "nbd:unix:", "nbd:unix:relative.sock", "nbd:host", "nbd:host:port",
+    "nbd:host:0", "nbd:host:70000", "nbd:unix:/s:exportname", "nbd:unix:/s:bogus=1",
+    "nbd:unix:/s:exportname=a:exportname=b", "nbd:unix:/s:reconnect-delay=soon",
+    "nbd:unix:/s:reconnect-delay=-1", "nbd:unix:/s:reconnect-delay=nan",
+    "nbd+unix:///x", "nbd+unix://host/x?socket=/s", "nbd+unix:///x?socket=rel",
+    "nbd:///x", "nbd://host:99999/", "nbd://host/x?socket=/s", "nbd://host/x?frob=1",
+    "nbd://host/x#frag", "nbd://host/x?tls-psk-file=/k", "nbd://host/?socket",
+])
+def test_malformed_targets_are_one_line_errors(target: str) -> None:
+    with pytest.raises(DiskError) as info:
+        parse_target(target)
+    assert "\n" not in str(info.value)
+
+
+def test_sim_run_refuses_a_malformed_target_without_a_traceback() -> None:
+    out = subprocess.run([sys.executable, "-m", "blkpy", "sim", "run", "nbd:host:port"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert out.stderr.strip().count("\n") == 0 and "port 'port'" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_serve_reports_an_unreachable_server_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(DiskError) as info:
+        open_disk(f"nbd:unix:{tmp_path}/nobody.sock", "nbd")
+    assert "nobody.sock" in str(info.value) and "\n" not in str(info.value)
+
+
+# ---- the guest through `blkpy serve` ----------------------------------------------------
+
+
+@contextlib.contextmanager
+def attached(host: SimHost, target: str, *, devid: int = DEVID
+             ) -> Iterator[tuple[Frontend, BackendProcess]]:
+    """Add ``target`` as a disk of guest GUEST (a `blkpy serve` process), connect its
+    frontend; afterwards remove the disk and require a clean exit of the serve."""
+    spec = DiskSpec(GUEST, devid, "xvda", target)
+    backend = host.add_disk(spec)
+    assert backend is not None
+    frontend = Frontend(host.guests[GUEST], host.guest_xenstore(GUEST), devid,
+                        max_indirect_segments=32)
+    try:
+        assert host.wait_backend_state(spec, XenbusState.INIT_WAIT, timeout=30), backend.log()
+        frontend.connect(timeout=30)
+        yield frontend, backend
+        assert frontend.close(timeout=30) == []
+    finally:
+        problems = remove_and_check(host, spec, backend)
+    assert problems == [], backend.log()[-3000:]
+
+
+def sim_host() -> SimHost:
+    host = SimHost()
+    host.start()
+    host.create_guest(GUEST)
+    return host
+
+
+def read_back(frontend: Frontend, model: DiskModel, span: int, chunk: int = 32 << 10) -> int:
+    """Read [0, span) through the guest and count bytes differing from ``model``."""
+    bad = 0
+    for off in range(0, span, chunk):
+        done = frontend.read(off // 512, chunk, timeout=30)
+        assert done.status == blkif.BLKIF_RSP_OKAY
+        bad += model.check(off, done.data)
+    return bad
+
+
+@pytest.fixture(scope="module")
+def randrw_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What `blkpy sim run --workload randrw` leaves on a zeroed 64 MiB raw file: the
+    same seed leaves the same bytes on any backend (the workload never has two
+    overlapping requests in flight)."""
+    path = tmp_path_factory.mktemp("ref") / "ref.raw"
+    with open(path, "wb") as f:
+        f.truncate(64 * MIB)
+    out = subprocess.run([sys.executable, "-m", "blkpy", "sim", "run", str(path),
+                          "--format", "raw", "--workload", "randrw", "--requests", "1500"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return path
+
+
+def _sim_run(target: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "blkpy", "sim", "run", target,
+                           "--workload", "randrw", "--requests", "1500"],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_sim_run_randrw_on_nbdkit_memory(tmp_path: Path, randrw_reference: Path) -> None:
+    """Then qemu-img, reading the export itself over NBD, finds the reference's bytes."""
+    need("qemu-img")
+    with nbdkit(tmp_path, "memory", "64M") as server:
+        out = _sim_run(server.target)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "result    OK" in out.stdout
+        cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw",
+                              str(randrw_reference), server.uri],
+                             capture_output=True, text=True, timeout=120)
+        assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+
+
+def test_sim_run_randrw_on_qemu_nbd_qcow2(tmp_path: Path, randrw_reference: Path) -> None:
+    """qemu-nbd serving a qcow2 image; after it stops, qemu-img compares the image file
+    with the reference and checks its metadata."""
+    need("qemu-img")
+    image = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"], check=True)
+    with qemu_nbd(tmp_path, image, "qcow2") as server:
+        out = _sim_run(server.target)
+        assert out.returncode == 0, out.stdout + out.stderr
+    for cmd in (["qemu-img", "compare", "-F", "qcow2", str(randrw_reference), str(image)],
+                ["qemu-img", "check", "-q", str(image)]):
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_server_killed_mid_workload_and_restarted_no_guest_error(tmp_path: Path) -> None:
+    """SIGKILL the server while the guest has requests in flight and restart it on the
+    same socket: every request completes (retried on the new connection), every read
+    matches, and the serve logged the reconnect."""
+    disk = tmp_path / "disk.raw"
+    with open(disk, "wb") as f:
+        f.truncate(32 * MIB)
+    server = nbdkit(tmp_path, "file", str(disk))
+    host = sim_host()
+    try:
+        server.start()
+        with attached(host, server.target) as (frontend, backend):
+            model = DiskModel(32 * MIB, zeroed=True)
+            summary: list[object] = []
+            worker = threading.Thread(target=lambda: summary.append(run_workload(
+                frontend, "randrw", requests=8000, seed=3, model=model, timeout=60)))
+            worker.start()
+            time.sleep(0.5)
+            assert worker.is_alive(), "the workload ended before the server was killed"
+            server.stop(kill=True)
+            time.sleep(1.0)
+            server.start()
+            worker.join(120)
+            assert not worker.is_alive()
+            result = summary[0]
+            assert result.ok, result.to_text()  # type: ignore[attr-defined]
+            assert read_back(frontend, model, 32 * MIB) == 0
+            deadline = time.monotonic() + 10  # the serve reports on its 2 s timer
+            while "reconnect(s)" not in backend.log() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert "1 reconnect(s)" in backend.log(), backend.log()[-2000:]
+    finally:
+        server.stop()
+        host.close()
+
+
+def test_requests_fail_after_the_reconnect_delay_and_work_again_later(tmp_path: Path) -> None:
+    host = sim_host()
+    server = nbdkit(tmp_path, "memory", "16M")
+    try:
+        server.start()
+        with attached(host, f"{server.target}:reconnect-delay=0.5") as (frontend, _backend):
+            assert frontend.write(0, b"\x5a" * 4096).status == blkif.BLKIF_RSP_OKAY
+            server.stop(kill=True)
+            assert frontend.read(0, 4096, timeout=30).status == blkif.BLKIF_RSP_ERROR
+            server.start()  # a fresh, zeroed RAM disk: only the connection matters here
+            deadline = time.monotonic() + 15
+            status = blkif.BLKIF_RSP_ERROR
+            while status != blkif.BLKIF_RSP_OKAY and time.monotonic() < deadline:
+                time.sleep(0.2)
+                status = frontend.read(0, 4096, timeout=30).status
+            assert status == blkif.BLKIF_RSP_OKAY
+    finally:
+        server.stop()
+        host.close()
+
+
+def test_read_only_export_is_read_only_to_the_guest(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(b"\x11" * MIB)
+    host = sim_host()
+    try:
+        with nbdkit(tmp_path, "-r", "file", str(disk)) as server, \
+                attached(host, server.target) as (frontend, backend):
+            assert frontend.info is not None
+            assert frontend.info.info & blkif.VDISK_READONLY
+            assert not frontend.info.discard
+            assert frontend.write(0, b"\x22" * 4096).status == blkif.BLKIF_RSP_ERROR
+            assert bytes(frontend.read(0, 4096).data) == b"\x11" * 4096
+            assert "is read-only: so is the device" in backend.log()
+    finally:
+        host.close()
+    assert disk.read_bytes() == b"\x11" * MIB
+
+
+def test_migration_between_two_serves_over_one_export(tmp_path: Path) -> None:
+    """The guest writes through one serve, which flushes and closes when the disk goes;
+    a second serve opens the export and the guest reads back everything."""
+    host = sim_host()
+    try:
+        with nbdkit(tmp_path, "memory", "16M") as server:
+            model = DiskModel(16 * MIB, zeroed=True)
+            with attached(host, server.target) as (frontend, _backend):
+                result = run_workload(frontend, "randrw", requests=1500, seed=5, model=model)
+                assert result.ok, result.to_text()
+            with attached(host, server.target) as (frontend, _backend):
+                assert read_back(frontend, model, 16 * MIB) == 0
+            assert len(host.backends) == 2
+    finally:
+        host.close()
+
+
+# ---- the disk and its engine in process ---------------------------------------------------
+
+
+def _stats_file(path: Path) -> dict[str, str]:
+    """nbdkit's stats filter: ``op: N ops, ...`` lines."""
+    out = {}
+    for line in path.read_text().splitlines():
+        name, sep, rest = line.strip().partition(":")
+        if sep and rest.strip().split()[:1] and rest.split()[1:2] == ["ops,"]:
+            out[name] = rest.split()[0]
+    return out
+
+
+def test_flush_trim_and_zero_reach_the_server(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(b"\x33" * (4 * MIB))
+    stats = tmp_path / "stats.txt"
+    with nbdkit(tmp_path, "--filter=stats", "file", str(disk), f"statsfile={stats}") as server:
+        nbd = NbdDisk(server.target)
+        assert nbd.can_discard and not nbd.readonly and nbd.size == 4 * MIB
+        data = bytearray(b"\x44" * 8192)
+        nbd.writev(MIB, [memoryview(data)[:4096], memoryview(data)[4096:]])
+        nbd.flush()
+        nbd.discard(2 * MIB, 64 << 10)
+        nbd.trim(3 * MIB, 64 << 10)
+        back = bytearray(8192)
+        nbd.readv(MIB, [memoryview(back)])
+        assert back == data
+        nbd.readv(2 * MIB, [memoryview(back)])
+        assert back == bytes(8192)
+        nbd.close()
+    ops = _stats_file(stats)
+    for op in ("write", "flush", "zero", "trim"):
+        assert int(ops.get(op, "0").replace(",", "")) >= 1, (op, stats.read_text())
+    content = disk.read_bytes()
+    assert content[MIB : MIB + 8192] == data
+    assert content[2 * MIB : 2 * MIB + (64 << 10)] == bytes(64 << 10)
+
+
+def _read_vector(buf: np.ndarray, offsets: list[int]) -> IoVector:
+    n = len(offsets)
+    base = buf.ctypes.data
+    return IoVector(
+        kind=np.full(n, io.READ, dtype=np.int32), offset=np.array(offsets, dtype=np.uint64),
+        length=np.full(n, 4096, dtype=np.int64), iov_first=np.arange(n, dtype=np.uint32),
+        iov_count=np.ones(n, dtype=np.uint32),
+        iov=np.array([(base + 4096 * k, 4096) for k in range(n)], dtype=np.uint64),
+        owner=np.arange(n))
+
+
+def test_engine_retries_what_a_dropped_connection_had_in_flight(tmp_path: Path) -> None:
+    """Reads held 300 ms by the server are in flight when the connection drops: they
+    come back right, on the next connection, into the same pages."""
+    with nbdkit(tmp_path, "--filter=delay", "pattern", "16M", "rdelay=300ms") as server:
+        nbd = NbdDisk(server.target)
+        engine = make_engine("auto", nbd)
+        buf = np.zeros(16 * 4096, dtype=np.uint8)
+        offsets = [k * 65536 for k in range(16)]
+        vec = _read_vector(buf, offsets)
+        engine.submit(vec)
+        nbd.drop_connection()
+        done: list[IoVector] = []
+        deadline = time.monotonic() + 30
+        while not done and time.monotonic() < deadline:
+            done = engine.wait(1.0)
+        assert done == [vec] and not vec.result.any()
+        # nbdkit's pattern plugin: each 8-byte word is its own big-endian offset
+        words = buf.view(">u8").reshape(16, 512)
+        expect = np.array(offsets, dtype=np.uint64)[:, None] + np.arange(0, 4096, 8)
+        assert (words == expect).all()
+        stats = nbd.stats()
+        assert stats["reconnects"] == 1 and stats["retried"] >= 1
+        engine.close()
+        nbd.close()
+
+
+def test_tls_psk(tmp_path: Path) -> None:
+    """An export that requires TLS: the nbds+unix URI with the PSK works (and says TLS
+    was negotiated); a plain connection is refused in one line."""
+    psk = tmp_path / "keys.psk"
+    psk.write_text(f"alice:{os.urandom(32).hex()}\n")
+    psk.chmod(0o600)
+    with nbdkit(tmp_path, "--tls=require", f"--tls-psk={psk}", "memory", "4M") as server:
+        nbd = NbdDisk(f"nbds+unix://alice@/?socket={server.sock}&tls-psk-file={psk}")
+        assert nbd.info().tls == 1
+        data = bytearray(os.urandom(4096))
+        nbd.writev(0, [memoryview(data)])
+        back = bytearray(4096)
+        nbd.readv(0, [memoryview(back)])
+        assert back == data
+        nbd.close()
+        with pytest.raises(DiskError):
+            NbdDisk(server.target)
