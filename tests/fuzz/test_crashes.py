@@ -12,6 +12,7 @@ from qemu_img import needs_qemu
 
 from blkpy.fuzz import FindingLog, crashes
 from blkpy.fuzz.crashes import (
+    DISCARD,
     ERROR,
     FLUSH,
     OKAY,
@@ -23,6 +24,7 @@ from blkpy.fuzz.crashes import (
     WriteOracle,
     fault_layer_missing,
 )
+from blkpy.ring import BLKIF_RSP_EOPNOTSUPP as EOPNOTSUPP
 from blkpy.sim.blkfront_ring import Completion
 from blkpy.sim.host import SimHost
 
@@ -104,6 +106,8 @@ def _answer(storm: Storm, op: int, offset: int, nbytes: int, status: int,
                          expect=storm.expect(op, offset, nbytes))
     if op == WRITE:
         p.version = storm.oracle.write(offset, data or bytes(nbytes))
+    elif op == DISCARD:
+        p.version = storm.oracle.discard(offset, nbytes)
     arr = None if data is None else np.frombuffer(data, dtype=np.uint8)
     storm._complete(Completion(0, op, offset // SECTOR, nbytes, status, arr), p)
 
@@ -119,6 +123,14 @@ def test_storm_flags_errors_without_fault_and_success_on_failing_storage():
     _answer(storm, READ, 0, 512, OKAY, bytes(512))
     assert [f.problem.split(":")[0] for f in log.findings] == [
         "spurious error", "spurious error", "lost error"]
+
+
+def test_storm_takes_unsupported_discard_for_what_it_is():
+    storm, log = _storm()
+    _answer(storm, DISCARD, 0, 4096, EOPNOTSUPP)
+    assert log.total == 0
+    _answer(storm, READ, 0, 4096, EOPNOTSUPP, bytes(4096))
+    assert log.total == 1 and "bad status" in log.findings[0].problem
 
 
 def test_storm_flags_reads_no_write_explains():
