@@ -290,6 +290,91 @@ def device_stats(domid: int, devid: int, run_dir: str | None, as_json: bool) -> 
         click.echo(f"{name:<16}{value}")
 
 
+def _limit(text: str | None, what: str, sizes: bool) -> int | None:
+    if text is None:
+        return None
+    from blkpy.backends.image_cli import parse_size
+
+    try:
+        value = parse_size(text) if sizes else int(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a {'size' if sizes else 'whole number'}",
+                                 param_hint=what) from None
+    if value < 0:
+        raise click.BadParameter("must not be negative", param_hint=what)
+    return value
+
+
+@main.command("qos")
+@click.argument("domid", type=click.IntRange(1, 0x7FEF))
+@click.argument("devid", type=click.IntRange(0, 2**31 - 1))
+@click.option("--xenstore", "xenstore_path", metavar="PATH",
+              help="xenstored socket or /dev/xen/xenbus (default: XENSTORED_PATH, then the "
+                   "standard socket paths).")
+@click.option("--backend-domid", type=click.IntRange(0, 0x7FEF), default=0, show_default=True)
+@click.option("--clear", is_flag=True, help="Remove every limit first.")
+@click.option("--show", is_flag=True, help="Print the limits in force afterwards.")
+@click.option("--set", "settings", multiple=True, metavar="NAME=VALUE",
+              help="A limit by its node name: iops-total|read|write, bps-total|read|write "
+                   "(bytes/s; K/M/G suffixes), each also with -max and -max-length; "
+                   "0 removes it (repeatable).")
+def qos_command(domid: int, devid: int, xenstore_path: str | None, backend_domid: int,
+                clear: bool, show: bool, settings: tuple[str, ...]) -> None:
+    """Set a disk's I/O limits (QEMU throttling semantics) while it runs, e.g.
+    `blkpy qos 5 51712 --set iops-total=500 --set bps-write=20M`. The serve applies
+    them at once; they live in xenstore under the backend (<backend>/qos/)."""
+    from blkpy.hotplug.cli import connected_xenstore
+    from blkpy.qos import NODES, QosError, parse_limits
+
+    wanted: dict[str, int] = {}
+    for item in settings:
+        name, _, value = item.partition("=")
+        if name not in NODES or not value:
+            raise click.BadParameter(f"{item!r}: want NAME=VALUE with NAME one of "
+                                     f"{', '.join(NODES[:6])} (+ -max, -max-length)",
+                                     param_hint="--set")
+        wanted[name] = _limit(value, name, sizes=name.startswith("bps") and
+                              not name.endswith("-max-length"))  # type: ignore[assignment]
+    with connected_xenstore(xenstore_path) as xs:
+        found = [kind for kind in ("vbd", "vbd3")
+                 if xs.read_str(f"/local/domain/{backend_domid}/backend/{kind}/{domid}/{devid}")
+                 is not None]  # type: ignore[attr-defined]
+        if not found:
+            raise click.ClickException(f"no block device {devid} of domain {domid} "
+                                       f"(backend/vbd or backend/vbd3)")
+        base = f"/local/domain/{backend_domid}/backend/{found[0]}/{domid}/{devid}/qos"
+        current = {} if clear else {
+            n: xs.read_str(f"{base}/{n}") or "" for n in _children(xs, base)}
+        merged = {**current, **{k: str(v) for k, v in wanted.items()}}
+        merged = {k: v for k, v in merged.items() if v not in ("", "0")}
+        try:
+            limits = parse_limits(merged)
+        except QosError as exc:
+            raise click.ClickException(str(exc)) from None
+        nodes = limits.to_nodes()
+
+        def write(tx: int) -> None:
+            xs.rm(base, tx=tx)  # type: ignore[attr-defined]
+            for name, value in nodes.items():
+                xs.write(f"{base}/{name}", value, tx=tx)  # type: ignore[attr-defined]
+            if not nodes:
+                xs.write(base, "", tx=tx)  # type: ignore[attr-defined]
+
+        xs.run_transaction(write)  # type: ignore[attr-defined]
+    if show:
+        for name, value in nodes.items():
+            click.echo(f"{name}={value}")
+
+
+def _children(xs: object, path: str) -> list[str]:
+    from blkpy.xenstore.client import XenstoreError
+
+    try:
+        return xs.directory(path)  # type: ignore[attr-defined]
+    except XenstoreError:
+        return []
+
+
 main.add_command(hotplug)
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from blkpy.backends import Disk, DiskError, network_format, open_disk
 from blkpy.defaults import MAX_PERSISTENT_GRANTS, MAX_QUEUES_DEFAULT, POLL_US_DEFAULT
 from blkpy.engine import make_engine
 from blkpy.platform import GrantMapping, Platform, PlatformError
+from blkpy.qos import QosError, QosState, parse_limits
 from blkpy.ratelimit import RateLimitedLog
 from blkpy.requests import DiskGeometry
 from blkpy.status import (
@@ -157,6 +158,7 @@ class DeviceServer:
         if self.disk.readonly and not self.readonly:  # a read-only NBD export
             log.info("%s: %s is read-only: so is the device", self.path, self.image)
             self.readonly = True
+        self.qos = QosState()  # the disk's I/O limits, shared by its queues
         self._status: StatusPublisher | None = None
         self._status_timer: asyncio.TimerHandle | None = None
         self._link = {"queues": 0, "ring_order": 0, "grant_mode": "", "engine": ""}
@@ -238,7 +240,28 @@ class DeviceServer:
         self.xs.watch(f"{self.path}/state", "backend")
         self.xs.watch(f"{self.path}/online", "backend")
         self.xs.watch("@releaseDomain", "domains")
+        self.xs.watch(f"{self.path}/qos", "qos")
+        self._read_qos()
         self._execute(self.machine.start())
+
+    def _read_qos(self) -> None:
+        """The operator's I/O limits (blkpy.qos), applied at once to every queue. A bad
+        setting is logged and the limits in force stay."""
+        base = f"{self.path}/qos"
+        try:
+            names = self.xs.directory(base)
+        except XenstoreError:
+            names = []
+        nodes = {name: self.xs.read_str(f"{base}/{name}") or "" for name in names[:64]}
+        try:
+            limits = parse_limits(nodes)
+        except QosError as exc:
+            log.warning("%s: I/O limits unchanged: %s", self.path, exc)
+            return
+        if limits != self.qos.limits:
+            self.qos.configure(limits)
+            log.info("%s: I/O limits: %s", self.path,
+                     ", ".join(f"{k}={v}" for k, v in limits.to_nodes().items()) or "none")
 
     def step(self) -> None:
         """A watch fired: re-read the nodes the handshake depends on and act on them."""
@@ -257,7 +280,9 @@ class DeviceServer:
 
     def _on_xenstore(self) -> None:
         try:
-            while self.xs.events() and not self.machine.finished:
+            while (events := self.xs.events()) and not self.machine.finished:
+                if any(token == "qos" for _, token in events):
+                    self._read_qos()
                 self.step()
         except ConnectionError as exc:
             log.error("%s: lost xenstore: %s", self.path, exc)
@@ -414,13 +439,17 @@ class DeviceServer:
         back = ring.BackRing(mapping.buffer, abi, len(refs))
         evtchn = self.platform.bind_interdomain(self.frontend_id, port)
         engine = make_engine(self.opts.engine, self.disk)
+        # The loop spinning on an empty ring does not watch the engine's completions: for
+        # a disk only Python's engine can reach (NBD) a spin delays every answer by the
+        # poll budget and takes a CPU from the I/O thread and the server.
+        poll_us = self.opts.poll_us if self.disk.native_io() is not None else 0
         vbd = Vbd(self.platform, self.frontend_id, back, evtchn, self.disk, engine, geometry,
                   persistent=persistent, grant_mode=choose_grant_mode(self.opts.grant_mode,
                                                                       persistent),
-                  poll_us=self.opts.poll_us,
+                  poll_us=poll_us,
                   max_persistent_grants=self.opts.max_persistent_grants,
                   on_broken=self._on_ring_broken,
-                  bad_request_log=self._bad_log)
+                  bad_request_log=self._bad_log, qos=self.qos)
         self.vbds.append(vbd)
         vbd.start()
 
@@ -497,7 +526,7 @@ class DeviceServer:
 
     def _publish_status(self) -> None:
         assert self._loop is not None and self._status is not None
-        totals: dict[str, int] = {}
+        totals: dict[str, int] = {"qos_delays": self.qos.delays}
         for queue in _per_queue_totals(self._past_stats, [v.stats.as_dict() for v in self.vbds]):
             for name in COUNTERS:
                 totals[name] = totals.get(name, 0) + int(queue.get(name, 0))
@@ -522,6 +551,7 @@ class DeviceServer:
             "queues": _per_queue_totals(self._past_stats,
                                         [v.stats.as_dict() for v in self.vbds]),
             "loops": loops,
+            "qos": {"limits": self.qos.limits.to_nodes(), "delays": self.qos.delays},
             # A leak of Python objects shows here long before it adds up to pages of RSS
             # (``blkpy fuzz soak`` watches it across connect/disconnect cycles).
             "process": {"python_objects": len(gc.get_objects())},

@@ -14,6 +14,7 @@ import errno
 import logging
 import select
 import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -24,6 +25,7 @@ from blkpy.backends.base import Disk
 from blkpy.defaults import MAX_PERSISTENT_GRANTS
 from blkpy.engine import IoEngine, IoVector
 from blkpy.fastpath import STAT_FIELDS, RingLoop
+from blkpy.gntdev.native import ffi
 from blkpy.grants import (
     Acquired,
     GrantCopier,
@@ -31,6 +33,7 @@ from blkpy.grants import (
     fetch_indirect,
 )
 from blkpy.platform import EventChannel, Platform
+from blkpy.qos import QosState
 from blkpy.ratelimit import RateLimitedLog
 from blkpy.requests import (
     FLUSHING_OPS,
@@ -128,6 +131,7 @@ class Vbd:
         max_persistent_grants: int = MAX_PERSISTENT_GRANTS,
         on_broken: Callable[[str], None] | None = None,
         bad_request_log: RateLimitedLog | None = None,
+        qos: QosState | None = None,
     ) -> None:
         self.platform = platform
         self.domid = domid
@@ -161,6 +165,10 @@ class Vbd:
         self._geometry = geometry
         self._io_errors_logged = 0
         self._thread: threading.Thread | None = None
+        # The disk's I/O limits, shared with its other queues: the loop charges what it
+        # serves, the reference path what the loop did not (one request at a time then).
+        self.qos = qos
+        self.loop.native.qos = qos.native if qos is not None else ffi.NULL
         self._last_miss: tuple[int, int, int] | None = None
 
     @property
@@ -290,14 +298,27 @@ class Vbd:
             done = self.engine.wait(timeout=1.0)
             if done:
                 self._account(done)
+        limited = self.qos is not None and self.qos.active
         try:
-            batch = self.ring.consume(limit=MAX_BATCH)
+            batch = self.ring.consume(limit=1 if limited else MAX_BATCH)
         except RingOverflow as exc:
             self._halt(str(exc))
             return
         if len(batch):
             self._dispatch(batch)
         self.complete()
+
+    def _qos_wait(self, write: bool, nbytes: int) -> None:
+        """Hold the request just consumed until the disk's limits admit it, unless the
+        loop already charged it (then it handed it over for another reason)."""
+        assert self.qos is not None
+        if self.loop.native.charged == self.ring.req_cons:  # req_cons + 1 before consume
+            return
+        while not (self.closed or self.loop.stopped):
+            wait = self.qos.admit(write, nbytes)
+            if not wait:
+                return
+            time.sleep(wait / 1e9)
 
     def stop(self) -> None:
         """Stop the ring thread (any thread may call this) and wait for it."""
@@ -382,6 +403,10 @@ class Vbd:
                     int(batch["id"][i]), int(op[i]), v.reason(i),
                 )
         go = np.flatnonzero(~refused)
+        moves_data = n == 1 and len(go) == 1 and v.nbytes[0] > 0 and (
+            ops[0] in (BLKIF_OP_READ, BLKIF_OP_WRITE) or FLUSHING_OPS[ops[0] & 0xFF])
+        if moves_data and self.qos is not None and self.qos.active:
+            self._qos_wait(ops[0] != BLKIF_OP_READ, int(v.nbytes[0]))
         if not len(go):
             held.release()
             self._answer(batch["id"], v.rsp_operation, v.status)

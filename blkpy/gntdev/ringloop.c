@@ -555,8 +555,72 @@ static int64_t io_extents(struct blkpy_ringloop *l, int write, uint64_t off,
     return nbytes;
 }
 
+/* ---------------- I/O limits (QEMU's throttle: leaky buckets) ---------------- */
+
+static int64_t now_ns(void);
+
+static void qos_leak(struct blkpy_qos_bucket *b, double seconds)
+{
+    b->level -= b->avg * seconds;
+    if (b->level < 0)
+        b->level = 0;
+    b->burst_level -= b->max * seconds;
+    if (b->burst_level < 0)
+        b->burst_level = 0;
+}
+
+/* How long until the bucket has room (QEMU's throttle_compute_wait): without a burst
+ * rate it holds a tenth of a second of the average; with one, max * max_length, and the
+ * burst itself may not run faster than max. */
+static double qos_wait(const struct blkpy_qos_bucket *b)
+{
+    if (b->avg <= 0)
+        return 0;
+    double size = b->max > 0 ? b->max * b->max_length : b->avg / 10;
+    double wait = b->level > size ? (b->level - size) / b->avg : 0;
+    if (b->max > 0 && b->burst_level > b->max / 10) {
+        double burst = (b->burst_level - b->max / 10) / b->max;
+        if (burst > wait)
+            wait = burst;
+    }
+    return wait;
+}
+
+int64_t blkpy_qos_admit(struct blkpy_qos *q, int write, uint64_t bytes)
+{
+    int idx[4] = {BLKPY_QOS_IOPS_TOTAL, write ? BLKPY_QOS_IOPS_WRITE : BLKPY_QOS_IOPS_READ,
+                  BLKPY_QOS_BPS_TOTAL, write ? BLKPY_QOS_BPS_WRITE : BLKPY_QOS_BPS_READ};
+    double cost[4] = {1, 1, (double)bytes, (double)bytes};
+    while (__atomic_exchange_n(&q->lock, 1, __ATOMIC_ACQUIRE))
+        cpu_relax();
+    int64_t now = now_ns();
+    double elapsed = q->last_ns ? (double)(now - q->last_ns) / 1e9 : 0;
+    q->last_ns = now;
+    double wait = 0;
+    for (int k = 0; k < BLKPY_QOS_BUCKETS; k++)
+        qos_leak(&q->b[k], elapsed > 0 ? elapsed : 0);
+    for (int k = 0; k < 4; k++) {
+        double w = qos_wait(&q->b[idx[k]]);
+        if (w > wait)
+            wait = w;
+    }
+    if (wait <= 0) {
+        for (int k = 0; k < 4; k++) {
+            q->b[idx[k]].level += cost[k];
+            if (q->b[idx[k]].max > 0)
+                q->b[idx[k]].burst_level += cost[k];
+        }
+    } else {
+        q->delays++;
+    }
+    __atomic_store_n(&q->lock, 0, __ATOMIC_RELEASE);
+    int64_t ns = (int64_t)(wait * 1e9);
+    return wait > 0 && ns < 1000 ? 1000 : ns;
+}
+
 /* Serve the copied request s if it is the common case: 1 served; 0 leaves it untouched for
- * Python; -1 the same, because the extent map misses its clusters (miss_* say where). */
+ * Python; -1 the same, because the extent map misses its clusters (miss_* say where); -2
+ * not yet: the disk's I/O limits hold it back for qos_wait_ns. */
 static int serve_one(struct blkpy_ringloop *l, const uint8_t *s)
 {
     int64_t nbytes, io_op;
@@ -567,6 +631,7 @@ static int serve_one(struct blkpy_ringloop *l, const uint8_t *s)
     int flushing = op == OP_BARRIER || op == OP_FLUSH;
     if (op == OP_DISCARD)
         return 0;
+
     uint8_t *descs = l->scratch->descs;
     struct iovec *iov = l->scratch->iov;
     uint32_t slot = 0;
@@ -598,6 +663,16 @@ static int serve_one(struct blkpy_ringloop *l, const uint8_t *s)
         nseg = s[1];
         if (!map_segments(l, s + l->abi.seg_off, nseg, iov))
             return 0;
+    }
+    /* Reads and writes count against the limits (QEMU throttles neither flushes nor
+     * discards); a request is charged once, however many times it is looked at. */
+    if (l->qos && l->qos->active && nbytes > 0 && l->charged != l->ring->req_cons + 1) {
+        int64_t wait = blkpy_qos_admit(l->qos, op != OP_READ, (uint64_t)nbytes);
+        if (wait > 0) {
+            l->qos_wait_ns = wait;
+            return -2;
+        }
+        l->charged = l->ring->req_cons + 1;
     }
     uint64_t id = rd64(s + l->abi.id_off);
     if (use_async && submit_async(l, slot, id, op, rsp_op, flushing, nseg, nbytes, s))
@@ -756,7 +831,7 @@ static void throttle_spurious(struct blkpy_ringloop *l)
         delay = SPURIOUS_MAX_DELAY_NS;
     struct timespec ts = {0, (long)delay};
     nanosleep(&ts, NULL);
-    l->throttled++;
+    l->late_acks++;
     l->poll_ns = 0;   /* polling for a guest that only rings the bell is wasted */
 }
 
@@ -774,6 +849,23 @@ static void adapt_poll(struct blkpy_ringloop *l, int64_t slept_ns)
     } else if (slept_ns > l->poll_ns) {
         int64_t grown = l->poll_ns ? 2 * l->poll_ns : 10000;
         l->poll_ns = grown < l->poll_max_ns ? grown : l->poll_max_ns;
+    }
+}
+
+/* Wait out qos_wait_ns, a little at a time: completions are still answered and a stop
+ * request is seen within 2 ms. */
+static void qos_sleep(struct blkpy_ringloop *l)
+{
+    int64_t left = l->qos_wait_ns;
+    while (left > 0 && !__atomic_load_n(&l->stop, __ATOMIC_ACQUIRE)) {
+        int64_t step = left < 2000000 ? left : 2000000;
+        struct timespec ts = {0, (long)step};
+        nanosleep(&ts, NULL);
+        left -= step;
+        if (l->c_in_flight) {
+            reap_async(l, 0);
+            blkpy_ringloop_push(l);
+        }
     }
 }
 
@@ -807,6 +899,11 @@ int blkpy_ringloop_run(struct blkpy_ringloop *l, int may_sleep)
                 int served = 0;
                 if (!l->py_in_flight && l->disk_fd >= 0 && l->pgrants)
                     served = serve_one(l, s);
+                if (served == -2) {   /* over the disk's limits: answer what is done, wait */
+                    blkpy_ringloop_push(l);
+                    qos_sleep(l);
+                    break;
+                }
                 if (served <= 0)
                     return hand_back(l, served < 0 ? BLKPY_LOOP_EXTENT : BLKPY_LOOP_SLOW);
                 r->req_cons++;

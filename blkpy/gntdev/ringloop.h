@@ -18,6 +18,34 @@
 /* Segments of an indirect request the loop serves itself (preadv takes 1024 iovecs);
  * longer ones go to Python, which refuses what it cannot do. */
 #define BLKPY_RL_MAX_INDIRECT_SEGS 1024
+/* Per-disk I/O limits with QEMU's throttling semantics (a leaky bucket per limit: the
+ * average rate, and optionally a burst rate allowed for max_length seconds). Buckets:
+ * BLKPY_QOS_IOPS_TOTAL/READ/WRITE, BLKPY_QOS_BPS_TOTAL/READ/WRITE. The queues of a disk
+ * share one; its spin lock makes admission atomic across their threads. */
+#define BLKPY_QOS_IOPS_TOTAL 0
+#define BLKPY_QOS_IOPS_READ 1
+#define BLKPY_QOS_IOPS_WRITE 2
+#define BLKPY_QOS_BPS_TOTAL 3
+#define BLKPY_QOS_BPS_READ 4
+#define BLKPY_QOS_BPS_WRITE 5
+#define BLKPY_QOS_BUCKETS 6
+struct blkpy_qos_bucket {
+    double avg;              /* units per second; 0: no limit */
+    double max;              /* burst rate; 0: no burst beyond a tenth of a second of avg */
+    double max_length;       /* seconds the burst rate may be kept up (>= 1) */
+    double level, burst_level;
+};
+struct blkpy_qos {
+    struct blkpy_qos_bucket b[BLKPY_QOS_BUCKETS];
+    int64_t last_ns;
+    int32_t lock;
+    uint32_t active;         /* some limit is set */
+    uint64_t delays;         /* requests that had to wait */
+};
+/* 0: a request moving `bytes` (a write if `write`) is admitted and charged; otherwise the
+ * ns to wait before asking again (nothing charged). */
+int64_t blkpy_qos_admit(struct blkpy_qos *q, int write, uint64_t bytes);
+
 /* The private end of a back ring; Python's BackRing and the loop share one. */
 struct blkpy_back_ring {
     uint8_t *sring;          /* the mapped shared ring (64-byte header, then the slots) */
@@ -153,7 +181,13 @@ struct blkpy_ringloop {
      * whether the last wake-up was an event not yet matched by a request. */
     uint32_t spurious_run;
     uint32_t woke_on_event;
-    uint64_t spurious_wakeups, throttled;
+    uint64_t spurious_wakeups, late_acks;
+    /* I/O limits shared by the disk's queues; NULL: none. charged: req_cons + 1 of a
+     * request already admitted (it then went to Python, which must not charge it again) */
+    struct blkpy_qos *qos;
+    uint32_t charged;
+    uint32_t _pad2;
+    int64_t qos_wait_ns;             /* how long the request at req_cons must still wait */
     /* BLKPY_LOOP_EXTENT: the guest byte range of the request and whether it writes */
     uint64_t miss_off, miss_len;
     uint32_t miss_write;

@@ -32,7 +32,7 @@ def hotplug() -> None:
 
 
 @contextlib.contextmanager
-def _xenstore(path: str | None) -> Iterator[object]:
+def connected_xenstore(path: str | None) -> Iterator[object]:
     """A connected client; connection and xenstore errors become one-line CLI errors."""
     from blkpy.hotplug.device import HotplugError
     from blkpy.xenstore.client import XenstoreClient, XenstoreError
@@ -57,7 +57,7 @@ def add(backend_path: str, xenstore_path: str | None) -> None:
     """Check the device's image and report hotplug-status (libxl's `add`)."""
     from blkpy.hotplug.device import hotplug_add
 
-    with _xenstore(xenstore_path) as xs:
+    with connected_xenstore(xenstore_path) as xs:
         disk = hotplug_add(xs, backend_path)  # type: ignore[arg-type]
     click.echo(f"{SCRIPT_NAME}: {backend_path}: {disk.fmt} image {disk.image}", err=True)
 
@@ -69,7 +69,7 @@ def remove(backend_path: str, xenstore_path: str | None) -> None:
     """Make sure the device's serve process is gone (libxl's `remove`)."""
     from blkpy.hotplug.device import hotplug_remove
 
-    with _xenstore(xenstore_path) as xs:
+    with connected_xenstore(xenstore_path) as xs:
         what = hotplug_remove(xs, backend_path)  # type: ignore[arg-type]
     click.echo(f"{SCRIPT_NAME}: {backend_path}: {what}", err=True)
 
@@ -145,7 +145,7 @@ def daemon(xenstore_path: str | None, domid: int, platform_name: str, log_dir: s
     log_to_stderr()
     args = ["--platform", platform_name, *(["--xenstore", xenstore_path] if xenstore_path else []),
             *serve_args]
-    with _xenstore(xenstore_path) as xs:
+    with connected_xenstore(xenstore_path) as xs:
         watcher = DeviceWatcher(xs, domid=domid,  # type: ignore[arg-type]
                                 serve_command=shlex.split(serve_command) if serve_command else None,
                                 serve_args=args, log_dir=log_dir, orphan_grace=orphan_grace)
