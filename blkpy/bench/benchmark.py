@@ -14,7 +14,9 @@ pick some):
 - 4 KiB random reads at QD32 with O_DIRECT on the machine's disk (`serve --direct-io`,
   whose engine auto is io_uring, against fio io_uring --direct=1 at the same depth);
 - qcow2: 4 KiB random reads, random writes and allocating writes at QD1 and QD32, IOPS
-  against `qemu-img bench`.
+  against `qemu-img bench`;
+- NBD: the raw file exported by nbdkit, 4 KiB random reads at QD1/32 and random writes at
+  QD32 through `blkpy serve`, against fio's nbd engine (libnbd) on the same export.
 
 Every row also carries p50/p99/p99.9 completion latency: blkpy's as the guest sees it (the
 load generator's histogram), fio's from its latency percentiles. With ``repeats`` each side
@@ -50,7 +52,7 @@ from typing import Any
 import click
 
 from blkpy import ring as blkif
-from blkpy.sim import procinfo, toolstack
+from blkpy.sim import nbdserver, procinfo, toolstack
 from blkpy.sim.frontend import Frontend
 from blkpy.sim.guest import SimGuest
 from blkpy.sim.host import BackendProcess, SimHost
@@ -82,6 +84,7 @@ _DISKS = {  # pattern.disk -> (devid, vdev, label prefix)
     "direct": (51712, "xvda", "O_DIRECT "),
     "qcow2": (51728, "xvdb", "qcow2 "),
     "qcow2-fresh": (51744, "xvdc", "qcow2 allocating "),
+    "nbd": (51760, "xvdd", "NBD "),
 }
 
 
@@ -95,7 +98,8 @@ class Pattern:
     queue_depth: int
     write: bool = False
     # "raw": the raw file in the page cache; "direct": a raw file read with O_DIRECT;
-    # "qcow2": a fully allocated qcow2 image; "qcow2-fresh": new regions of an empty one
+    # "qcow2": a fully allocated qcow2 image; "qcow2-fresh": new regions of an empty one;
+    # "nbd": the raw file exported by nbdkit (file plugin) on a unix socket
     disk: str = "raw"
     step: int = 0  # offsets are multiples of this (0: the block size)
 
@@ -238,6 +242,13 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec("direct4k-qd32", "direct", "iops", 0.9, ">=",
             Pattern("direct4k", 4096, True, 32, disk="direct"), "fio io_uring"),
     *_qcow2_rows(),
+    # NBD: blkpy serving an nbdkit export against fio's nbd engine (libnbd) reading it
+    RowSpec("nbd-rand4k-qd1", "nbd", "iops", 0.9, ">=",
+            Pattern("nbd-rand4k", 4096, True, 1, disk="nbd"), "fio nbd"),
+    RowSpec("nbd-rand4k-qd32", "nbd", "iops", 0.9, ">=",
+            Pattern("nbd-rand4k", 4096, True, 32, disk="nbd"), "fio nbd"),
+    RowSpec("nbd-write4k-qd32", "nbd", "iops", 0.9, ">=",
+            Pattern("nbd-write4k", 4096, True, 32, write=True, disk="nbd"), "fio nbd"),
 )
 QUICK_ROWS = ("rand4k-qd32", "cpu-qd32", "write4k-qd32")
 
@@ -646,21 +657,23 @@ def served_disk(
 # ---- the peers -----------------------------------------------------------------------
 
 
-def fio_run(path: Path, size: int, pattern: Pattern, engine: str, seconds: float) -> Run:
-    """fio with one job on ``path``: ``engine`` psync runs at depth 1 whatever the pattern
-    says (a synchronous call per I/O), others at the pattern's depth; O_DIRECT for the
-    "direct" disk, the page cache otherwise."""
+def fio_run(path: Path | str, size: int, pattern: Pattern, engine: str,
+            seconds: float) -> Run:
+    """fio with one job on ``path`` (for engine nbd: an NBD URI): ``engine`` psync runs at
+    depth 1 whatever the pattern says (a synchronous call per I/O), others at the
+    pattern's depth; O_DIRECT for the "direct" disk, the page cache otherwise."""
     depth = 1 if engine == "psync" else pattern.queue_depth
     rw = ("rand" if pattern.random else "") + ("write" if pattern.write else "read")
     cmd = [
         "fio",
         "--name=bench",
-        f"--filename={path}",
+        *([] if engine == "nbd" else [f"--filename={path}"]),
         *([] if pattern.write else ["--readonly"]),
         f"--size={size}",
         f"--rw={rw}",
         f"--bs={pattern.block_size}",
         f"--ioengine={engine}",
+        *([f"--uri={path}"] if engine == "nbd" else []),  # an engine option: after it
         f"--iodepth={depth}",
         f"--direct={int(pattern.disk == 'direct')}",
         "--invalidate=0",  # fio would otherwise drop the file from the page cache
@@ -784,9 +797,10 @@ class _Side:
     cached: Path | None = None  # file to keep in the page cache (re-read before each run)
 
 
-def _fio_side(engine: str, path: Path, size: int, seconds: float, cached: bool) -> _Side:
+def _fio_side(engine: str, path: Path | str, size: int, seconds: float,
+              cached: bool) -> _Side:
     return _Side(f"fio {engine}", lambda p: fio_run(path, size, p, engine, seconds),
-                 path if cached else None)
+                 Path(path) if cached else None)
 
 
 def _qemu_side(image: Callable[[], Path], seconds: float, cached: Path | None) -> _Side:
@@ -956,6 +970,8 @@ def run_benchmark(
         raise RuntimeError("fio is not installed (setup.sh installs it)")
     if (todo["qcow2"] or todo["qcow2-fresh"]) and shutil.which("qemu-img") is None:
         raise RuntimeError("qemu-img is not installed (setup.sh installs qemu-utils)")
+    if todo["nbd"] and shutil.which("nbdkit") is None:
+        raise RuntimeError("nbdkit is not installed (setup.sh installs it)")
 
     size = size_mb << 20
     args = list(serve_args)
@@ -970,7 +986,7 @@ def run_benchmark(
     idle: IdleFigures | None = None
     try:
         raw = tmp / "bench.raw"
-        if todo["raw"] or want_idle or todo["qcow2"]:
+        if todo["raw"] or want_idle or todo["qcow2"] or todo["nbd"]:
             say(f"writing {size_mb} MiB test file {raw}")
             make_file(raw, size)
         if todo["raw"] or want_idle or todo["qcow2"] or todo["qcow2-fresh"]:
@@ -995,6 +1011,13 @@ def run_benchmark(
                     image, copy = fresh_qcow2(tmp / "fresh.qcow2"), tmp / "peer-fresh.qcow2"
                     qemu = _qemu_side(lambda: fresh_qcow2(copy), seconds, None)
                     bench.run_disk(host, guest, "qcow2-fresh", f"qcow2:{image}", [qemu], None)
+        if todo["nbd"]:
+            with nbdserver.nbdkit(tmp, "file", str(raw)) as server, \
+                    SimHost(serve_args=args) as host:
+                pages = _guest_pages(p for _s, p in todo["nbd"])
+                guest = host.create_guest(GUEST_DOMID, memory_pages=pages)
+                fio = [_fio_side("nbd", server.uri, size, seconds, False)]
+                bench.run_disk(host, guest, "nbd", server.target, fio, raw)
         if todo["direct"]:
             problem = direct_io_problem(tmp)
             if problem:
