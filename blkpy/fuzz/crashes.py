@@ -498,7 +498,7 @@ def _new_image(tmp: str, name: str, fmt: str, rng: np.random.Generator,
     cluster = int(rng.choice([4096, 65536]))
     opts = [f"cluster_size={cluster}"]
     initial = bytes(DISK_SIZE)
-    backing = host_size is None and rng.random() < 0.3
+    backing = rng.random() < 0.3
     if backing:
         base = os.path.join(tmp, f"{name}.base.raw")
         initial = rng.bytes(DISK_SIZE * 3 // 4) + bytes(DISK_SIZE // 4)
