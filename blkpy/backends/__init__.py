@@ -7,7 +7,7 @@ from blkpy.backends.base import CorruptImage, Disk, DiskError, UnsupportedImage
 
 FORMATS = ("raw", "qcow2")
 #: disks reached over the network: their "path" is the whole target (scheme included)
-NETWORK_FORMATS = ("nbd",)
+NETWORK_FORMATS = ("nbd", "rbd")
 QCOW2_MAGIC = b"QFI\xfb"
 
 
@@ -25,6 +25,10 @@ def open_disk(path: str, fmt: str, readonly: bool = False, **options: object) ->
         from blkpy.backends.nbd import NbdDisk
 
         return NbdDisk(path, readonly=readonly)
+    if fmt == "rbd":
+        from blkpy.backends.rbd import RbdDisk
+
+        return RbdDisk(path, readonly=readonly)
     raise DiskError(f"unknown image format {fmt!r} "
                     f"(expected one of {', '.join(FORMATS + NETWORK_FORMATS)})")
 
@@ -35,6 +39,8 @@ def network_format(target: str) -> str | None:
     scheme = target.partition(":")[0]
     if scheme.split("+")[0] in ("nbd", "nbds") and ":" in target:
         return "nbd"
+    if scheme == "rbd" and ":" in target:
+        return "rbd"
     return None
 
 
@@ -44,6 +50,10 @@ def check_target(target: str, fmt: str) -> None:
         from blkpy.backends.nbd import parse_target
 
         parse_target(target)
+    elif fmt == "rbd":
+        from blkpy.backends.rbd import parse_target as parse_rbd_target
+
+        parse_rbd_target(target)
 
 
 def probe_format(path: str) -> str:
