@@ -362,3 +362,40 @@ def test_tls_psk(tmp_path: Path) -> None:
         nbd.close()
         with pytest.raises(DiskError):
             NbdDisk(server.target)
+
+
+def test_a_flush_waits_for_the_writes_before_it_and_holds_back_what_follows(
+        tmp_path: Path) -> None:
+    """NBD's flush covers only writes the server has answered, so the engine sends it
+    after them (the server holds each write 100 ms), and the read after the flush waits
+    for it: the order nbdkit's log filter saw."""
+    log = tmp_path / "requests.log"
+    with nbdkit(tmp_path, "--filter=log", "--filter=delay", "memory", "16M", "wdelay=100ms",
+                f"logfile={log}") as server:
+        nbd = NbdDisk(server.target)
+        engine = make_engine("auto", nbd)
+        buf = np.ones(8192, dtype=np.uint8)
+        vec = IoVector(
+            kind=np.array([io.WRITE, io.WRITE, io.FLUSH, io.READ], dtype=np.int32),
+            offset=np.array([0, 65536, 0, 4096], dtype=np.uint64),
+            length=np.array([4096, 4096, 0, 4096], dtype=np.int64),
+            iov_first=np.array([0, 1, 0, 0], dtype=np.uint32),
+            iov_count=np.array([1, 1, 0, 1], dtype=np.uint32),
+            iov=np.array([(buf.ctypes.data, 4096), (buf.ctypes.data + 4096, 4096)],
+                         dtype=np.uint64),
+            owner=np.arange(4))
+        engine.submit(vec)
+        deadline = time.monotonic() + 30
+        while not engine.wait(1.0) and time.monotonic() < deadline:
+            pass
+        assert not vec.result.any() and vec.pending == 0
+        engine.close()
+        nbd.close()
+    lines = log.read_text().splitlines()
+
+    def at(text: str) -> int:
+        return next(i for i, line in enumerate(lines) if text in line)
+
+    flush = at("Flush id=3 ...")
+    assert at("...Write id=1 return") < flush and at("...Write id=2 return") < flush
+    assert at("...Flush id=3 return") < at("Read id=4")
