@@ -862,8 +862,8 @@ int blkpy_nbd_submit(struct blkpy_nbd_queue *q, const struct blkpy_nbd_op *ops, 
         link = &op->next;
     }
     /* The connection thread issues them: libnbd's handle is then driven by one thread
-     * only. Issuing here measured a third of the ring thread's time at queue depth 32,
-     * most of it waiting for the handle's lock while that thread read replies. */
+     * only, and a submitter never waits for the handle's lock (held while that thread
+     * reads replies) nor for a send. */
     int kick = 0;
     pthread_mutex_lock(&c->mu);
     while (first) {
