@@ -19,7 +19,12 @@ disconnect code) in this process, one ``step()`` per watch event, against the si
 xenstored and hypervisor, which makes them cheap and exactly reproducible; one case in
 ``PROCESS_EVERY`` runs the same script against a real ``blkpy serve`` subprocess (SimHost) to
 cover the process: it must exit 0 once the toolstack removes the device, with no traceback in
-its log and balanced grant counters.
+its log and balanced grant counters. In process, a tripwire on the backend's xenstore
+connection also lets the frontend change or vanish between two of the backend's reads.
+
+Each case draws from its own generator (seed, index); the guest's grant refs and ports carry
+over from case to case, so a finding (which names its case) is reproduced by running the same
+``--seed`` and ``--scale`` again.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from blkpy.serve import DeviceServer, ServeOptions
 from blkpy.sim import blkfront_negotiation as neg
 from blkpy.sim import toolstack
 from blkpy.sim.blkfront_ring import BlkfrontRing
-from blkpy.sim.guest import SimGuest
+from blkpy.sim.guest import GuestPort, SimGuest
 from blkpy.sim.host import SimHost
 from blkpy.sim.hypervisor import ECS_FREE, ECS_INTERDOMAIN, Domain
 from blkpy.sim.platform import SimPlatform
@@ -206,9 +211,8 @@ class Front:
         self.path = f"/local/domain/{GUEST}/device/vbd/{DEVID}"
         self.rings: list[BlkfrontRing] = []
         self.spare_grants: list[tuple[int, int]] = []  # (frame, ref) still granted
-        self.spare_ports: list[object] = []
+        self.spare_ports: list[GuestPort] = []
         self.offered_ports: set[int] = set()  # spare ports offered to the backend domain
-        self.dead_refs: set[int] = set()  # refs granted then ended (stale)
         self.nodes: dict[str, str] = {}
 
     @property
@@ -305,7 +309,7 @@ class Front:
                 errors.append(f"spare grant {ref} still mapped by the backend")
         self.spare_grants = []
         for port in self.spare_ports:
-            port.close()  # type: ignore[attr-defined]
+            port.close()
         self.spare_ports = []
         self.offered_ports = set()
         return errors
@@ -394,10 +398,10 @@ class InProcessBackend:
                                    world.spec.backend_path, OPTIONS)
         self.crash: str | None = None
 
-    def between_reads(self, action: Callable[[], None]) -> None:
-        """Step with ``action`` run between two of the backend's reads (or after the step
-        if it reads less), at a point the case's generator picks."""
-        self.tripwire.arm(self.world.rng_reads(), action)
+    def between_reads(self, action: Callable[[], None], reads: int) -> None:
+        """Step with ``action`` run right after the backend's ``reads``-th read (or after
+        the step if it reads less)."""
+        self.tripwire.arm(reads, action)
         self.step()
         self.tripwire.fire()
 
@@ -413,6 +417,7 @@ class InProcessBackend:
         self._guard(self.server.start)
 
     def step(self, expect: set[int] | None = None) -> None:
+        """One watch event (``expect`` is for a process, which must be waited for)."""
         self.xs.events()  # what woke us; the step re-reads everything anyway
         self._guard(self.server.step)
 
@@ -471,7 +476,7 @@ class ProcessBackend:
             timeout = 0.5 if _state(self.world.backend_state_raw()) == CLOSED else 0.0
         return self.proc.wait(timeout) is not None
 
-    def between_reads(self, action: Callable[[], None]) -> None:
+    def between_reads(self, action: Callable[[], None], reads: int) -> None:
         """A process cannot be stopped between two reads: the action races its step."""
         action()
         self.step()
@@ -521,7 +526,6 @@ class World:
         self.gxs: XenstoreClient
         self.domain: Domain
         self.removed = False
-        self.rng_reads: Callable[[], int] = lambda: 1  # set per case
         self._new_guest()
 
     def _new_guest(self) -> None:
@@ -565,8 +569,9 @@ class World:
     def error_node(self) -> str | None:
         return self.xs.read_str(f"{self.error_path}/error")
 
-    def toolstack_remove(self, force: bool) -> None:
-        """libxl: online=0 (+ Closing); forced, it deletes the frontend directory too."""
+    def toolstack_remove(self) -> None:
+        """libxl's first removal step: online=0 (and Closing unless Closed)."""
+        # (an int state compares equal to the XenbusState removal_nodes expects)
         nodes = toolstack.removal_nodes(_state(self.backend_state_raw()))  # type: ignore[arg-type]
 
         def write(tx: int) -> None:
@@ -574,8 +579,6 @@ class World:
                 self.xs.write(f"{self.spec.backend_path}/{name}", value, tx)
 
         self.xs.run_transaction(write)
-        if force:
-            self.xs.rm(self.spec.frontend_path)
 
     def delete_paths(self) -> None:
         self.removed = True
@@ -647,7 +650,6 @@ class Case:
         self.subprocess = subprocess
         self.notes: list[str] = []  # what was done, for the finding's case line
         self.problems: list[str] = []
-        world.rng_reads = lambda: self.rng.randrange(1, 24)
 
     def describe(self) -> str:
         where = "serve subprocess" if self.subprocess else "in-process"
@@ -768,7 +770,7 @@ def _granted(front: Front) -> set[int]:
 
 
 def _ports(front: Front) -> set[int]:
-    return {r.event_channel for r in front.rings} | {p.port for p in front.spare_ports}  # type: ignore[attr-defined]
+    return {r.event_channel for r in front.rings} | {p.port for p in front.spare_ports}
 
 
 # ---- the scripts --------------------------------------------------------------------------------
@@ -934,7 +936,7 @@ def script_vanish(case: Case, backend: InProcessBackend | ProcessBackend, front:
         front.publish(front.nodes)
         if point == "connecting":  # between two of the backend's reads of the nodes
             front.set_state(INITIALISED)
-            backend.between_reads(vanish)
+            backend.between_reads(vanish, rng.randrange(1, 24))
     else:
         _connect_round(case, backend, front, rng.choice([0, 0, 1]))
         if point == "closing" and not backend.finished:
@@ -943,7 +945,7 @@ def script_vanish(case: Case, backend: InProcessBackend | ProcessBackend, front:
     if point == "initialised":
         front.set_state(INITIALISED)  # written again; the backend has not looked yet
     if how == "toolstack":  # libxl's forced removal: online=0 + Closing, then the dir goes
-        world.toolstack_remove(force=False)
+        world.toolstack_remove()
         backend.step()
         world.xs.rm(world.spec.frontend_path)
     elif point != "connecting":
@@ -966,7 +968,9 @@ def script_race(case: Case, backend: InProcessBackend | ProcessBackend, front: F
     front.publish(front.nodes)
     changes = case.mutate(front, rng.choice([1, 2, 3]))
     front.set_state(INITIALISED)
-    backend.between_reads(lambda: front.publish(changes, in_transaction=rng.random() < 0.5))
+    in_transaction = rng.random() < 0.5
+    backend.between_reads(lambda: front.publish(changes, in_transaction),
+                          rng.randrange(1, 24))
     state = _state(case.world.backend_state_raw())
     offered = front.offered()
     mapped = case.world.mapped_refs() & _granted(front)
@@ -1037,7 +1041,7 @@ def run_case(world: World, seed: int, index: int, subprocess: bool,
     finally:
         if not world.removed:
             if not backend.finished:
-                world.toolstack_remove(force=False)
+                world.toolstack_remove()
                 backend.step({CLOSED})
             if not backend.finished:  # libxl forces it after 10 s: the frontend dir goes
                 world.xs.rm(world.spec.frontend_path)
