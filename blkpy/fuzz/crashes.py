@@ -229,15 +229,17 @@ class Storm:
     every answer: its status against what the host's storage is doing (``expect``), a
     read's bytes against the oracle."""
 
-    def __init__(self, ring: BlkfrontRing, oracle: WriteOracle, rng: np.random.Generator,
-                 log: FindingLog, case: str, depth: int = 32) -> None:
-        self.ring = ring
+    def __init__(self, rings: list[BlkfrontRing], oracle: WriteOracle,
+                 rng: np.random.Generator, log: FindingLog, case: str, depth: int = 32) -> None:
+        self.rings = rings  # requests go round-robin over the queues
+        ring = rings[0]  # every queue shares the disk's info
         self.oracle = oracle
         self.rng = rng
         self.log = log
         self.case = case
-        self.depth = min(depth, ring.size)
-        self.pending: dict[int, _Pending] = {}
+        self.depth = min(depth, sum(r.size for r in rings))
+        self.pending: dict[tuple[int, int], _Pending] = {}  # (queue, id) -> request
+        self._next = 0
         self.stats = StormStats()
         self.size = ring.info.size
         info = ring.info
@@ -300,8 +302,9 @@ class Storm:
         """Submit unless the range is busy; False when it is."""
         if nbytes and self._busy(offset, nbytes):
             return False
-        while not self.ring.can_submit() or len(self.pending) >= self.depth:
+        while (q := self._queue()) is None:
             self.reap(wait=True)
+        ring = self.rings[q]
         p = _Pending(op, offset, nbytes, 0, expect=self.expect(op, offset, nbytes))
         if op == WRITE:
             data = bytes(kw["data"])  # type: ignore[arg-type]
@@ -315,17 +318,17 @@ class Storm:
         else:
             p.submitted = self.oracle.tick()
         if op == DISCARD:
-            rid = self.ring.submit(op, offset // SECTOR, nr_sectors=nbytes // SECTOR)
+            rid = ring.submit(op, offset // SECTOR, nr_sectors=nbytes // SECTOR)
         elif op == READ:
-            rid = self.ring.submit(op, offset // SECTOR, nbytes=nbytes,
+            rid = ring.submit(op, offset // SECTOR, nbytes=nbytes,
                                    first_sect=int(kw.get("first_sect", 0)))
         elif op == WRITE:
-            rid = self.ring.submit(op, offset // SECTOR, data=kw["data"],
+            rid = ring.submit(op, offset // SECTOR, data=kw["data"],
                                    first_sect=int(kw.get("first_sect", 0)))
         else:
-            rid = self.ring.submit(op, 0)
-        self.pending[rid] = p
-        self.ring.push()
+            rid = ring.submit(op, 0)
+        self.pending[(q, rid)] = p
+        ring.push()
         self.stats.requests += 1
         return True
 
@@ -352,7 +355,7 @@ class Storm:
             elif r < 0.88:
                 self._submit(FLUSH, 0, 0)
                 return
-            elif self.ring.supports(DISCARD):
+            elif all(r.supports(DISCARD) for r in self.rings):
                 unit = self.discard_unit
                 n = int(rng.integers(1, 9))
                 offset = unit * int(rng.integers(0, self.size // unit - n + 1))
@@ -377,19 +380,34 @@ class Storm:
     # -- completing --
 
     def reap(self, wait: bool) -> None:
-        done = self.ring.poll(0.0)
+        done = self._poll()
         deadline = time.monotonic() + _TIMEOUT
         while wait and not done and self.pending:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ProtocolError(f"backend answered none of {len(self.pending)} "
                                     f"requests within {_TIMEOUT:g}s")
-            ready, _, _ = select.select([self.ring.port], [], [], remaining)
-            if ready:
-                self.ring.port.ack()
-            done = self.ring.poll(0.0)
-        for c in done:
-            self._complete(c, self.pending.pop(c.id))
+            ports = [r.port for r in self.rings if r.in_flight]
+            ready, _, _ = select.select(ports, [], [], remaining)
+            for port in ready:  # maybe stale events: the rings say what really arrived
+                port.ack()
+            done = self._poll()
+        for q, c in done:
+            self._complete(c, self.pending.pop((q, c.id)))
+
+    def _poll(self) -> list[tuple[int, Completion]]:
+        return [(q, c) for q, ring in enumerate(self.rings) for c in ring.poll(0.0)]
+
+    def _queue(self) -> int | None:
+        """A queue that can take one more request now, or None."""
+        if len(self.pending) >= self.depth:
+            return None
+        for k in range(len(self.rings)):
+            q = (self._next + k) % len(self.rings)
+            if self.rings[q].can_submit():
+                self._next = q + 1
+                return q
+        return None
 
     def drain(self) -> None:
         while self.pending:
@@ -429,7 +447,7 @@ class Storm:
 class Attached:
     """One disk of a fresh guest on ``host``, served by a new `blkpy serve` process."""
 
-    def __init__(self, host: SimHost, domid: int, target: str) -> None:
+    def __init__(self, host: SimHost, domid: int, target: str, queues: int = 1) -> None:
         assert host.xs is not None
         self.host = host
         self.domid = domid
@@ -440,15 +458,13 @@ class Attached:
         self.backend: BackendProcess = backend
         self.xs = host.guest_xenstore(domid)
         self.frontend = Frontend(self.guest, self.xs, DEVID, max_ring_page_order=1,
-                                 max_indirect_segments=32)
+                                 max_indirect_segments=32, num_queues=queues)
 
-    def connect(self) -> BlkfrontRing:
+    def connect(self) -> list[BlkfrontRing]:
         if not self.host.wait_backend_state(self.spec, XenbusState.INIT_WAIT, timeout=_TIMEOUT):
             raise RuntimeError("backend never reached InitWait: " + self.backend.log()[-800:])
         self.frontend.connect(timeout=_TIMEOUT)
-        ring = self.frontend.ring
-        assert ring is not None
-        return ring
+        return self.frontend.rings
 
     def kill(self) -> None:
         self.backend.proc.send_signal(signal.SIGKILL)
@@ -530,9 +546,10 @@ def kill_case(host: SimHost, tmp: str, fmt: str, index: int, seed: int, log: Fin
     rng = np.random.default_rng([seed, index, 1 if fmt == "qcow2" else 2])
     path, initial, what = _new_image(tmp, f"kill{index}", fmt, rng)
     args = _serve_args(rng, fmt)
-    case = f"kill {index}: {what}, serve {' '.join(args)}"
+    queues = int(rng.choice([1, 1, 2]))  # two queues: two ring threads in the serve
+    case = f"kill {index}: {what}, {queues} queue(s), serve {' '.join(args)}"
     host.serve_args = args
-    disk = Attached(host, GUEST_BASE_DOMID + index % 1000, f"{fmt}:{path}")
+    disk = Attached(host, GUEST_BASE_DOMID + index % 1000, f"{fmt}:{path}", queues)
     oracle = WriteOracle(initial)
     try:
         try:

@@ -95,7 +95,7 @@ class _Ring:
 
 def _storm() -> tuple[Storm, FindingLog]:
     log = FindingLog("crashes", 0)
-    storm = Storm(_Ring(), WriteOracle(bytes(1 << 20)), np.random.default_rng(0), log,  # type: ignore[arg-type]
+    storm = Storm([_Ring()], WriteOracle(bytes(1 << 20)), np.random.default_rng(0), log,  # type: ignore[list-item]
                   "unit")
     return storm, log
 
