@@ -581,6 +581,9 @@ def kill_case(host: SimHost, tmp: str, fmt: str, index: int, seed: int, log: Fin
             return
         tally.leaks += check.leaks
         tally.leaky_images += bool(check.leaks)
+    elif os.path.getsize(path) != DISK_SIZE:
+        log.add(case, f"wrote outside the disk: the raw image is now {os.path.getsize(path)} "
+                      f"bytes, not {DISK_SIZE}")
     bad = oracle.mismatches(guest_view(path, fmt), durable_only=True)
     if bad:
         log.add(case, f"lost flushed data: {describe_sectors(bad)} hold neither their "
