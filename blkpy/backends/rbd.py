@@ -33,6 +33,7 @@ import re
 import select
 import threading
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from blkpy import engine as io
 from blkpy.backends.base import Disk, DiskError
@@ -391,6 +392,18 @@ class RbdDisk(Disk):
             eng.signal()
 
 
+class _Op(NamedTuple):
+    """One entry of a submitted vector, in plain numbers."""
+
+    vec: IoVector
+    k: int
+    kind: int
+    offset: int
+    length: int
+    iov: int  # address of its first struct iovec
+    iov_count: int
+
+
 class RbdEngine(IoEngine):
     """Asynchronous librbd I/O for one ring. Entries of a vector go to librbd as soon as
     they are submitted and complete in any order; a FLUSH or DISCARD waits until every
@@ -412,8 +425,8 @@ class RbdEngine(IoEngine):
         self._id = disk._register(self)
         #: (serial, return value) of this engine's completions, filled under the disk's lock
         self.inbox: collections.deque[tuple[int, int]] = collections.deque()
-        self._backlog: collections.deque[tuple[IoVector, int]] = collections.deque()
-        self._started: dict[int, tuple[IoVector, int]] = {}
+        self._backlog: collections.deque[_Op] = collections.deque()
+        self._started: dict[int, _Op] = {}
         self._serial = 0
         self._ordered = False  # a FLUSH/DISCARD is in librbd: nothing passes it
         self._vectors = 0
@@ -436,36 +449,36 @@ class RbdEngine(IoEngine):
         if not len(vec):
             self._done.append(vec)
             return
-        self._backlog.extend((vec, k) for k in range(len(vec)))
+        # plain Python numbers once per vector: numpy scalars cost more per entry
+        iov = vec.iov.ctypes.data
+        entries = zip(vec.kind.tolist(), vec.offset.tolist(), vec.length.tolist(),
+                      vec.iov_first.tolist(), vec.iov_count.tolist(), strict=True)
+        self._backlog.extend(_Op(vec, k, kind, off, n, iov + first * _IOVEC_SIZE, count)
+                             for k, (kind, off, n, first, count) in enumerate(entries))
         self._pump()
 
     def _pump(self) -> None:
         backlog = self._backlog
         while backlog and not self._ordered:
-            vec, k = backlog[0]
-            kind = int(vec.kind[k])
-            ordered = kind >= io.FLUSH
+            op = backlog[0]
+            ordered = op.kind >= io.FLUSH
             if ordered and self._started:
                 return  # after everything before it has completed
             backlog.popleft()
-            ret = self._start(vec, k, kind)
-            if ret < 0:
-                vec.result[k] = ret
-                self._entry_done(vec)
-            elif ret > 0:
+            ret = self._start(op)
+            if ret <= 0:
+                op.vec.result[op.k] = ret
+                self._entry_done(op.vec)
+            else:
                 self._ordered = ordered
 
-    def _start(self, vec: IoVector, k: int, kind: int) -> int:
-        """Hand one entry to librbd: 1 if started, 0 if done at once, or -errno."""
-        disk, rbd = self.rbd_disk, self._rbd
+    def _start(self, op: _Op) -> int:
+        """Hand one entry to librbd: 1 if started, else its result (0 or -errno)."""
+        disk, rbd, kind = self.rbd_disk, self._rbd, op.kind
         if kind != io.READ and disk.readonly:
             # the dispatcher refuses writes to a read-only device; a snapshot is
             # read-only for librbd too: never reach it with one
-            if kind == io.FLUSH:
-                vec.result[k] = 0
-                self._entry_done(vec)
-                return 0
-            return -errno.EROFS
+            return 0 if kind == io.FLUSH else -errno.EROFS
         serial = self._serial
         self._serial = (serial + 1) & 0xFFFFFFFF
         ret = rbd.rbd_aio_create_completion(ffi.cast("void *", (self._id << 32) | serial),
@@ -475,19 +488,17 @@ class RbdEngine(IoEngine):
         comp = self._comp[0]
         image = disk._image
         if kind <= io.WRITE:
-            first, count = int(vec.iov_first[k]), int(vec.iov_count[k])
-            iov = ffi.cast("const struct iovec *", vec.iov.ctypes.data + first * _IOVEC_SIZE)
             call = rbd.rbd_aio_readv if kind == io.READ else rbd.rbd_aio_writev
-            ret = call(image, iov, count, int(vec.offset[k]), comp)
+            ret = call(image, ffi.cast("const struct iovec *", op.iov), op.iov_count,
+                       op.offset, comp)
         elif kind == io.FLUSH:
             ret = rbd.rbd_aio_flush(image, comp)
         else:
-            ret = rbd.rbd_aio_write_zeroes(image, int(vec.offset[k]), int(vec.length[k]),
-                                           comp, 0, 0)
+            ret = rbd.rbd_aio_write_zeroes(image, op.offset, op.length, comp, 0, 0)
         if ret < 0:
             rbd.rbd_aio_release(comp)
             return ret
-        self._started[serial] = (vec, k)
+        self._started[serial] = op
         return 1
 
     def _entry_done(self, vec: IoVector) -> None:
@@ -505,17 +516,16 @@ class RbdEngine(IoEngine):
         inbox = self.inbox
         while inbox:
             serial, ret = inbox.popleft()
-            vec, k = self._started.pop(serial)
-            kind = int(vec.kind[k])
-            if kind >= io.FLUSH:
+            op = self._started.pop(serial)
+            if op.kind >= io.FLUSH:
                 self._ordered = False
             if ret < 0:
-                vec.result[k] = ret
-            elif kind == io.READ and ret < int(vec.length[k]):
+                op.vec.result[op.k] = ret
+            elif op.kind == io.READ and ret < op.length:
                 # past the end of an image shrunk under us: the rest reads as zeros
-                first = int(vec.iov_first[k])
-                io._zero_tail(vec.iov[first : first + int(vec.iov_count[k])], ret)
-            self._entry_done(vec)
+                first = int(op.vec.iov_first[op.k])
+                io._zero_tail(op.vec.iov[first : first + op.iov_count], ret)
+            self._entry_done(op.vec)
         self._pump()
 
     def completions(self) -> list[IoVector]:

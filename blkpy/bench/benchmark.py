@@ -16,7 +16,10 @@ pick some):
 - qcow2: 4 KiB random reads, random writes and allocating writes at QD1 and QD32, IOPS
   against `qemu-img bench`;
 - NBD: the raw file exported by nbdkit, 4 KiB random reads at QD1/32 and random writes at
-  QD32 through `blkpy serve`, against fio's nbd engine (libnbd) on the same export.
+  QD32 through `blkpy serve`, against fio's nbd engine (libnbd) on the same export;
+- RBD: the same three on an image holding the raw file's bytes, in a one-node Ceph cluster
+  started for the run (blkpy/sim/ceph.py), against fio's rbd engine (librbd, with the same
+  defaults) on the same image.
 
 Every row also carries p50/p99/p99.9 completion latency: blkpy's as the guest sees it (the
 load generator's histogram), fio's from its latency percentiles. With ``repeats`` each side
@@ -53,6 +56,8 @@ import click
 
 from blkpy import ring as blkif
 from blkpy.sim import nbdserver, procinfo, toolstack
+from blkpy.sim.ceph import POOL as CEPH_POOL
+from blkpy.sim.ceph import CephUnavailable, MicroCeph
 from blkpy.sim.frontend import Frontend
 from blkpy.sim.guest import SimGuest
 from blkpy.sim.host import BackendProcess, SimHost
@@ -85,6 +90,7 @@ _DISKS = {  # pattern.disk -> (devid, vdev, label prefix)
     "qcow2": (51728, "xvdb", "qcow2 "),
     "qcow2-fresh": (51744, "xvdc", "qcow2 allocating "),
     "nbd": (51760, "xvdd", "NBD "),
+    "rbd": (51776, "xvde", "RBD "),
 }
 
 
@@ -99,7 +105,8 @@ class Pattern:
     write: bool = False
     # "raw": the raw file in the page cache; "direct": a raw file read with O_DIRECT;
     # "qcow2": a fully allocated qcow2 image; "qcow2-fresh": new regions of an empty one;
-    # "nbd": the raw file exported by nbdkit (file plugin) on a unix socket
+    # "nbd": the raw file exported by nbdkit (file plugin) on a unix socket;
+    # "rbd": an image of a one-node Ceph cluster holding the raw file's bytes
     disk: str = "raw"
     step: int = 0  # offsets are multiples of this (0: the block size)
 
@@ -249,6 +256,10 @@ ROWS: tuple[RowSpec, ...] = (
             Pattern("nbd-rand4k", 4096, True, 32, disk="nbd"), "fio nbd"),
     RowSpec("nbd-write4k-qd32", "nbd", "iops", 0.9, ">=",
             Pattern("nbd-write4k", 4096, True, 32, write=True, disk="nbd"), "fio nbd"),
+    # RBD: blkpy serving an image against fio's rbd engine (librbd) on the same image
+    *(RowSpec(f"rbd-{kind}-qd{depth}", "rbd", "iops", 0.9, ">=",
+              Pattern(f"rbd-{kind}", 4096, True, depth, kind == "write4k", "rbd"), "fio rbd")
+      for kind, depth in (("rand4k", 1), ("rand4k", 32), ("write4k", 32))),
 )
 QUICK_ROWS = ("rand4k-qd32", "cpu-qd32", "write4k-qd32")
 
@@ -658,22 +669,24 @@ def served_disk(
 
 
 def fio_run(path: Path | str, size: int, pattern: Pattern, engine: str,
-            seconds: float) -> Run:
-    """fio with one job on ``path`` (for engine nbd: an NBD URI): ``engine`` psync runs at
-    depth 1 whatever the pattern says (a synchronous call per I/O), others at the
-    pattern's depth; O_DIRECT for the "direct" disk, the page cache otherwise."""
+            seconds: float, env: dict[str, str] | None = None) -> Run:
+    """fio with one job on ``path`` (for engine nbd: an NBD URI; rbd: POOL/IMAGE of the
+    cluster whose conf ``env`` names): ``engine`` psync runs at depth 1 whatever the
+    pattern says (a synchronous call per I/O), others at the pattern's depth; O_DIRECT for
+    the "direct" disk, the page cache otherwise."""
     depth = 1 if engine == "psync" else pattern.queue_depth
     rw = ("rand" if pattern.random else "") + ("write" if pattern.write else "read")
     cmd = [
         "fio",
         "--name=bench",
-        *([] if engine == "nbd" else [f"--filename={path}"]),
+        *([] if engine in ("nbd", "rbd") else [f"--filename={path}"]),
         *([] if pattern.write else ["--readonly"]),
         f"--size={size}",
         f"--rw={rw}",
         f"--bs={pattern.block_size}",
         f"--ioengine={engine}",
         *([f"--uri={path}"] if engine == "nbd" else []),  # an engine option: after it
+        *(_fio_rbd_options(str(path)) if engine == "rbd" else []),
         f"--iodepth={depth}",
         f"--direct={int(pattern.disk == 'direct')}",
         "--invalidate=0",  # fio would otherwise drop the file from the page cache
@@ -688,7 +701,7 @@ def fio_run(path: Path | str, size: int, pattern: Pattern, engine: str,
     ]
     wall0 = time.monotonic()
     busy0, cpu0 = _host_busy_seconds(), _children_cpu_seconds()
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     foreign = _foreign(busy0, _children_cpu_seconds() - cpu0)
     wall = time.monotonic() - wall0
     job = json.loads(out[out.index("{") :])["jobs"][0]
@@ -718,6 +731,11 @@ def fio_run(path: Path | str, size: int, pattern: Pattern, engine: str,
             if f"{p:.6f}" in lat
         },
     )
+
+
+def _fio_rbd_options(spec: str) -> list[str]:
+    pool, image = spec.split("/")
+    return ["--clientname=admin", f"--pool={pool}", f"--rbdname={image}"]
 
 
 def _qemu_img_bench(path: Path, pattern: Pattern, count: int) -> tuple[float, float, float, float]:
@@ -933,6 +951,27 @@ class _Bench:
         return row
 
 
+def _run_rbd(bench: _Bench, serve_args: list[str], raw: Path, size: int, seconds: float,
+             skipped: dict[str, str], say: Callable[[str], None]) -> None:
+    """The RBD rows: a one-node Ceph cluster for the run, the raw file's bytes imported as
+    an image, then blkpy and fio's rbd engine on it in turn."""
+    try:
+        ceph = MicroCeph()
+    except CephUnavailable as exc:
+        skipped["rbd"] = str(exc)
+        say(f"skipping the RBD rows: {exc}")
+        return
+    say("starting a one-node Ceph cluster (memstore) and importing the file as an image")
+    with ceph:
+        spec = f"{CEPH_POOL}/bench"
+        ceph.rbd("import", "--no-progress", str(raw), spec, timeout=600)
+        with SimHost(serve_args=serve_args) as host:
+            pages = _guest_pages(p for _s, p in bench.todo["rbd"])
+            guest = host.create_guest(GUEST_DOMID, memory_pages=pages)
+            fio = _Side("fio rbd", lambda p: fio_run(spec, size, p, "rbd", seconds, ceph.env()))
+            bench.run_disk(host, guest, "rbd", f"rbd:{spec}:conf={ceph.conf}", [fio], None)
+
+
 def run_benchmark(
     *,
     size_mb: int = 256,
@@ -986,7 +1025,7 @@ def run_benchmark(
     idle: IdleFigures | None = None
     try:
         raw = tmp / "bench.raw"
-        if todo["raw"] or want_idle or todo["qcow2"] or todo["nbd"]:
+        if todo["raw"] or want_idle or todo["qcow2"] or todo["nbd"] or todo["rbd"]:
             say(f"writing {size_mb} MiB test file {raw}")
             make_file(raw, size)
         if todo["raw"] or want_idle or todo["qcow2"] or todo["qcow2-fresh"]:
@@ -1018,6 +1057,8 @@ def run_benchmark(
                 guest = host.create_guest(GUEST_DOMID, memory_pages=pages)
                 fio = [_fio_side("nbd", server.uri, size, seconds, False)]
                 bench.run_disk(host, guest, "nbd", server.target, fio, raw)
+        if todo["rbd"]:
+            _run_rbd(bench, args, raw, size, seconds, skipped, say)
         if todo["direct"]:
             problem = direct_io_problem(tmp)
             if problem:
