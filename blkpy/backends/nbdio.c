@@ -344,7 +344,7 @@ static int nbdio_callback(void *user_data, int *error)
     return 1;   /* retire the command: we keep no cookie */
 }
 
-/* mu held, state UP. */
+/* Connection thread, state UP. */
 static void nbdio_issue(struct blkpy_nbd *c, struct nbdio_cmd *cmd)
 {
     nbd_completion_callback cb = {.callback = nbdio_callback, .user_data = cmd};
@@ -400,7 +400,7 @@ static struct nbdio_cmd *nbdio_cmd_new(struct blkpy_nbd *c, struct nbdio_op *op,
 }
 
 /* Split op into commands (address-contiguous runs of its iovec for reads and writes),
- * then issue them. mu held, state UP. */
+ * then issue them. Connection thread, state UP. */
 static void nbdio_start(struct blkpy_nbd *c, struct nbdio_op *op)
 {
     const struct blkpy_nbd_info *in = &c->info;
@@ -496,7 +496,7 @@ static int nbdio_is_fence(const struct nbdio_op *op)
 
 /* Issue waiting ops in order. A flush or discard waits until everything before it has
  * completed and runs alone (the engines' ordering contract, like IOSQE_IO_DRAIN): NBD's
- * flush covers only writes the server has already answered. mu held. */
+ * flush covers only writes the server has already answered. Connection thread. */
 static void nbdio_pump(struct blkpy_nbd *c)
 {
     while (c->wait_head && c->state == NBDIO_UP && !c->fence && !c->n_retry) {
@@ -547,8 +547,9 @@ static void nbdio_account(struct blkpy_nbd *c)
         struct nbdio_cmd *cmd = list;
         list = cmd->next;
         c->in_flight--;
-        if (nbdio_retryable(cmd->err) && c->reconnect_ms > 0 && !c->stop &&
-            c->state != NBDIO_EXPIRED && cmd->attempts < NBDIO_MAX_ATTEMPTS) {
+        if (nbdio_retryable(cmd->err) && c->reconnect_ms > 0 &&
+            !__atomic_load_n(&c->stop, __ATOMIC_RELAXED) && c->state != NBDIO_EXPIRED &&
+            cmd->attempts < NBDIO_MAX_ATTEMPTS) {
             cmd->next = c->retry;
             c->retry = cmd;
             c->n_retry++;
