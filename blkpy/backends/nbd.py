@@ -15,7 +15,7 @@ Targets (the text after the ``nbd:`` prefix of the xl target, or a whole NBD URI
   and the TLS forms ``nbds+unix://`` and ``nbds://`` (libnbd's URI syntax)
 
 OPTION is ``tls-psk-file`` or ``tls-certificates`` (either makes TLS required; libnbd's own
-URI parameters) or ``reconnect-delay`` (seconds; blkpy's).
+URI parameters), ``reconnect-delay`` or ``request-timeout`` (seconds; blkpy's).
 """
 
 from __future__ import annotations
@@ -44,12 +44,16 @@ log = logging.getLogger("blkpy.nbd")
 #: and defaults to 0; a guest's request simply waits, and 30 s covers a server restart or
 #: a failover while staying below the guest kernel's 120 s hung-task warning.
 DEFAULT_RECONNECT_DELAY_S = 30.0
-MAX_RECONNECT_DELAY_S = 3600.0
+#: A connection whose server has held requests this long without any reply is dropped and
+#: they are retried on a new one (a stopped server, a network dropping packets without a
+#: reset: libnbd itself never gives up). Far above any sane request's time.
+DEFAULT_REQUEST_TIMEOUT_S = 60.0
+MAX_SECONDS = 3600.0
 #: A server that accepts the connection but never finishes the handshake.
 CONNECT_TIMEOUT_S = 10.0
 URI_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
 TLS_OPTIONS = ("tls-psk-file", "tls-certificates")
-BLKPY_OPTIONS = ("reconnect-delay",)
+BLKPY_OPTIONS = ("reconnect-delay", "request-timeout")
 
 # struct blkpy_nbd_op; kinds READ/WRITE/FLUSH/DISCARD are the engine's, DISCARD being an
 # NBD WRITE_ZEROES that may release space (what Disk.discard promises: reads as zeros).
@@ -73,21 +77,35 @@ class NbdTarget:
 
     uri: str
     reconnect_delay: float = DEFAULT_RECONNECT_DELAY_S
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S  # 0: none
 
 
 def _bad(target: str, why: str) -> DiskError:
     return DiskError(f"bad NBD target {target!r}: {why}")
 
 
-def _reconnect_delay(target: str, value: str) -> float:
+def _seconds(target: str, options: dict[str, str], name: str, default: float) -> float:
+    """Option ``name`` (removed from ``options``) as seconds from 0 to MAX_SECONDS."""
+    value = options.pop(name, None)
+    if value is None:
+        return default
     try:
-        delay = float(value)
+        seconds = float(value)
     except ValueError:
-        delay = math.nan
-    if not 0 <= delay <= MAX_RECONNECT_DELAY_S:  # NaN fails too
-        raise _bad(target, f"reconnect-delay={value!r} is not a number of seconds "
-                           f"from 0 to {MAX_RECONNECT_DELAY_S:g}")
-    return delay
+        seconds = math.nan
+    if not 0 <= seconds <= MAX_SECONDS:  # NaN fails too
+        raise _bad(target, f"{name}={value!r} is not a number of seconds from 0 to "
+                           f"{MAX_SECONDS:g}")
+    return seconds
+
+
+def _timeouts(target: str, options: dict[str, str]) -> dict[str, float]:
+    return {
+        "reconnect_delay": _seconds(target, options, "reconnect-delay",
+                                    DEFAULT_RECONNECT_DELAY_S),
+        "request_timeout": _seconds(target, options, "request-timeout",
+                                    DEFAULT_REQUEST_TIMEOUT_S),
+    }
 
 
 def parse_target(target: str) -> NbdTarget:
@@ -122,11 +140,11 @@ def _parse_legacy(target: str) -> NbdTarget:
         key, sep, value = item.partition("=")
         if not sep or key not in ("exportname", *TLS_OPTIONS, *BLKPY_OPTIONS):
             raise _bad(target, f"unknown option {item!r} (exportname=, tls-psk-file=, "
-                               f"tls-certificates=, reconnect-delay=)")
+                               f"tls-certificates=, reconnect-delay=, request-timeout=)")
         if key in options:
             raise _bad(target, f"option {key} given twice")
         options[key] = value
-    delay = _reconnect_delay(target, options.pop("reconnect-delay", str(DEFAULT_RECONNECT_DELAY_S)))
+    timeouts = _timeouts(target, options)
     export = urllib.parse.quote(options.pop("exportname", ""), safe="")
     tls = "s" if options else ""
     if "socket" in place:
@@ -139,7 +157,7 @@ def _parse_legacy(target: str) -> NbdTarget:
         uri = f"nbd{tls}://{host}:{place['port']}/{export}"
         if options:
             uri += f"?{_query(options)}"
-    return NbdTarget(uri, delay)
+    return NbdTarget(uri, **timeouts)
 
 
 def _query(params: dict[str, str]) -> str:
@@ -164,8 +182,7 @@ def _parse_uri(target: str) -> NbdTarget:
         options[key] = value
     if parts.fragment:
         raise _bad(target, "an NBD URI has no #fragment")
-    delay = _reconnect_delay(target, options.pop("reconnect-delay",
-                                                 str(DEFAULT_RECONNECT_DELAY_S)))
+    timeouts = _timeouts(target, options)
     if parts.scheme.endswith("+unix"):
         if parts.netloc.rpartition("@")[2]:
             raise _bad(target, "a +unix URI names no host (nbd+unix:///EXPORT?socket=PATH)")
@@ -183,7 +200,7 @@ def _parse_uri(target: str) -> NbdTarget:
     query = f"?{_query(options)}" if options else ""
     # (urlunsplit would drop the empty authority of nbd+unix:///)
     uri = f"{parts.scheme}://{parts.netloc}{parts.path}{query}"
-    return NbdTarget(uri, delay)
+    return NbdTarget(uri, **timeouts)
 
 
 def _strerror(res: int) -> OSError:
@@ -239,14 +256,15 @@ class NbdDisk(Disk):
         msg = ffi.new("char[512]")
         conn = lib.blkpy_nbd_open(self.target.uri.encode(), int(readonly),
                                   int(CONNECT_TIMEOUT_S * 1000),
-                                  int(self.target.reconnect_delay * 1000), msg, len(msg))
+                                  int(self.target.reconnect_delay * 1000),
+                                  int(self.target.request_timeout * 1000), msg, len(msg))
         if conn == ffi.NULL:
             raise DiskError(f"cannot open {self.target.uri}: "
                             f"{ffi.string(msg).decode(errors='replace')}")
         self._conn = conn
         self._closed = False
         self._sync: _Queue | None = None
-        self._seen = (0, 0)  # (reconnects, expiries) last logged
+        self._seen = (0, 0, 0)  # (reconnects, expiries, stalls) last logged
         info = self.info()
         if info.block_min > 4096:
             self.close()
@@ -274,7 +292,8 @@ class NbdDisk(Disk):
         st = ffi.new("struct blkpy_nbd_stats *")
         lib.blkpy_nbd_get_stats(self._conn, st)
         return {k: int(getattr(st, k)) for k in ("commands", "reconnects", "retried",
-                                                  "expired", "state", "last_errno")}
+                                                  "expired", "stalls", "state",
+                                                  "last_errno")}
 
     def queue(self) -> _Queue:
         """A completion queue of its own (one per ring's engine)."""
@@ -297,11 +316,13 @@ class NbdDisk(Disk):
 
     def _log_reconnects(self) -> None:
         st = self.stats()
-        seen = (st["reconnects"], st["expired"])
+        seen = (st["reconnects"], st["expired"], st["stalls"])
         if seen != self._seen:
             log.warning("%s: %s; %d reconnect(s), %d command(s) retried, reconnect delay "
-                        "ran out %d time(s)", self.target.uri, _STATES.get(st["state"], "?"),
-                        st["reconnects"], st["retried"], st["expired"])
+                        "ran out %d time(s), %d connection(s) dropped for a server that "
+                        "stopped answering", self.target.uri,
+                        _STATES.get(st["state"], "?"), st["reconnects"], st["retried"],
+                        st["expired"], st["stalls"])
             self._seen = seen
 
     # ---- the synchronous Disk interface (image tools, --engine sync/thread) -------------

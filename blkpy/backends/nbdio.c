@@ -32,9 +32,10 @@ int blkpy_nbd_available(char *msg, uint32_t msglen)
     return 0;
 }
 struct blkpy_nbd *blkpy_nbd_open(const char *uri, int readonly, int64_t connect_ms,
-                                 int64_t reconnect_ms, char *msg, uint32_t msglen)
+                                 int64_t reconnect_ms, int64_t stall_ms, char *msg,
+                                 uint32_t msglen)
 {
-    (void)uri, (void)readonly, (void)connect_ms, (void)reconnect_ms;
+    (void)uri, (void)readonly, (void)connect_ms, (void)reconnect_ms, (void)stall_ms;
     blkpy_nbd_available(msg, msglen);
     return NULL;
 }
@@ -156,7 +157,8 @@ struct blkpy_nbd_queue {
 struct blkpy_nbd {
     char *uri;
     int readonly;
-    int64_t connect_ms, reconnect_ms;
+    int64_t connect_ms, reconnect_ms, stall_ms;
+    int64_t progress_ms;                      /* last reply, or when the wait began */
     pthread_mutex_t mu;
     struct nbd_handle *h;
     int state;
@@ -351,7 +353,8 @@ static void nbdio_issue(struct blkpy_nbd *c, struct nbdio_cmd *cmd)
     struct nbd_handle *h = c->h;
     int64_t r = -1;
     cmd->attempts++;
-    c->in_flight++;
+    if (c->in_flight++ == 0)
+        c->progress_ms = nbdio_now_ms();
     __atomic_fetch_add(&c->stats.commands, 1, __ATOMIC_RELAXED);
     switch (cmd->kind) {
     case NBDIO_READ:
@@ -543,6 +546,8 @@ static void nbdio_account(struct blkpy_nbd *c)
     struct nbdio_cmd *list = c->done;
     c->done = NULL;
     pthread_mutex_unlock(&c->done_mu);
+    if (list)
+        c->progress_ms = nbdio_now_ms();
     while (list) {
         struct nbdio_cmd *cmd = list;
         list = cmd->next;
@@ -695,7 +700,21 @@ static void *nbdio_thread(void *arg)
         pthread_mutex_unlock(&c->mu);
         struct pollfd p[2] = {{L(nbd_aio_get_fd)(h), nbdio_events(h), 0},
                               {c->kick_fd, POLLIN, 0}};
-        int n = poll(p, 2, more ? 0 : -1);
+        int timeout = more ? 0 : -1;
+        if (!more && c->in_flight && c->stall_ms > 0) {
+            int64_t left = c->progress_ms + c->stall_ms - nbdio_now_ms();
+            timeout = left <= 0 ? 0 : left > 1000000 ? 1000000 : (int)left;
+        }
+        int n = poll(p, 2, timeout);
+        if (n == 0 && c->in_flight && c->stall_ms > 0 &&
+            nbdio_now_ms() - c->progress_ms >= c->stall_ms) {
+            /* The server holds requests without answering (stopped, or a network that
+             * drops packets without a reset): treat it as a lost connection, so they
+             * are retried on a new one, or fail once the reconnect delay runs out. */
+            __atomic_fetch_add(&c->stats.stalls, 1, __ATOMIC_RELAXED);
+            __atomic_store_n(&c->drop, 1, __ATOMIC_RELEASE);
+            continue;
+        }
         if (n < 0 && errno != EINTR)
             nbdio_wait_kick(c, 10);
         if (n > 0 && (p[1].revents & POLLIN))
@@ -714,7 +733,8 @@ static void *nbdio_thread(void *arg)
 /* ---- the API -------------------------------------------------------------------------- */
 
 struct blkpy_nbd *blkpy_nbd_open(const char *uri, int readonly, int64_t connect_ms,
-                                 int64_t reconnect_ms, char *msg, uint32_t msglen)
+                                 int64_t reconnect_ms, int64_t stall_ms, char *msg,
+                                 uint32_t msglen)
 {
     if (!blkpy_nbd_available(msg, msglen))
         return NULL;
@@ -727,6 +747,7 @@ struct blkpy_nbd *blkpy_nbd_open(const char *uri, int readonly, int64_t connect_
     c->readonly = readonly;
     c->connect_ms = connect_ms;
     c->reconnect_ms = reconnect_ms;
+    c->stall_ms = stall_ms;
     pthread_mutex_init(&c->mu, NULL);
     pthread_mutex_init(&c->done_mu, NULL);
     c->kick_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -770,6 +791,7 @@ void blkpy_nbd_get_stats(struct blkpy_nbd *c, struct blkpy_nbd_stats *stats)
     pthread_mutex_unlock(&c->mu);
     stats->commands = __atomic_load_n(&c->stats.commands, __ATOMIC_RELAXED);
     stats->retried = __atomic_load_n(&c->stats.retried, __ATOMIC_RELAXED);
+    stats->stalls = __atomic_load_n(&c->stats.stalls, __ATOMIC_RELAXED);
     stats->last_errno = __atomic_load_n(&c->stats.last_errno, __ATOMIC_RELAXED);
 }
 

@@ -35,6 +35,7 @@ struct blkpy_nbd_stats {
     uint64_t reconnects;
     uint64_t retried;
     uint64_t expired;
+    uint64_t stalls;      /* connections dropped because the server stopped answering */
     int32_t state;
     int32_t last_errno;
 };
@@ -52,9 +53,12 @@ struct blkpy_nbd_op {
 /* 1 if libnbd can be used; otherwise 0 and why in msg. */
 int blkpy_nbd_available(char *msg, uint32_t msglen);
 /* Connect to `uri` (libnbd's URI syntax) within connect_ms; NULL and a message on
- * failure. Requests that find the connection gone wait up to reconnect_ms for it. */
+ * failure. Requests that find the connection gone wait up to reconnect_ms for it; a
+ * connection with requests in flight and no reply for stall_ms (0: never) is dropped
+ * and they are retried on the next. */
 struct blkpy_nbd *blkpy_nbd_open(const char *uri, int readonly, int64_t connect_ms,
-                                 int64_t reconnect_ms, char *msg, uint32_t msglen);
+                                 int64_t reconnect_ms, int64_t stall_ms, char *msg,
+                                 uint32_t msglen);
 void blkpy_nbd_get_info(struct blkpy_nbd *c, struct blkpy_nbd_info *info);
 void blkpy_nbd_get_stats(struct blkpy_nbd *c, struct blkpy_nbd_stats *stats);
 /* Drop the current connection as if the network had (tests); it reconnects. */

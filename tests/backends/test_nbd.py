@@ -21,7 +21,12 @@ from nbd_servers import nbdkit, need, qemu_nbd
 from blkpy import engine as io
 from blkpy import ring as blkif
 from blkpy.backends import DiskError, open_disk
-from blkpy.backends.nbd import DEFAULT_RECONNECT_DELAY_S, NbdDisk, parse_target
+from blkpy.backends.nbd import (
+    DEFAULT_RECONNECT_DELAY_S,
+    DEFAULT_REQUEST_TIMEOUT_S,
+    NbdDisk,
+    parse_target,
+)
 from blkpy.engine import IoVector, make_engine
 from blkpy.sim.disk_model import DiskModel
 from blkpy.sim.frontend import Frontend
@@ -57,6 +62,12 @@ DEVID = 51712
 def test_targets_become_libnbd_uris(target: str, uri: str, delay: float) -> None:
     parsed = parse_target(target)
     assert (parsed.uri, parsed.reconnect_delay) == (uri, delay)
+    assert parsed.request_timeout == DEFAULT_REQUEST_TIMEOUT_S
+
+
+def test_request_timeout_option() -> None:
+    assert parse_target("nbd:unix:/s:request-timeout=0").request_timeout == 0
+    assert parse_target("nbd+unix:///?socket=/s&request-timeout=2.5").request_timeout == 2.5
 
 
 @pytest.mark.parametrize("target", [
@@ -64,6 +75,7 @@ def test_targets_become_libnbd_uris(target: str, uri: str, delay: float) -> None
     "nbd:host:0", "nbd:host:70000", "nbd:unix:/s:exportname", "nbd:unix:/s:bogus=1",
     "nbd:unix:/s:exportname=a:exportname=b", "nbd:unix:/s:reconnect-delay=soon",
     "nbd:unix:/s:reconnect-delay=-1", "nbd:unix:/s:reconnect-delay=nan",
+    "nbd:unix:/s:request-timeout=1h", "nbd+unix:///?socket=/s&request-timeout=7200",
     "nbd+unix:///x", "nbd+unix://host/x?socket=/s", "nbd+unix:///x?socket=rel",
     "nbd:///x", "nbd://host:99999/", "nbd://host/x?socket=/s", "nbd://host/x?frob=1",
     "nbd://host/x#frag", "nbd://host/x?tls-psk-file=/k", "nbd://host/?socket",
@@ -399,3 +411,17 @@ def test_a_flush_waits_for_the_writes_before_it_and_holds_back_what_follows(
     flush = at("Flush id=3 ...")
     assert at("...Write id=1 return") < flush and at("...Write id=2 return") < flush
     assert at("...Flush id=3 return") < at("Read id=4")
+
+
+def test_a_server_that_stops_answering_is_dropped_and_the_request_fails(
+        tmp_path: Path) -> None:
+    """The server holds every read for 30 s: with request-timeout=0.2 the connection is
+    dropped, the read retried on a new one, and after its last attempt it fails instead
+    of hanging the guest."""
+    with nbdkit(tmp_path, "--filter=delay", "memory", "16M", "rdelay=30") as server:
+        nbd = NbdDisk(f"{server.target}:request-timeout=0.2:reconnect-delay=5")
+        with pytest.raises(OSError):
+            nbd.readv(0, [memoryview(bytearray(4096))])
+        stats = nbd.stats()
+        assert stats["stalls"] >= 1 and stats["reconnects"] >= 1
+        nbd.close()
