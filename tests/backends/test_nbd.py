@@ -281,6 +281,31 @@ def test_migration_between_two_serves_over_one_export(tmp_path: Path) -> None:
         host.close()
 
 
+def test_four_queues_share_one_connection(tmp_path: Path) -> None:
+    """A multi-queue guest: each ring's engine has its own completion queue on the disk's
+    one connection (flushes then cover every queue's writes, whatever the server's
+    multi-conn says)."""
+    host = SimHost(serve_args=["--max-queues", "4"])
+    host.start()
+    guest = host.create_guest(GUEST)
+    try:
+        with nbdkit(tmp_path, "memory", "32M") as server:
+            spec = DiskSpec(GUEST, DEVID, "xvda", server.target)
+            backend = host.add_disk(spec)
+            assert backend is not None
+            frontend = Frontend(guest, host.guest_xenstore(GUEST), DEVID, num_queues=4,
+                                max_ring_page_order=1)
+            frontend.connect(timeout=30)
+            assert len(frontend.rings) == 4
+            model = DiskModel(32 * MIB, zeroed=True)
+            result = run_workload(frontend, "randrw", requests=3000, seed=9, model=model)
+            assert result.ok, result.to_text()
+            assert frontend.close(timeout=30) == []
+            assert remove_and_check(host, spec, backend) == []
+    finally:
+        host.close()
+
+
 # ---- the disk and its engine in process ---------------------------------------------------
 
 
