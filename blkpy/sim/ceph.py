@@ -15,6 +15,7 @@ foreground as children of this process and are stopped by their pids, never by n
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -36,6 +37,12 @@ class CephUnavailable(Exception):
 
 class CephStartError(Exception):
     """The cluster did not come up in time (the message carries the daemons' log tails)."""
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started it dies, so a test
+    run killed outright leaves no daemon behind (prctl PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
 
 
 def missing_binaries() -> list[str]:
@@ -193,7 +200,8 @@ class MicroCeph:
             # a Ctrl-C in the test's terminal is for pytest, which then stops us by pid.
             self.procs[name] = subprocess.Popen(
                 [binary, "--conf", self.conf, "-f", *args], stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True)
+                stdout=log, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True,
+                preexec_fn=_die_with_parent)
 
     def _check_alive(self) -> None:
         for name, proc in self.procs.items():
