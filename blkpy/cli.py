@@ -67,9 +67,9 @@ def _setup_logging(level: str, device: str | None = None) -> None:
                    "standard socket paths).")
 @click.option("--sim-dir", metavar="DIR", help="Simulated hypervisor state (sim platform; "
               "default BLKPY_SIM_DIR).")
-@click.option("--format", "fmt", type=click.Choice(["raw", "qcow2", "nbd"]),
+@click.option("--format", "fmt", type=click.Choice(["raw", "qcow2", "nbd", "rbd"]),
               help="Image format; default: the prefix in the params node (raw:, qcow2:, "
-                   "nbd:), else raw. Never guessed from the image's contents.")
+                   "nbd:, rbd:), else raw. Never guessed from the image's contents.")
 @click.option("--image", metavar="PATH", help="Image to serve instead of the params node.")
 @click.option("--engine", type=click.Choice(ENGINE_NAMES), default="auto",
               show_default=True, help="I/O engine: auto is io_uring for --direct-io images "
