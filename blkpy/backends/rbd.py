@@ -193,8 +193,14 @@ class RbdDisk(Disk):
             ret = rados.rados_conf_read_file(self._cluster, t.conf.encode())
             if ret < 0:
                 raise self._fail(f"cannot read Ceph configuration {t.conf}", ret)
-        else:  # librados's search path; mon_host= in the target may be all there is
-            rados.rados_conf_read_file(self._cluster, ffi.NULL)
+        elif rados.rados_conf_read_file(self._cluster, ffi.NULL) < 0 and not any(
+                re.sub("[ -]", "_", key) in ("mon_host", "mon_dns_srv_name")
+                for key, _ in t.options):
+            # nothing says where the monitors are: librados would look them up in DNS and
+            # print its own lines before failing with ENOENT
+            raise DiskError("rbd: no Ceph configuration: the target has no conf= or "
+                            "mon_host=, and librados found none (CEPH_CONF, "
+                            "/etc/ceph/ceph.conf, ~/.ceph/config, ./ceph.conf)")
         for key, value in t.options:
             ret = rados.rados_conf_set(self._cluster, key.encode(), value.encode())
             if ret == -errno.ENOENT:

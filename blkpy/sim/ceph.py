@@ -106,6 +106,7 @@ class MicroCeph:
         self.timeout = timeout
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.start_seconds = 0.0
+        self.mon_port = 0
 
     # ---- commands ------------------------------------------------------------------
 
@@ -146,6 +147,7 @@ class MicroCeph:
         for sub in ("run", "log", "mon", "osd"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         fsid, port = str(uuid.uuid4()), _free_port()
+        self.mon_port = port
         Path(self.conf).write_text(_CONF.format(fsid=fsid, port=port, root=self.root,
                                                 memstore_bytes=self.memstore_bytes))
         # A monmap naming mon.a at our port: one generated from "mon host" alone names

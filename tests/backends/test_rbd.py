@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -367,6 +368,32 @@ def test_exclusive_lock_between_two_writers(ceph: MicroCeph, image: str) -> None
     with RbdDisk(target(ceph, image, "lock=exclusive")) as next_owner:  # released on close
         assert next_owner.is_lock_owner()
     assert export(ceph, image)[:4096] == a_bytes
+
+
+@pytest.mark.ceph
+def test_options_go_to_librados_and_a_grown_image_is_seen(ceph: MicroCeph, image: str) -> None:
+    """No conf file: mon_host in the target is enough (QEMU's syntax). An image grown by
+    the operator shows its new size (serve then tells the guest, as for files)."""
+    with RbdDisk(rf"rbd:{image}:mon_host=v2\:127.0.0.1\:{ceph.mon_port}") as disk:
+        assert disk.size == 64 * MIB
+        ceph.rbd("resize", "--no-progress", "--size", "96M", image)
+        for _ in range(100):  # librbd learns it from the image header's watch
+            if disk.refresh_size() != 64 * MIB:
+                break
+            time.sleep(0.1)
+        assert disk.size == 96 * MIB
+
+
+def test_without_any_configuration_the_target_says_so(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    if Path("/etc/ceph/ceph.conf").exists():
+        pytest.skip("this machine has a /etc/ceph/ceph.conf")
+    monkeypatch.delenv("CEPH_CONF", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DiskError, match=r"^rbd: no Ceph configuration: the target has no "
+                                        r"conf= or mon_host="):
+        open_disk("rbd:rbd/img", "rbd")
 
 
 def test_sim_run_rbd_needs_no_local_file() -> None:
