@@ -371,8 +371,8 @@ class RbdDisk(Disk):
     def _reap(self, caller: RbdEngine) -> None:
         """Collect every completion librbd has queued and hand each to its engine; wake
         the other engines that got some (they may be asleep on their own eventfd). The
-        eventfd is read before polling, so a completion queued after the poll signals it
-        again: none is left behind unsignalled."""
+        image's eventfd is read before polling, so a completion queued after the poll
+        signals it again: none is left behind unsignalled."""
         rbd, comps = self._libs.rbd, self._comps
         others: set[RbdEngine] = set()
         with self._lock:
@@ -394,8 +394,9 @@ class RbdDisk(Disk):
                         others.add(eng)
                 if n < _REAP_MAX:
                     break
-        for eng in others:
-            eng.signal()
+            # under the lock: an engine closes its eventfd only after it unregistered
+            for eng in others:
+                eng.signal()
 
 
 class _Op(NamedTuple):
@@ -522,7 +523,10 @@ class RbdEngine(IoEngine):
         inbox = self.inbox
         while inbox:
             serial, ret = inbox.popleft()
-            op = self._started.pop(serial)
+            op = self._started.pop(serial, None)
+            if op is None:  # never: librbd completes each request once
+                log.error("rbd: completion of an unknown request ignored")
+                continue
             if op.kind >= io.FLUSH:
                 self._ordered = False
             if ret < 0:

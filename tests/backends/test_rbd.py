@@ -21,7 +21,15 @@ import numpy as np
 import pytest
 from ceph_cluster import export, rbd_image, remove_image, session_cluster
 
-from backends.test_nbd import GUEST, _sim_run, attached, randrw_reference, read_back, sim_host
+from backends.test_nbd import (
+    DEVID,
+    GUEST,
+    _sim_run,
+    attached,
+    randrw_reference,
+    read_back,
+    sim_host,
+)
 from blkpy import engine as io
 from blkpy import ring as blkif
 from blkpy.backends import DiskError, librbd, network_format, open_disk
@@ -30,7 +38,9 @@ from blkpy.engine import IoVector, make_engine
 from blkpy.gntdev.native import ffi
 from blkpy.sim.ceph import MicroCeph
 from blkpy.sim.disk_model import DiskModel
+from blkpy.sim.frontend import Frontend
 from blkpy.sim.host import SimHost
+from blkpy.sim.run import remove_and_check
 from blkpy.sim.toolstack import DiskSpec
 from blkpy.sim.workloads import run_workload
 from blkpy.xenbus import XenbusState
@@ -301,6 +311,30 @@ def unused_port() -> Iterator[int]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         yield sock.getsockname()[1]
+
+
+@pytest.mark.ceph
+def test_four_queue_guest_and_rbd_export(ceph: MicroCeph, image: str) -> None:
+    """Four rings, one image: each ring's engine gets its completions whichever ring's
+    thread collects them; Ceph's export then matches the guest's model."""
+    host = SimHost(serve_args=["--max-queues", "4"])
+    host.start()
+    guest = host.create_guest(GUEST)
+    spec = DiskSpec(GUEST, DEVID, "xvda", target(ceph, image))
+    try:
+        backend = host.add_disk(spec)
+        assert backend is not None
+        frontend = Frontend(guest, host.guest_xenstore(GUEST), DEVID, num_queues=4)
+        frontend.connect(timeout=30)
+        assert len(frontend.rings) == 4
+        model = DiskModel(64 * MIB, zeroed=True)
+        result = run_workload(frontend, "randrw", requests=2000, seed=11, model=model)
+        assert result.ok, result.to_text()
+        assert frontend.close(timeout=30) == []
+        assert remove_and_check(host, spec, backend) == []
+    finally:
+        host.close()
+    assert model.check(0, export(ceph, image)) == 0
 
 
 def _serve_failure(host: SimHost, devid: int, bad: str) -> str:
