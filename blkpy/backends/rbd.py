@@ -1,6 +1,6 @@
 """Ceph RBD images as disks, through librbd's C API (bound in ``blkpy.backends.librbd``).
 
-Target (the text after ``rbd:`` in the xl target, which libxl copies into ``params``)::
+Target (the xl target, which libxl copies into ``params``; the ``rbd:`` scheme included)::
 
     rbd:POOL/[NAMESPACE/]IMAGE[@SNAP][:conf=PATH][:id=NAME][:lock=exclusive][:OPTION=VALUE...]
 
@@ -12,8 +12,10 @@ snapshot, which is always read-only whatever the device's mode. ``lock=exclusive
 librbd's exclusive lock at open and keeps it: another client holding it fails the open,
 and no other client can write while this one serves (README: exclusive lock).
 
-Data moves without copies: reads and writes are ``rbd_aio_readv``/``rbd_aio_writev`` on
-the iovecs of the mapped guest pages. Completions come back without any Python callback
+No copy in blkpy: reads and writes are ``rbd_aio_readv``/``rbd_aio_writev`` on the
+iovecs of the mapped guest pages (librbd itself copies a write into its own buffer,
+``rbd_disable_zero_copy_writes``: its cache may keep the data after the guest has its
+answer and reuses the page). Completions come back without any Python callback
 thread: librbd queues them and signals an eventfd (``rbd_set_image_notification``), and
 the ring thread that sleeps on that fd collects them with ``rbd_poll_io_events``. A
 discard is ``rbd_aio_write_zeroes`` (Disk.discard promises zeros: librbd's plain discard
