@@ -18,3 +18,8 @@ MAX_PERSISTENT_GRANTS = 32 * (256 + 1)
 #: ~50 µs on these VMs, so a busy ring is polled rather than slept on; the budget shrinks to
 #: nothing while the device is idle (blkpy/gntdev/ringloop.c, adapt_poll).
 POLL_US_DEFAULT = 200
+#: `blkpy serve` exit statuses the hotplug daemon acts on: a successor could not take a
+#: device over (do not try again), and a drained device handed over for an upgrade (start
+#: the successor at once, from the code on disk)
+EXIT_TAKEOVER_FAILED = 3
+EXIT_HANDED_OVER = 75

@@ -19,6 +19,7 @@ import dataclasses
 import numpy as np
 
 from blkpy.gntdev.native import ffi, lib
+from blkpy.journal import Recovery, RingJournal
 
 PAGE_SIZE = 4096
 SRING_HEADER_SIZE = 64
@@ -247,17 +248,35 @@ class BackRing(_SharedRing):
     The private indices live in a C ``struct blkpy_back_ring`` (``native``) so that the
     native ring loop (blkpy/gntdev/ringloop.c) and this class consume the same ring."""
 
-    def __init__(self, buf: memoryview, abi: Abi, nr_pages: int) -> None:
+    def __init__(self, buf: memoryview, abi: Abi, nr_pages: int,
+                 journal: RingJournal | None = None, resume: bool = False) -> None:
         super().__init__(buf, abi, nr_pages)
         self.native = ffi.new("struct blkpy_back_ring *")
         self.native.sring = ffi.cast("uint8_t *", self._bytes.ctypes.data)
         self.native.size = self.size
         self.native.entry_size = abi.entry_size
-        # BACK_RING_ATTACH: start where the shared response index is (0 on a fresh ring).
-        self.rsp_prod_pvt = self._load(self._RSP_PROD)
-        self.req_cons = self.rsp_prod_pvt
+        self.journal = journal
+        #: requests a dead predecessor consumed and never answered: serve them first
+        self.replay: Recovery | None = None
+        if resume:
+            if journal is None:
+                raise ValueError("resuming a ring needs its journal")
+            # Take over where the journal says, not at rsp_prod: responses may be written
+            # but unpublished, and requests consumed but unanswered.
+            self.replay = journal.recover()
+            self.rsp_prod_pvt = self.replay.rsp_prod_pvt
+            self.req_cons = self.replay.req_cons
+        else:
+            # BACK_RING_ATTACH: start where the shared response index is (0 on a fresh ring).
+            self.rsp_prod_pvt = self._load(self._RSP_PROD)
+            self.req_cons = self.rsp_prod_pvt
+            if journal is not None:
+                journal.start(self.rsp_prod_pvt)
+        if journal is not None:
+            self.native.journal = journal.native
         req_prod = self._load(self._REQ_PROD)
         if (req_prod - self.rsp_prod_pvt) & _IDX_MASK > self.size:
+            self.native.journal = ffi.NULL
             raise RingOverflow(
                 f"frontend claims {(req_prod - self.rsp_prod_pvt) & _IDX_MASK} requests "
                 f"on a ring of {self.size} at attach"
@@ -303,8 +322,13 @@ class BackRing(_SharedRing):
         n = self._unconsumed(req_prod)
         if limit is not None:
             n = min(n, limit)
-        batch = self._copy_out(self.req_cons, n)
-        self.req_cons = (self.req_cons + n) & _IDX_MASK
+        first = self.req_cons
+        batch = self._copy_out(first, n)
+        if self.journal is not None and n:
+            self.journal.consumed(first, batch)
+        self.req_cons = (first + n) & _IDX_MASK
+        if n:
+            lib.blkpy_crash_point(0)
         return batch.view(self.abi.request)
 
     def has_unconsumed_count(self) -> int:
@@ -336,24 +360,36 @@ class BackRing(_SharedRing):
         """Requests consumed but not yet answered."""
         return (self.req_cons - self.rsp_prod_pvt) & _IDX_MASK
 
-    def produce(self, ids: np.ndarray, operations: np.ndarray, statuses: np.ndarray) -> None:
-        """Fill the next len(ids) response slots (private until push_responses)."""
+    def produce(self, ids: np.ndarray, operations: np.ndarray, statuses: np.ndarray,
+                indices: np.ndarray | None = None) -> None:
+        """Fill the next len(ids) response slots (private until push_responses).
+        ``indices``: the ring indices of the requests answered (the journal's keys)."""
         n = len(ids)
         if n == 0:
             return
         if n > self.in_flight:
             raise ValueError(f"{n} responses for {self.in_flight} requests in flight")
-        idx = self._indices(self.rsp_prod_pvt, n)
+        first = self.rsp_prod_pvt
+        if self.journal is not None:
+            if indices is None or len(indices) != n:
+                raise ValueError("a journalled ring needs the indices of the requests answered")
+            self.journal.answering(indices, first)
+        idx = self._indices(first, n)
         view = self._rsp_view
         # Three field writes, never a whole-struct copy (an x86_32 slot is 12 bytes).
         view["id"][idx] = ids
         view["operation"][idx] = operations
         view["status"][idx] = statuses
-        self.rsp_prod_pvt = (self.rsp_prod_pvt + n) & _IDX_MASK
+        self.rsp_prod_pvt = (first + n) & _IDX_MASK
+        if self.journal is not None:
+            self.journal.answered(indices, self.rsp_prod_pvt)  # type: ignore[arg-type]
+        lib.blkpy_crash_point(3)
 
     def push_responses(self) -> bool:
         """Publish produced responses; True if the frontend must be notified."""
-        return self._publish(self._RSP_PROD, self._RSP_EVENT, self.rsp_prod_pvt)
+        notify = self._publish(self._RSP_PROD, self._RSP_EVENT, self.rsp_prod_pvt)
+        lib.blkpy_crash_point(4)
+        return notify
 
 
 class FrontRing(_SharedRing):

@@ -17,6 +17,8 @@ import gc
 import json
 import logging
 import os
+import select
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -27,8 +29,15 @@ import aiofiles.os
 
 from blkpy import ring
 from blkpy.backends import Disk, DiskError, network_format, open_disk
-from blkpy.defaults import MAX_PERSISTENT_GRANTS, MAX_QUEUES_DEFAULT, POLL_US_DEFAULT
+from blkpy.defaults import (
+    EXIT_HANDED_OVER,
+    EXIT_TAKEOVER_FAILED,
+    MAX_PERSISTENT_GRANTS,
+    MAX_QUEUES_DEFAULT,
+    POLL_US_DEFAULT,
+)
 from blkpy.engine import make_engine
+from blkpy.journal import JournalError, RingJournal
 from blkpy.platform import GrantMapping, Platform, PlatformError
 from blkpy.qos import QosError, QosState, parse_limits
 from blkpy.ratelimit import RateLimitedLog
@@ -66,6 +75,7 @@ RESIZE_CHECK_S = 2.0  # how often a connected device looks for a grown image
 STATUS_INTERVAL_S = 1.0  # how often `blkpy list`/xentop figures are refreshed
 
 
+
 class ServeError(Exception):
     """A problem the operator must fix (bad backend node, missing image...): one line."""
 
@@ -88,6 +98,11 @@ class ServeOptions:
     poll_us: int = POLL_US_DEFAULT
     sector_size: int = 512
     direct_io: bool = False
+    #: take over a connected device whose serve died (its rings' journals) instead of
+    #: starting the handshake
+    resume: bool = False
+    #: a running serve of the device to replace (an upgrade): hand-over, then resume
+    replace: int | None = None
     qcow2_cache_size: int = 4 << 20
     stats_file: str | None = None
 
@@ -158,7 +173,15 @@ class DeviceServer:
         if self.disk.readonly and not self.readonly:  # a read-only NBD export
             log.info("%s: %s is read-only: so is the device", self.path, self.image)
             self.readonly = True
+        run_dir, self._shm_dir = self.platform.state_dirs()
+        self._run_dir = Path(os.environ.get(RUN_DIR_ENV) or run_dir)
+        devid = self.path.rsplit("/", 1)[-1]
+        self.devid = int(devid) if devid.isascii() and devid.isdigit() else 0
+        #: the rings' journals: what a successor needs if this process dies
+        self._state_dir = self._run_dir / f"vbd-{self.frontend_id}-{self.devid}"
         self.qos = QosState()  # the disk's I/O limits, shared by its queues
+        self._journals: list[RingJournal] = []
+        self._handed_over = False
         self._status: StatusPublisher | None = None
         self._status_timer: asyncio.TimerHandle | None = None
         self._link = {"queues": 0, "ring_order": 0, "grant_mode": "", "engine": ""}
@@ -212,7 +235,13 @@ class DeviceServer:
 
     def run(self) -> int:
         """Serve until the device is removed or SIGTERM; returns the exit status."""
-        return asyncio.run(self._main())
+        status = asyncio.run(self._main())
+        if self._handed_over:
+            # The successor waits for this process to be gone before it opens the image:
+            # skip the interpreter's teardown, the guest is waiting.
+            logging.shutdown()
+            os._exit(status)
+        return status
 
     async def _main(self) -> int:
         self._loop = asyncio.get_running_loop()
@@ -221,6 +250,7 @@ class DeviceServer:
             self._loop.add_signal_handler(sig, self._on_terminate)
         self._loop.add_signal_handler(signal.SIGUSR1, self._on_stats_signal)
         self._loop.add_signal_handler(signal.SIGHUP, self._check_resize)
+        self._loop.add_signal_handler(signal.SIGUSR2, self._on_handover)
         self._resize_timer = self._loop.call_later(RESIZE_CHECK_S, self._periodic_resize)
         self._loop.add_reader(self.xs.fileno(), self._on_xenstore)
         self.start()
@@ -242,7 +272,10 @@ class DeviceServer:
         self.xs.watch("@releaseDomain", "domains")
         self.xs.watch(f"{self.path}/qos", "qos")
         self._read_qos()
-        self._execute(self.machine.start())
+        if self.opts.resume or self.opts.replace:
+            self._execute(self.machine.resume(self._snapshot()))
+        else:
+            self._execute(self.machine.start())
 
     def _read_qos(self) -> None:
         """The operator's I/O limits (blkpy.qos), applied at once to every queue. A bad
@@ -270,6 +303,15 @@ class DeviceServer:
     def _finish(self, status: int) -> None:
         if self._done is not None and not self._done.done():
             self._done.set_result(status)
+
+    def _on_handover(self) -> None:
+        """SIGUSR2, for an upgrade: stop taking requests, finish and answer the ones in
+        flight, release the rings and exit without a word to xenstore; the journals say
+        nothing is owed, and a successor started with --resume carries on."""
+        log.info("%s: handing the device over", self.path)
+        self._handed_over = True
+        self._disconnect()
+        self._finish(EXIT_HANDED_OVER)
 
     def _on_terminate(self) -> None:
         log.info("%s: terminating: closing the device", self.path)
@@ -308,6 +350,18 @@ class DeviceServer:
                 self._publish_features()
             elif isinstance(action, SwitchState):
                 self._write_state(action.state)
+            elif isinstance(action, Connect) and action.resume:
+                try:
+                    self._connect(resume=True)
+                except (ConnectError, PlatformError, ring.RingOverflow, JournalError) as exc:
+                    # Never Closing: the guest's disk would die. Leave everything as the
+                    # dead serve left it; the operator (or the next successor) decides.
+                    log.error("%s: cannot take the device over: %s", self.path, exc)
+                    self._disconnect()
+                    self._finish(EXIT_TAKEOVER_FAILED)
+                    return
+                self._guest_log.info("%s: took the device over", self.path)
+                queue[:0] = self.machine.connected()
             elif isinstance(action, Connect):
                 try:
                     self._connect()
@@ -360,7 +414,7 @@ class DeviceServer:
     def _frontend_node(self, name: str) -> str | None:
         return self.xs.read_str(f"{self.frontend}/{name}")
 
-    def _connect(self) -> None:
+    def _connect(self, resume: bool = False) -> None:
         fe = self._frontend_node
         protocol = fe("protocol") or ring.DEFAULT_PROTOCOL
         if protocol not in ring.ABIS:
@@ -390,8 +444,8 @@ class DeviceServer:
             raise ConnectError("frontend published the same event channel for two queues")
         geometry = self._geometry()
         try:
-            for refs, port in rings:
-                self._attach_queue(abi, refs, port, geometry, persistent)
+            for q, (refs, port) in enumerate(rings):
+                self._attach_queue(abi, refs, port, geometry, persistent, q, resume)
         except BaseException:
             self._disconnect()
             raise
@@ -412,7 +466,8 @@ class DeviceServer:
                 "discard-alignment": "0",
                 "discard-secure": "0",
             })
-        self._write_nodes(nodes)
+        if not resume:  # a successor changes nothing the frontend could see
+            self._write_nodes(nodes)
         engine = self.vbds[0].engine if self.vbds else None
         self._link = {
             "queues": queues, "ring_order": order or 0,
@@ -433,10 +488,14 @@ class DeviceServer:
                 for i in range(1 << order)]
 
     def _attach_queue(self, abi: ring.Abi, refs: list[int], port: int,
-                      geometry: DiskGeometry, persistent: bool) -> None:
+                      geometry: DiskGeometry, persistent: bool, queue: int = 0,
+                      resume: bool = False) -> None:
         mapping = self.platform.map_grants(self.frontend_id, refs, writable=True)
         self._ring_maps.append(mapping)
-        back = ring.BackRing(mapping.buffer, abi, len(refs))
+        journal = RingJournal(self._state_dir / f"queue-{queue}.journal",
+                              ring.ring_size(abi, len(refs).bit_length() - 1), abi.entry_size)
+        self._journals.append(journal)
+        back = ring.BackRing(mapping.buffer, abi, len(refs), journal=journal, resume=resume)
         evtchn = self.platform.bind_interdomain(self.frontend_id, port)
         engine = make_engine(self.opts.engine, self.disk)
         # The loop spinning on an empty ring does not watch the engine's completions: for
@@ -496,10 +555,15 @@ class DeviceServer:
         for mapping in self._ring_maps:
             mapping.unmap()
         self._ring_maps.clear()
+        for journal in self._journals:
+            journal.close()
+        self._journals.clear()
 
     def _teardown(self) -> None:
         if self._resize_timer is not None:
             self._resize_timer.cancel()
+        if not self._handed_over and self.machine.finished:  # the device is gone for good
+            shutil.rmtree(self._state_dir, ignore_errors=True)
         if self._status_timer is not None:
             self._status_timer.cancel()
         if self._status is not None:
@@ -515,13 +579,11 @@ class DeviceServer:
     def _start_status(self) -> None:
         """Publish this device for `blkpy list`/`blkpy stats` and xentop (blkpy.status)."""
         assert self._loop is not None
-        devid = self.path.rsplit("/", 1)[-1]
-        run, shm = self.platform.state_dirs()
         self._status = StatusPublisher(DeviceStatus(
-            domid=self.frontend_id, devid=int(devid) if devid.isdigit() else 0,
+            domid=self.frontend_id, devid=self.devid,
             backend_path=self.path, pid=os.getpid(), image=self.image, format=self.fmt,
             started=time.time()),
-            Path(os.environ.get(RUN_DIR_ENV) or run), Path(os.environ.get(SHM_DIR_ENV) or shm))
+            self._run_dir, Path(os.environ.get(SHM_DIR_ENV) or self._shm_dir))
         self._publish_status()
 
     def _publish_status(self) -> None:
@@ -607,5 +669,25 @@ def serve(backend_path: str, platform: Platform, xenstore_path: str | None,
     except OSError as exc:
         raise ServeError(f"cannot connect to xenstore at {path}: {exc}") from None
     with xs:
+        if options.replace:
+            # Everything is imported and connected: only now stop the predecessor, so
+            # the guest waits for its drain and our attach, not for an interpreter start.
+            # The image is opened after it exited (a qcow2 image has one writer).
+            _replace(options.replace)
         server = DeviceServer(platform, xs, backend_path, options)
         return server.run()
+
+
+def _replace(pid: int, timeout: float = 30.0) -> None:
+    """Ask serve ``pid`` to hand its device over (SIGUSR2) and wait until it is gone."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # already gone: take over what it left
+    try:
+        os.kill(pid, signal.SIGUSR2)
+        ready, _, _ = select.select([fd], [], [], timeout)
+        if not ready:
+            raise ServeError(f"serve pid {pid} did not hand its device over in {timeout:g} s")
+    finally:
+        os.close(fd)

@@ -25,7 +25,7 @@ from blkpy.backends.base import Disk
 from blkpy.defaults import MAX_PERSISTENT_GRANTS
 from blkpy.engine import IoEngine, IoVector
 from blkpy.fastpath import STAT_FIELDS, RingLoop
-from blkpy.gntdev.native import ffi
+from blkpy.gntdev.native import ffi, lib
 from blkpy.grants import (
     Acquired,
     GrantCopier,
@@ -105,6 +105,7 @@ class _Batch:
     pages: Acquired
     members: np.ndarray  # indices of the requests that went to I/O
     reads: np.ndarray  # indices of the READ requests among them
+    slots: np.ndarray  # each request's ring index (the restart journal's key)
 
 
 class Vbd:
@@ -217,6 +218,8 @@ class Vbd:
         return self._serve(may_sleep=False)
 
     def _serve(self, may_sleep: bool) -> bool:
+        if self.ring.replay is not None:
+            self._replay()
         start = self.ring.req_cons
         loop = self.loop
         while not (self.broken or self.closed or loop.stopped):
@@ -240,6 +243,25 @@ class Vbd:
                 break
             self._log_io_errors()
         return self.ring.req_cons != start
+
+    def _replay(self) -> None:
+        """Taking the ring over from a dead predecessor: publish the responses it wrote
+        but did not push, then serve the requests it consumed and never answered, in ring
+        order, through the reference path (their grants are still valid: the guest waits
+        for the answers)."""
+        recovery, self.ring.replay = self.ring.replay, None
+        assert recovery is not None
+        n = len(recovery.replay_indices)
+        if n:
+            log.info("taking the ring over: %d request(s) to serve again", n)
+            batch = recovery.replay_slots.view(self.ring.abi.raw).reshape(n).view(
+                self.ring.abi.request)
+            for k in range(0, n, MAX_BATCH):
+                self._dispatch(batch[k:k + MAX_BATCH],
+                               recovery.replay_indices[k:k + MAX_BATCH].astype(np.int64))
+            self.drain()
+        self._push()
+        self.evtchn.notify()  # events sent while nobody was bound were dropped
 
     def _wait_event(self, may_sleep: bool) -> None:
         """The event channel in Python: a channel the loop cannot drive, or an ack the
@@ -299,13 +321,14 @@ class Vbd:
             if done:
                 self._account(done)
         limited = self.qos is not None and self.qos.active
+        first = self.ring.req_cons
         try:
             batch = self.ring.consume(limit=1 if limited else MAX_BATCH)
         except RingOverflow as exc:
             self._halt(str(exc))
             return
         if len(batch):
-            self._dispatch(batch)
+            self._dispatch(batch, (first + np.arange(len(batch), dtype=np.int64)) & 0xFFFFFFFF)
         self.complete()
 
     def _qos_wait(self, write: bool, nbytes: int) -> None:
@@ -365,7 +388,8 @@ class Vbd:
         if self.on_broken:
             self.on_broken(message)
 
-    def _dispatch(self, batch: np.ndarray) -> None:
+    def _dispatch(self, batch: np.ndarray, slots: np.ndarray) -> None:
+        """Validate, map and submit one batch; ``slots`` are the requests' ring indices."""
         st = self._stats
         st.batches += 1
         st.max_batch = max(st.max_batch, len(batch))
@@ -409,11 +433,12 @@ class Vbd:
             self._qos_wait(ops[0] != BLKIF_OP_READ, int(v.nbytes[0]))
         if not len(go):
             held.release()
-            self._answer(batch["id"], v.rsp_operation, v.status)
+            self._answer(batch["id"], v.rsp_operation, v.status, slots)
             return
         # Refused requests hold no grants: answer them now, the rest when their I/O ends.
         if refused.any():
-            self._answer(batch["id"][refused], v.rsp_operation[refused], v.status[refused])
+            self._answer(batch["id"][refused], v.rsp_operation[refused], v.status[refused],
+                         slots[refused])
 
         # One engine entry per request, two for a flush/barrier carrying data (flush
         # first: QEMU's presync, Linux's PREFLUSH write), all in ring order.
@@ -448,8 +473,10 @@ class Vbd:
         bid = self._next_batch
         self._next_batch += 1
         vec.tag = bid
-        self._batches[bid] = _Batch(batch["id"], v.rsp_operation, v.status, held, go, reads)
+        self._batches[bid] = _Batch(batch["id"], v.rsp_operation, v.status, held, go, reads,
+                                    slots)
         self.engine.submit(vec)
+        lib.blkpy_crash_point(1)
 
     def _fetch_indirect(self, batch: np.ndarray, v: Verdict) -> dict[int, np.ndarray]:
         """Validated descriptors of the batch's indirect requests (bad ones refused)."""
@@ -479,6 +506,8 @@ class Vbd:
         return good
 
     def _account(self, done: list[IoVector]) -> None:
+        if done:
+            lib.blkpy_crash_point(2)
         for vec in done:
             b = self._batches.pop(vec.tag)
             res = vec.result
@@ -502,13 +531,14 @@ class Vbd:
         b.pages.release()  # grants dropped before the guest can see any response
         status = b.status[b.members]
         status[status == PENDING] = BLKIF_RSP_OKAY
-        self._answer(b.ids[b.members], b.rsp_ops[b.members], status)
+        self._answer(b.ids[b.members], b.rsp_ops[b.members], status, b.slots[b.members])
 
-    def _answer(self, ids: np.ndarray, ops: np.ndarray, status: np.ndarray) -> None:
+    def _answer(self, ids: np.ndarray, ops: np.ndarray, status: np.ndarray,
+                slots: np.ndarray) -> None:
         st = self._stats
         st.errors += int(np.count_nonzero(status == BLKIF_RSP_ERROR))
         st.eopnotsupp += int(np.count_nonzero(status == BLKIF_RSP_EOPNOTSUPP))
-        self.ring.produce(ids, ops, status)
+        self.ring.produce(ids, ops, status, slots)
 
     def _push(self) -> None:
         if self.ring.push_responses():

@@ -61,7 +61,10 @@ class PublishFeatures(Action):
 @dataclasses.dataclass(frozen=True)
 class Connect(Action):
     """Read the frontend's ring nodes, map, bind, publish disk nodes, then report back
-    with ``connected()`` or ``failed()``."""
+    with ``connected()`` or ``failed()``. ``resume``: take over the rings of a serve that
+    died, from its journals, writing nothing the frontend could see."""
+
+    resume: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +103,17 @@ class BackendStateMachine:
     def start(self) -> list[Action]:
         """Probe: publish features and wait for the frontend."""
         return [PublishFeatures(), *self._switch(XenbusState.INIT_WAIT)]
+
+    def resume(self, snap: Snapshot) -> list[Action]:
+        """A successor of a serve that died: if the device is connected (our node says
+        Connected and the frontend is there), take its rings over without writing any
+        state (Closing or Closed would kill the guest's disk, InitWait is ignored by a
+        connected blkfront); otherwise start the handshake as usual."""
+        if snap.backend_state == XenbusState.CONNECTED and snap.frontend_state in (
+                XenbusState.INITIALISED, XenbusState.CONNECTED):
+            self.state = XenbusState.CONNECTED
+            return [Connect(resume=True)]
+        return self.start()
 
     def _switch(self, state: XenbusState) -> list[Action]:
         if self.state == state:

@@ -2,6 +2,7 @@
  * logic mirrors blkpy/requests.py check for check, in the same order, and a hypothesis
  * test holds the two equal on arbitrary slot bytes. */
 #include <errno.h>
+#include <signal.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <stdio.h>
@@ -55,6 +56,7 @@ struct blkpy_rl_scratch {
 /* A request handed to io_uring, answered when its completion arrives. */
 struct blkpy_rl_inflight {
     uint64_t id;
+    uint32_t index;     /* the request's ring index (the journal's key) */
     int64_t expected;   /* bytes the op must move (0 for a flush) */
     uint8_t rsp_op;
 };
@@ -321,22 +323,80 @@ void blkpy_ringloop_push(struct blkpy_ringloop *l)
         return;
     __atomic_thread_fence(__ATOMIC_RELEASE);
     st32(r->sring, RL_RSP_PROD, new);
+    blkpy_crash_point(4);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     uint32_t ev = ld32(r->sring, RL_RSP_EVENT);
     if ((uint32_t)(new - ev) < (uint32_t)(new - old))
         evtchn_notify(l);
 }
 
-static void respond(struct blkpy_ringloop *l, uint64_t id, uint8_t op, int16_t status)
+/* ---------------- the restart journal ---------------- */
+
+void blkpy_journal_consume(struct blkpy_back_ring *r, const uint8_t *s)
+{
+    struct blkpy_ring_journal *j = r->journal;
+    if (!j)
+        return;
+    struct blkpy_journal_entry *e = &j->e[r->req_cons & (r->size - 1)];
+    memcpy(e->slot, s, r->entry_size < BLKPY_JOURNAL_SLOT ? r->entry_size : BLKPY_JOURNAL_SLOT);
+    e->index = r->req_cons;
+    e->rsp_pos = 0;
+    __atomic_store_n(&e->live, 1, __ATOMIC_RELEASE);
+    __atomic_store_n(&j->req_cons, r->req_cons + 1, __ATOMIC_RELEASE);
+}
+
+void blkpy_journal_answer(struct blkpy_back_ring *r, uint32_t index)
+{
+    struct blkpy_ring_journal *j = r->journal;
+    if (j)
+        __atomic_store_n(&j->e[index & (r->size - 1)].rsp_pos, r->rsp_prod_pvt + 1,
+                         __ATOMIC_RELEASE);
+}
+
+void blkpy_journal_answered(struct blkpy_back_ring *r, uint32_t index)
+{
+    struct blkpy_ring_journal *j = r->journal;
+    if (!j)
+        return;
+    __atomic_store_n(&j->rsp_prod_pvt, r->rsp_prod_pvt, __ATOMIC_RELEASE);
+    __atomic_store_n(&j->e[index & (r->size - 1)].live, 0, __ATOMIC_RELEASE);
+}
+
+static const char *const crash_points[] = {"consume", "submit", "io-done", "produced", "pushed"};
+static int crash_point_armed = -2;   /* -2: not read yet; -1: none */
+static long crash_countdown;
+
+void blkpy_crash_point(int point)
+{
+    if (crash_point_armed == -2) {
+        crash_point_armed = -1;
+        const char *spec = getenv("BLKPY_CRASH_AT");
+        for (int k = 0; spec && k < 5; k++) {
+            size_t n = strlen(crash_points[k]);
+            if (!strncmp(spec, crash_points[k], n) && spec[n] == ':') {
+                crash_point_armed = k;
+                crash_countdown = strtol(spec + n + 1, NULL, 10);
+            }
+        }
+    }
+    if (point == crash_point_armed && --crash_countdown <= 0)
+        kill(getpid(), SIGKILL);
+}
+
+static void respond(struct blkpy_ringloop *l, uint64_t id, uint8_t op, int16_t status,
+                    uint32_t index)
 {
     struct blkpy_back_ring *r = l->ring;
+    blkpy_journal_answer(r, index);
     uint8_t *s = slot_at(r, r->rsp_prod_pvt);
     memcpy(s, &id, 8);
     s[8] = op;
     memcpy(s + 10, &status, 2);
     r->rsp_prod_pvt++;
+    blkpy_journal_answered(r, index);
     if (status == RSP_ERROR)
         l->errors++;
+    blkpy_crash_point(3);
 }
 
 /* ---------------- serving one request ---------------- */
@@ -428,11 +488,21 @@ static int submit_async(struct blkpy_ringloop *l, uint32_t slot, uint64_t id, un
         .iov_addr = (uint64_t)(uintptr_t)(l->iov_pool + (size_t)slot * l->iov_per_slot),
         .iov_count = flushing ? 0 : nseg, .user_data = slot,
     };
-    if (blkpy_uring_queue(l->uring, &uio, 1) != 1)
+    blkpy_journal_consume(l->ring, s);   /* before the I/O can start */
+    blkpy_crash_point(0);
+    if (blkpy_uring_queue(l->uring, &uio, 1) != 1) {
+        struct blkpy_ring_journal *j = l->ring->journal;
+        if (j) {   /* not consumed after all: Python's engine takes it */
+            j->e[l->ring->req_cons & (l->ring->size - 1)].live = 0;
+            j->req_cons = l->ring->req_cons;
+        }
         return 0;   /* the submission queue is full */
+    }
+    blkpy_crash_point(1);
     l->n_free--;
     l->c_in_flight++;
     struct blkpy_rl_inflight *f = &l->inflight[slot];
+    f->index = l->ring->req_cons;
     f->id = id;
     f->expected = flushing ? 0 : nbytes;
     f->rsp_op = rsp_op;
@@ -456,7 +526,8 @@ static void reap_async(struct blkpy_ringloop *l, int wait)
             /* A short transfer is an error here (the range was checked against the size,
              * so only a shrunken image gives one). */
             int64_t r = res[k] >= 0 && res[k] != f->expected ? -EIO : res[k];
-            respond(l, f->id, f->rsp_op, io_status(l, r, f->expected));
+            blkpy_crash_point(2);
+            respond(l, f->id, f->rsp_op, io_status(l, r, f->expected), f->index);
             l->free_slots[l->n_free++] = slot;
             l->c_in_flight--;
         }
@@ -696,6 +767,9 @@ static int serve_one(struct blkpy_ringloop *l, const uint8_t *s)
         }
     }
     int16_t status = RSP_OKAY;
+    uint32_t index = l->ring->req_cons;
+    blkpy_journal_consume(l->ring, s);   /* before the I/O can start */
+    blkpy_crash_point(0);
     count_request(l, op, flushing, nbytes);
     if (flushing)   /* the flush first: QEMU's presync, Linux's PREFLUSH write */
         status = io_status(l, fdatasync(l->disk_fd) ? -errno : 0, 0);
@@ -706,7 +780,8 @@ static int serve_one(struct blkpy_ringloop *l, const uint8_t *s)
     }
     if (l->extents)
         extents_leave(l);
-    respond(l, id, rsp_op, status);
+    blkpy_crash_point(2);
+    respond(l, id, rsp_op, status, index);
     return 1;
 }
 

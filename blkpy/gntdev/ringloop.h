@@ -46,6 +46,30 @@ struct blkpy_qos {
  * ns to wait before asking again (nothing charged). */
 int64_t blkpy_qos_admit(struct blkpy_qos *q, int write, uint64_t bytes);
 
+/* What a successor process needs to take a ring over after this one dies (a shared,
+ * file-backed mapping: it outlives the process): the private indices, and a copy of
+ * every request consumed but not answered, by ring index. Ordering (program order is
+ * enough: a killed process's stores are all in the file): a request is recorded, then
+ * req_cons moves past it, then its I/O starts; an answer first records the response
+ * position it takes (rsp_pos = position + 1), then writes the response slot, then moves
+ * rsp_prod_pvt past it, then clears the entry. An entry whose rsp_pos lies below
+ * rsp_prod_pvt was answered; any other live entry is replayed exactly once. */
+#define BLKPY_JOURNAL_MAGIC 0x4a4b4c42u
+#define BLKPY_JOURNAL_SLOT 112
+struct blkpy_journal_entry {
+    uint32_t live;           /* 1: consumed, not yet answered */
+    uint32_t rsp_pos;        /* response position + 1, once the answer is being written */
+    uint32_t index;          /* the request's ring index (free-running) */
+    uint32_t _pad;
+    uint8_t slot[BLKPY_JOURNAL_SLOT];
+};
+struct blkpy_ring_journal {
+    uint32_t magic, size, entry_size, generation;
+    uint32_t req_cons, rsp_prod_pvt;
+    uint32_t _pad[10];
+    struct blkpy_journal_entry e[];
+};
+
 /* The private end of a back ring; Python's BackRing and the loop share one. */
 struct blkpy_back_ring {
     uint8_t *sring;          /* the mapped shared ring (64-byte header, then the slots) */
@@ -53,7 +77,17 @@ struct blkpy_back_ring {
     uint32_t entry_size;
     uint32_t req_cons;
     uint32_t rsp_prod_pvt;
+    struct blkpy_ring_journal *journal;   /* NULL: nothing survives this process */
 };
+/* Record the copied request s, which takes ring index req_cons, as consumed. */
+void blkpy_journal_consume(struct blkpy_back_ring *r, const uint8_t *s);
+/* Record the answer to the request of ring index `index` about to be written at
+ * rsp_prod_pvt (call before writing the slot), then (after) that it is written. */
+void blkpy_journal_answer(struct blkpy_back_ring *r, uint32_t index);
+void blkpy_journal_answered(struct blkpy_back_ring *r, uint32_t index);
+/* Test hook: BLKPY_CRASH_AT=<point>:<n> kills the process at the n-th pass of a point
+ * (consume, submit, io-done, produced, pushed). */
+void blkpy_crash_point(int point);
 
 /* Where the fields of a request slot sit for one guest ABI (blkif.md section 3). */
 struct blkpy_slot_layout {

@@ -74,6 +74,31 @@ def remove(backend_path: str, xenstore_path: str | None) -> None:
     click.echo(f"{SCRIPT_NAME}: {backend_path}: {what}", err=True)
 
 
+@hotplug.command("restart")
+@click.argument("domid", type=click.IntRange(1, 0x7FEF), required=False)
+@click.argument("devid", type=click.IntRange(0, 2**31 - 1), required=False)
+@click.option("--all", "every", is_flag=True, help="Every blkpy device of this host.")
+@click.option("--backend-domid", type=click.IntRange(0, 0x7FEF), default=0, show_default=True)
+@click.option("--timeout", type=click.FloatRange(0.1), default=30.0, show_default=True,
+              help="Seconds to wait for each successor.")
+@XENSTORE_OPTION
+def restart(domid: int | None, devid: int | None, every: bool, backend_domid: int,
+            timeout: float, xenstore_path: str | None) -> None:
+    """Upgrade a device's serve under its running guest: the serve drains and hands the
+    device over (SIGUSR2), and the hotplug daemon starts a successor from the code now on
+    disk, which takes the rings over. The guest sees a pause, never a state change."""
+    from blkpy.hotplug.device import restart_serves
+
+    if every == (domid is not None):
+        raise click.UsageError("name one device (DOMID DEVID) or give --all")
+    if domid is not None and devid is None:
+        raise click.UsageError("missing DEVID")
+    with connected_xenstore(xenstore_path) as xs:
+        for line in restart_serves(xs, backend_domid,  # type: ignore[arg-type]
+                                   None if every else (domid, devid), timeout):  # type: ignore[arg-type]
+            click.echo(line)
+
+
 @hotplug.command("install")
 @click.option("--dir", "directory", default=DEFAULT_SCRIPTS_DIR, show_default=True,
               type=click.Path(file_okay=False), help="Xen hotplug scripts directory.")

@@ -146,3 +146,51 @@ def hotplug_remove(xs: XenstoreClient, backend: str, grace: float = REMOVE_GRACE
     if stop_process(pid, lambda: is_serve_of(pid, backend), grace, TERM_GRACE_S):
         return f"serve pid {pid} is gone"
     raise HotplugError(f"serve pid {pid} of {backend} did not exit")
+
+
+def restart_serves(xs: XenstoreClient, backend_domid: int, device: tuple[int, int] | None,
+                   timeout: float) -> list[str]:
+    """Hand devices over to new serves (an upgrade): the hotplug daemon, asked through a
+    ``blkpy-restart`` node, starts a new serve from the code on disk; once loaded, that
+    one has the old serve drain and exit (SIGUSR2), and takes the rings over. One line
+    per device: the pids, and how long until the successor took over."""
+    root = f"/local/domain/{backend_domid}/backend/vbd"
+    if device is not None:
+        backends = [f"{root}/{device[0]}/{device[1]}"]
+        if xs.read_str(backends[0]) is None:
+            raise HotplugError(f"no block device {device[1]} of domain {device[0]}")
+    else:
+        backends = [f"{root}/{d}/{v}" for d in _children(xs, root)
+                    for v in _children(xs, f"{root}/{d}")]
+    lines = []
+    for backend in backends:
+        old = serve_pid(xs, backend)
+        if old is None:
+            if device is not None:
+                raise HotplugError(f"{backend}: no blkpy serve runs it")
+            continue
+        start = time.monotonic()
+        xs.write(f"{backend}/blkpy-restart", str(old))  # the daemon starts the successor
+        deadline = start + timeout
+        new = None
+        while time.monotonic() < deadline:
+            pid = serve_pid(xs, backend)
+            if pid is not None and pid != old:
+                new = pid
+                break
+            time.sleep(0.01)
+        if new is None:
+            raise HotplugError(f"{backend}: no successor took over within {timeout:g} s "
+                               "(is the hotplug daemon running?)")
+        lines.append(f"{backend}: serve pid {old} handed over to pid {new} "
+                     f"in {(time.monotonic() - start) * 1000:.0f} ms")
+    return lines
+
+
+def _children(xs: XenstoreClient, path: str) -> list[str]:
+    from blkpy.xenstore.client import XenstoreError
+
+    try:
+        return xs.directory(path)
+    except XenstoreError:
+        return []

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from blkpy.defaults import EXIT_HANDED_OVER, EXIT_TAKEOVER_FAILED
 from blkpy.hotplug import SCRIPT_NAME
 from blkpy.xenstore.client import XenstoreClient, XenstoreError
 
@@ -41,6 +42,9 @@ WATCH_TOKEN = "blkpy-hotplug-devices"
 #: a serve whose device vanished gets this long to notice by itself before SIGTERM
 ORPHAN_GRACE_S = 5.0
 STOP_GRACE_S = 10.0
+#: successors per device within RESTART_WINDOW_S before the daemon gives up on it
+RESTART_BUDGET = 5
+RESTART_WINDOW_S = 60.0
 
 
 def is_blkpy_script(script: str | None) -> bool:
@@ -168,6 +172,8 @@ class DeviceWatcher:
         # serve died, until their backend directory goes away
         self.seen: set[str] = set()
         self.stopping = False
+        #: when successors were started, per device (a crash loop is stopped)
+        self.restarts: dict[str, list[float]] = {}
 
     # ---- scanning -------------------------------------------------------------------------
 
@@ -206,13 +212,31 @@ class DeviceWatcher:
 
     # ---- children -------------------------------------------------------------------------
 
-    def start(self, rel: str) -> None:
+    def check_restart_requests(self) -> None:
+        """`blkpy hotplug restart` asks by writing ``blkpy-restart`` under the device:
+        start a successor from the code on disk that replaces the running serve."""
+        for rel, child in list(self.children.items()):
+            if "#" in rel or child.orphaned_at is not None:
+                continue
+            node = f"/local/domain/{self.domid}/{rel}/blkpy-restart"
+            if self.xs.read_str(node) is None:
+                continue
+            self.xs.rm(node)
+            log.info("%s: upgrade: a new serve replaces pid %d", rel, child.proc.pid)
+            self.start(rel, fresh=True, extra=["--replace", str(child.proc.pid)])
+
+    def start(self, rel: str, resume: bool = False, fresh: bool = False,
+              extra: list[str] | None = None) -> None:
+        """Start the serve of ``rel``; ``resume``: a successor taking the device over;
+        ``fresh``: exec a new interpreter (an upgrade runs the code now on disk) even
+        where serves are forked."""
         log_path = None
         if self.log_dir is not None:
             log_path = self.log_dir / ("serve-" + rel.replace("backend/vbd/", "").replace("/", "-")
                                        + ".log")
         try:
-            proc = self._spawn(rel, log_path)
+            proc = self._spawn(rel, log_path, (["--resume"] if resume else []) + (extra or []),
+                               fresh)
         except OSError as exc:
             log.error("%s: cannot start serve: %s", rel, exc.strerror)
             return
@@ -222,17 +246,20 @@ class DeviceWatcher:
         self.children[rel] = Child(rel, proc, time.monotonic())
         log.info("%s: started serve pid %d", rel, proc.pid)
 
-    def _spawn(self, rel: str, log_path: Path | None) -> subprocess.Popen[bytes] | ForkedServe:
-        if self.serve_command is None:
+    def _spawn(self, rel: str, log_path: Path | None, extra: list[str],
+               fresh: bool) -> subprocess.Popen[bytes] | ForkedServe:
+        if self.serve_command is None and not fresh:
             sys.stdout.flush()
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
-                _serve_in_child(["serve", rel, *self.serve_args], log_path, [self.xs.fileno()])
+                _serve_in_child(["serve", rel, *self.serve_args, *extra], log_path,
+                                [self.xs.fileno()])
             return ForkedServe(pid)
+        command = self.serve_command or [sys.executable, "-m", "blkpy", "serve"]
         stderr = open(log_path, "ab") if log_path else None  # noqa: SIM115 - the child's
         try:
-            return subprocess.Popen([*self.serve_command, rel, *self.serve_args],
+            return subprocess.Popen([*command, rel, *self.serve_args, *extra],
                                     stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
                                     start_new_session=True)
         finally:
@@ -246,9 +273,32 @@ class DeviceWatcher:
                 continue
             del self.children[rel]
             how = f"exit status {status}" if status >= 0 else f"signal {-status}"
-            level = logging.INFO if status == 0 else logging.WARNING
+            level = logging.INFO if status in (0, EXIT_HANDED_OVER) else logging.WARNING
             log.log(level, "%s: serve pid %d ended (%s) after %.1f s", rel, child.proc.pid,
                     how, time.monotonic() - child.started)
+            self._supervise(rel, child, status)
+
+    def _supervise(self, rel: str, child: Child, status: int) -> None:
+        """A serve that ended while its device is still connected (a crash, a kill, an
+        upgrade hand-over) gets a successor that takes the rings over from their journals;
+        the guest sees a pause, not a state change. A clean exit (device removed, frontend
+        gone), a serve that never connected and a failed takeover get none, nor a device
+        whose serves keep dying."""
+        if (self.stopping or "#" in rel or child.orphaned_at is not None or rel not in self.seen
+                or status in (0, EXIT_TAKEOVER_FAILED)):
+            return
+        state = (self.xs.read_str(f"/local/domain/{self.domid}/{rel}/state") or "").strip()
+        if state != "4":  # never connected (e.g. it could not open its image): nothing to keep
+            return
+        now = time.monotonic()
+        recent = [t for t in self.restarts.get(rel, []) if now - t < RESTART_WINDOW_S]
+        if status != EXIT_HANDED_OVER and len(recent) >= RESTART_BUDGET:
+            log.error("%s: %d serves died within %.0f s; not starting another", rel,
+                      len(recent), RESTART_WINDOW_S)
+            return
+        self.restarts[rel] = [*recent, now]
+        log.info("%s: starting a successor to take the device over", rel)
+        self.start(rel, resume=True, fresh=status == EXIT_HANDED_OVER)
 
     def terminate_orphans(self) -> None:
         now = time.monotonic()
@@ -285,7 +335,7 @@ class DeviceWatcher:
     def request_stop(self, *_: object) -> None:
         self.stopping = True
 
-    def run(self, poll_interval: float = 0.5) -> int:
+    def run(self, poll_interval: float = 0.1) -> int:
         """Watch until SIGTERM/SIGINT (or ``request_stop``); returns the exit status."""
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
@@ -299,6 +349,7 @@ class DeviceWatcher:
                 if self.xs.events() or self.xs.wait_event(poll_interval) is not None:
                     self.xs.events()
                     self.scan()
+                    self.check_restart_requests()
                 self.reap()
                 self.terminate_orphans()
         finally:

@@ -146,17 +146,20 @@ class SimHost:
             return None
         return self.start_backend(spec)
 
-    def start_backend(self, spec: toolstack.DiskSpec) -> BackendProcess:
+    def start_backend(self, spec: toolstack.DiskSpec, extra_args: list[str] | None = None,
+                      env: dict[str, str] | None = None) -> BackendProcess:
+        """`blkpy serve` for ``spec`` (``extra_args`` after the host's own serve args,
+        e.g. --resume for a successor; ``env`` added to its environment)."""
         tag = f"{spec.frontend_domid}-{spec.devid}-{len(self.backends)}"
         log_path = Path(self.sim_dir) / f"serve-{tag}.log"
         stats_path = Path(self.sim_dir) / f"serve-{tag}.stats.json"
         rel = f"backend/vbd/{spec.frontend_domid}/{spec.devid}"
         cmd = [sys.executable, "-m", "blkpy", "serve", rel, "--platform", "sim",
                "--xenstore", self.socket, "--sim-dir", self.sim_dir,
-               "--stats-file", str(stats_path), *self.serve_args]
+               "--stats-file", str(stats_path), *self.serve_args, *(extra_args or [])]
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                    env=self.env())
+                                    env={**self.env(), **(env or {})})
         backend = BackendProcess(spec, proc, log_path, stats_path)
         self.backends.append(backend)
         return backend

@@ -346,6 +346,27 @@ def alloc_unbound_port(domain: Domain, remote_domid: int) -> SimEventPort:
         raise
 
 
+def _reclaim_abandoned(local: Domain, remote: Domain, remote_port: int, offered: int) -> None:
+    """If the remote port is bound to a port of ``local`` whose process died, close that
+    end as Xen does when a process exits (evtchn_close): the remote port falls back to
+    unbound, offered to ``local`` again. A live owner still has its socket."""
+    state, peer_domid, peer_port = evtchn_fields(remote.load_port(remote_port))
+    if state != ECS_INTERDOMAIN or peer_domid != local.domid:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(_socket_name(local.sim_dir, local.domid, peer_port))
+        return  # somebody holds it
+    except OSError:
+        pass
+    finally:
+        probe.close()
+    bound = evtchn_entry(ECS_INTERDOMAIN, local.domid, peer_port)
+    if remote.cas_port(remote_port, bound, offered):
+        local.cas_port(peer_port, evtchn_entry(ECS_INTERDOMAIN, remote.domid, remote_port),
+                       ECS_FREE)
+
+
 def bind_interdomain(
     local: Domain, remote_domid: int, remote_port: int, stats: PlatformStats | None = None
 ) -> SimEventPort:
@@ -362,6 +383,7 @@ def bind_interdomain(
         raise bad
     try:
         offered = evtchn_entry(ECS_UNBOUND, local.domid)
+        _reclaim_abandoned(local, remote, remote_port, offered)
         if remote.load_port(remote_port) != offered:
             raise bad
         entry = evtchn_entry(ECS_INTERDOMAIN, remote_domid, remote_port)
@@ -377,6 +399,10 @@ def bind_interdomain(
             channel._sock.close()  # type: ignore[union-attr]
             channel._sock = None
             raise bad
+        # Xen marks the new port pending: events sent while the remote port was unbound
+        # were dropped, so the binder must look at whatever it serves at once.
+        with contextlib.suppress(OSError):
+            channel._sock.sendto(b"\1", _socket_name(local.sim_dir, local.domid, port))  # type: ignore[union-attr]
         return channel
     finally:
         remote.release()

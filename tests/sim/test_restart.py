@@ -1,0 +1,89 @@
+"""A serve killed at every point of a request's life, and its successor (`blkpy serve
+--resume`) taking the rings over from their journals: the simulated blkfront (which, like
+Linux's, treats a duplicate or unknown response as fatal) sees every request answered
+exactly once, with the right data, and the guest never sees a state change."""
+
+import random
+import time
+
+import numpy as np
+import pytest
+
+from blkpy.ring import BLKIF_OP_READ, BLKIF_OP_WRITE
+from blkpy.sim import toolstack
+from blkpy.sim.frontend import Frontend
+from blkpy.sim.host import SimHost
+from blkpy.xenbus import XenbusState
+
+DISK = 8 << 20
+SLOTS = 64  # disjoint 64 KiB regions: requests in flight never overlap
+
+
+def _workload(host, spec, fe, model, image, requests, rng, restarts):
+    """Random 4-32 KiB reads and writes at queue depth 16; when the serve dies, start its
+    successor. Returns how many successors ran."""
+    ring = fe.rings[0]
+    busy: dict[int, int] = {}  # request id -> region
+    done = 0
+    submitted = 0
+    deadline = time.monotonic() + 120
+    while done < requests:
+        assert time.monotonic() < deadline, "the workload stalled"
+        while submitted < requests and len(busy) < 16 and ring.can_submit():
+            region = rng.choice([r for r in range(SLOTS) if r not in busy.values()])
+            sector = region * 128 + rng.randrange(0, 64)
+            nbytes = rng.choice((4096, 8192, 32768))
+            if rng.random() < 0.5:
+                data = np.frombuffer(rng.randbytes(nbytes), np.uint8)
+                rid = ring.submit(BLKIF_OP_WRITE, sector, data=data, tag=(sector, data))
+            else:
+                rid = ring.submit(BLKIF_OP_READ, sector, nbytes=nbytes, tag=(sector, None))
+            busy[rid] = region
+            submitted += 1
+        ring.push()
+        for c in ring.poll(0.05):
+            assert c.status == 0, f"request {c.id} failed: {c.status}"
+            sector, data = c.tag
+            off = sector * 512
+            if data is not None:
+                model[off:off + len(data)] = data.tobytes()
+            else:
+                assert c.data.tobytes() == bytes(model[off:off + c.nbytes]), "bad read"
+            del busy[c.id]
+            done += 1
+        current = host.backends[-1]
+        if current.proc.poll() is not None:
+            assert current.proc.returncode == -9, current.log()[-2000:]
+            assert host.backend_state(spec) == XenbusState.CONNECTED
+            restarts.append(host.start_backend(spec, ["--resume"]))
+    return done
+
+
+@pytest.mark.parametrize("point", ["consume", "submit", "io-done", "produced", "pushed"])
+@pytest.mark.parametrize("serve_args", [[], ["--grant-mode", "copy"], ["--engine", "uring"]],
+                         ids=["persistent", "copy", "uring"])
+def test_a_killed_serve_is_taken_over_without_the_guest_noticing(tmp_path, point, serve_args):
+    rng = random.Random(hash((point, tuple(serve_args))) & 0xFFFF)
+    image = tmp_path / "disk.img"
+    content = rng.randbytes(DISK)
+    image.write_bytes(content)
+    model = bytearray(content)
+    with SimHost(serve_args) as host:
+        guest = host.create_guest(1, memory_pages=4096)
+        spec = toolstack.DiskSpec(1, 51712, "xvda", str(image))
+        host.add_disk(spec, start_backend=False)
+        # Killed at a random pass of the point (the reference path passes once a batch).
+        first = host.start_backend(spec, env={"BLKPY_CRASH_AT": f"{point}:{rng.randrange(3, 25)}"})
+        fe = Frontend(guest, host.guest_xenstore(1), 51712)
+        fe.connect(timeout=15)
+        restarts: list = []
+        done = _workload(host, spec, fe, model, image, 600, rng, restarts)
+        assert done == 600
+        assert first.proc.returncode == -9  # it did die where it was told
+        assert restarts, "no successor ran"
+        assert not fe.protocol_errors
+        assert fe.state == XenbusState.CONNECTED
+        fe.close()
+        host.remove_disk(spec)
+        host.backends[-1].wait(10)
+    assert image.read_bytes() == bytes(model)
