@@ -214,6 +214,42 @@ def test_migration_over_one_image_and_rbd_export_matches_the_guest_model(
 
 
 @pytest.mark.ceph
+def test_flushed_writes_survive_a_killed_serve(ceph: MicroCeph, image: str) -> None:
+    """SIGKILL of the serve: what the guest wrote before its flush is in the image (Ceph
+    reads it without the dead client's lock); what it wrote after may be lost with
+    librbd's cache, a 4 KiB block at a time, never torn into something else. Blocklisting
+    the dead client fences it at once (else its watch holds the lock for ~30 s)."""
+    chunk = 32 * 4096  # one request of the guest's 32 segments
+    flushed, unflushed = _pattern(5, 4 * MIB), _pattern(6, 4 * MIB)
+    host = sim_host()
+    spec = DiskSpec(GUEST, DEVID, "xvda", target(ceph, image))
+    try:
+        backend = host.add_disk(spec)
+        assert backend is not None
+        frontend = Frontend(host.guests[GUEST], host.guest_xenstore(GUEST), DEVID)
+        frontend.connect(timeout=30)
+        for data, base in ((flushed, 0), (unflushed, 4 * MIB)):
+            for off in range(0, len(data), chunk):
+                done = frontend.write((base + off) // 512, data[off : off + chunk], timeout=30)
+                assert done.status == blkif.BLKIF_RSP_OKAY
+            if base == 0:
+                assert frontend.flush(timeout=30).status == blkif.BLKIF_RSP_OKAY
+        backend.proc.kill()
+        backend.proc.wait(30)
+    finally:
+        host.close()
+    watchers = json.loads(ceph.rbd("status", "--format", "json", image))["watchers"]
+    assert len(watchers) == 1  # the dead serve's, until its watch times out
+    ceph.ceph("osd", "blocklist", "add", watchers[0]["address"])
+    assert json.loads(ceph.rbd("status", "--format", "json", image))["watchers"] == []
+    on_disk = export(ceph, image)
+    assert on_disk[: 4 * MIB] == flushed
+    for off in range(0, 4 * MIB, 4096):
+        block = on_disk[4 * MIB + off : 4 * MIB + off + 4096]
+        assert block in (unflushed[off : off + 4096], bytes(4096)), off
+
+
+@pytest.mark.ceph
 def test_snapshot_is_read_only_whatever_the_mode(ceph: MicroCeph, image: str) -> None:
     """`@SNAP` serves the snapshot's bytes read-only, even on a device attached
     read-write; writes are refused and never reach it."""
