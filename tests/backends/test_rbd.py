@@ -466,8 +466,9 @@ def test_without_any_configuration_the_target_says_so(tmp_path: Path,
         open_disk("rbd:rbd/img", "rbd")
 
 
-def test_sim_run_rbd_needs_no_local_file() -> None:
-    """The target goes to the serve as is (sim run does not look for a file named so)."""
+def test_sim_run_refuses_a_malformed_rbd_target_in_one_line() -> None:
+    """sim run takes an rbd: target as one (no file of that name is looked for) and
+    refuses a malformed one before it starts anything."""
     out = subprocess.run([sys.executable, "-m", "blkpy", "sim", "run", "rbd:p"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "bad RBD target 'rbd:p'" in out.stderr
