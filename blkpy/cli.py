@@ -372,6 +372,59 @@ def qos_command(domid: int, devid: int, xenstore_path: str | None, backend_domid
             click.echo(f"{name}={value}")
 
 
+@main.group()
+def ctl() -> None:
+    """Pause and resume a running disk (tap-ctl's pause/unpause), e.g. for a live external
+    snapshot: pause, `qemu-img create -f qcow2 -b OLD -F FMT NEW`, resume --image NEW."""
+
+
+def _control(domid: int, devid: int, run_dir: str | None, request: dict[str, object]) -> None:
+    import socket
+    from pathlib import Path
+
+    from blkpy import status
+
+    base = Path(run_dir) if run_dir else status.run_dir()
+    if status.find(domid, devid, base) is None:
+        raise click.ClickException(f"no running blkpy serve for domain {domid} device {devid}")
+    path = base / f"vbd-{domid}-{devid}" / "control"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(60)
+            sock.connect(str(path))
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            reply = json.loads(sock.makefile().readline() or "{}")
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot reach the serve of domain {domid} device "
+                                   f"{devid}: {exc}") from None
+    if not reply.get("ok"):
+        raise click.ClickException(str(reply.get("error", "failed")))
+    click.echo(f"domain {domid} device {devid}: {'paused' if reply.get('paused') else 'running'}"
+               f" on {reply.get('image')}")
+
+
+@ctl.command("pause")
+@click.argument("domid", type=click.IntRange(1, 0x7FEF))
+@click.argument("devid", type=click.IntRange(0, 2**31 - 1))
+@RUN_DIR_OPTION
+def ctl_pause(domid: int, devid: int, run_dir: str | None) -> None:
+    """Stop taking requests, finish those in flight, close the image (the guest waits)."""
+    _control(domid, devid, run_dir, {"command": "pause"})
+
+
+@ctl.command("resume")
+@click.argument("domid", type=click.IntRange(1, 0x7FEF))
+@click.argument("devid", type=click.IntRange(0, 2**31 - 1))
+@click.option("--image", metavar="PATH", help="Serve this image from now on (same size).")
+@click.option("--format", "fmt", type=click.Choice(["raw", "qcow2"]),
+              help="Its format (default: the current one).")
+@RUN_DIR_OPTION
+def ctl_resume(domid: int, devid: int, image: str | None, fmt: str | None,
+               run_dir: str | None) -> None:
+    """Re-open the image (or --image, refused if its size differs) and serve again."""
+    _control(domid, devid, run_dir, {"command": "resume", "image": image, "format": fmt})
+
+
 def _children(xs: object, path: str) -> list[str]:
     from blkpy.xenstore.client import XenstoreError
 

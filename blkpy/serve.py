@@ -182,6 +182,8 @@ class DeviceServer:
         self.qos = QosState()  # the disk's I/O limits, shared by its queues
         self._journals: list[RingJournal] = []
         self._handed_over = False
+        self._paused = False
+        self._control: asyncio.AbstractServer | None = None
         self._status: StatusPublisher | None = None
         self._status_timer: asyncio.TimerHandle | None = None
         self._link = {"queues": 0, "ring_order": 0, "grant_mode": "", "engine": ""}
@@ -212,13 +214,16 @@ class DeviceServer:
             raise ServeError(f"{self.path}: no image (params node empty and no --image)")
 
     def _open_disk(self) -> Disk:
+        return self._open_image(self.image, self.fmt)
+
+    def _open_image(self, image: str, fmt: str) -> Disk:
         try:
             options: dict[str, object] = {}
-            if self.fmt == "raw":
+            if fmt == "raw":
                 options = {"sector_size": self.opts.sector_size, "direct": self.opts.direct_io}
-            elif self.fmt == "qcow2":
+            elif fmt == "qcow2":
                 options = {"cache_size": self.opts.qcow2_cache_size}
-            return open_disk(self.image, self.fmt, readonly=self.readonly, **options)
+            return open_disk(image, fmt, readonly=self.readonly, **options)
         except DiskError as exc:
             raise ServeError(str(exc)) from None
 
@@ -255,6 +260,7 @@ class DeviceServer:
         self._loop.add_reader(self.xs.fileno(), self._on_xenstore)
         self.start()
         self._start_status()
+        await self._start_control()
         self._on_xenstore()
         try:
             return await self._done
@@ -520,6 +526,8 @@ class DeviceServer:
     def _check_resize(self) -> None:
         """Publish a new size like Linux blkback: `sectors`, then `state` rewritten with
         its current value in the same transaction so the frontend's watch fires."""
+        if self._paused:
+            return  # no image open; resume checks the size
         old = self.disk.size
         try:
             new = self.disk.refresh_size()
@@ -550,7 +558,8 @@ class DeviceServer:
                                              [v.loop_counters() for v in self.vbds])
         for vbd in self.vbds:
             vbd.close()
-            vbd.engine.close()
+            if not vbd.paused:  # a paused queue's engine is closed already
+                vbd.engine.close()
         self.vbds.clear()
         for mapping in self._ring_maps:
             mapping.unmap()
@@ -572,7 +581,94 @@ class DeviceServer:
         if self._loop is not None:
             self._loop.remove_reader(self.xs.fileno())
         self.write_stats()
-        self.disk.close()
+        if not self._paused:
+            self.disk.close()
+
+    # ---- control: pause and resume (tap-ctl's semantics) -------------------------------------
+
+    @property
+    def control_path(self) -> Path:
+        return self._state_dir / "control"
+
+    async def _start_control(self) -> None:
+        """A unix socket taking one JSON command per connection (`blkpy ctl`)."""
+        self._state_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.control_path.unlink()
+        try:
+            self._control = await asyncio.start_unix_server(self._on_control,
+                                                            path=str(self.control_path))
+        except OSError as exc:
+            log.warning("%s: no control socket (blkpy ctl): %s", self.path, exc)
+            return
+        os.chmod(self.control_path, 0o600)
+
+    async def _on_control(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 10)
+            try:
+                request = json.loads(line)
+                reply = self._control_command(request)
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                reply = {"ok": False, "error": f"bad request: {exc}"}
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        except (TimeoutError, OSError):
+            pass  # the client went away: nothing to tell it
+        finally:
+            writer.close()
+
+    def _control_command(self, request: dict[str, object]) -> dict[str, object]:
+        command = request.get("command")
+        if command == "pause":
+            return self._pause()
+        if command == "resume":
+            image = request.get("image")
+            fmt = request.get("format")
+            return self._resume(str(image) if image else None, str(fmt) if fmt else None)
+        if command == "status":
+            return {"ok": True, "paused": self._paused, "image": self.image, "format": self.fmt}
+        return {"ok": False, "error": f"unknown command {str(command)[:32]!r}"}
+
+    def _pause(self) -> dict[str, object]:
+        """Stop taking requests, finish those in flight, close the image. The rings stay
+        mapped and the channels bound: the guest's requests wait in the ring."""
+        if not self._paused:
+            for vbd in self.vbds:
+                vbd.pause()
+            self.disk.close()
+            self._paused = True
+            log.info("%s: paused; %s closed", self.path, self.image)
+        return {"ok": True, "paused": True, "image": self.image}
+
+    def _resume(self, image: str | None, fmt: str | None) -> dict[str, object]:
+        """Re-open the image, or another one (a snapshot's overlay), refusing a change of
+        size or sector size (the guest was told them), and serve again."""
+        if not self._paused:
+            return {"ok": False, "error": "not paused"}
+        old_size, old_sector = self.disk.size, self.disk.sector_size
+        new_image, new_fmt = image or self.image, fmt or self.fmt
+        try:
+            disk = self._open_image(new_image, new_fmt)
+        except ServeError as exc:
+            return {"ok": False, "error": str(exc)}
+        if (disk.size, disk.sector_size) != (old_size, old_sector):
+            disk.close()
+            return {"ok": False, "error": f"{new_image}: {disk.size} bytes in sectors of "
+                    f"{disk.sector_size}, the guest has {old_size} in {old_sector}"}
+        self.disk = disk
+        for vbd in self.vbds:
+            vbd.resume(disk, make_engine(self.opts.engine, disk))
+        if (new_image, new_fmt) != (self.image, self.fmt):
+            # A successor (crash restart) must open the new image, not the old one.
+            self.xs.write(f"{self.path}/params", f"{new_fmt}:{new_image}")
+            self.image, self.fmt = new_image, new_fmt
+            if self._status is not None:
+                self._status.status.image, self._status.status.format = new_image, new_fmt
+        self._paused = False
+        log.info("%s: resumed on %s (%s)", self.path, self.image, self.fmt)
+        return {"ok": True, "paused": False, "image": self.image}
 
     # ---- statistics -------------------------------------------------------------------------
 

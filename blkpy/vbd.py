@@ -153,24 +153,51 @@ class Vbd:
             raise ValueError(f"unknown grant mode {grant_mode!r}")
         self._batches: dict[int, _Batch] = {}
         self._next_batch = 0
-        # The engine says how the loop does I/O (synchronous, io_uring, or both).
-        table = self.pages.table if isinstance(self.pages, GrantMapper) else None
-        target = disk.native_io()
-        fd, extents = target if target is not None else (None, None)
-        io_mode = engine.loop_io
-        self.loop = RingLoop(back_ring, geometry, evtchn, disk_fd=fd, grants=table,
-                             poll_us=poll_us, max_batch=MAX_BATCH, io_fd=engine.fileno(),
-                             io_mode=io_mode, extents=extents)
-        if io_mode != fastpath.SYNC and extents is None and not self.loop.uses_uring:
-            log.warning("io_uring unavailable: the ring loop does synchronous I/O")
         self._geometry = geometry
+        self._poll_us = poll_us
         self._io_errors_logged = 0
         self._thread: threading.Thread | None = None
         # The disk's I/O limits, shared with its other queues: the loop charges what it
         # serves, the reference path what the loop did not (one request at a time then).
         self.qos = qos
-        self.loop.native.qos = qos.native if qos is not None else ffi.NULL
         self._last_miss: tuple[int, int, int] | None = None
+        self._retired: dict[str, int] = {}  # counters of the loops of earlier images
+        self.paused = False  # between pause() and resume(): no loop, no engine
+        self._make_loop()
+
+    def _make_loop(self) -> None:
+        # The engine says how the loop does I/O (synchronous, io_uring, or both).
+        table = self.pages.table if isinstance(self.pages, GrantMapper) else None
+        target = self.disk.native_io()
+        fd, extents = target if target is not None else (None, None)
+        io_mode = self.engine.loop_io
+        self.loop = RingLoop(self.ring, self._geometry, self.evtchn, disk_fd=fd, grants=table,
+                             poll_us=self._poll_us, max_batch=MAX_BATCH,
+                             io_fd=self.engine.fileno(), io_mode=io_mode, extents=extents)
+        if io_mode != fastpath.SYNC and extents is None and not self.loop.uses_uring:
+            log.warning("io_uring unavailable: the ring loop does synchronous I/O")
+        self.loop.native.qos = self.qos.native if self.qos is not None else ffi.NULL
+
+    # ---- pause and resume (tap-ctl's semantics) ----------------------------------------
+
+    def pause(self) -> None:
+        """Take no more requests, finish and answer those in flight, and let go of the
+        image; the ring stays mapped and the channel bound, so the guest's requests wait
+        in the ring until ``resume``."""
+        self.stop()
+        self.drain()
+        self.paused = True
+        for name, value in self.loop.counters().items():
+            self._retired[name] = self._retired.get(name, 0) + value
+        self.loop.close()
+        self.engine.close()
+
+    def resume(self, disk: Disk, engine: IoEngine) -> None:
+        """Serve again, from ``disk`` (the same size as before, checked by the caller)."""
+        self.disk, self.engine = disk, engine
+        self._make_loop()
+        self.paused = False
+        self.start()
 
     @property
     def geometry(self) -> DiskGeometry:
@@ -185,7 +212,7 @@ class Vbd:
     @property
     def stats(self) -> VbdStats:
         """Counters of both paths."""
-        native = self.loop.counters()
+        native = self.loop_counters()
         st = dataclasses.replace(self._stats)
         for name in STAT_FIELDS:
             setattr(st, name, getattr(st, name) + native[name])
@@ -194,7 +221,9 @@ class Vbd:
 
     def loop_counters(self) -> dict[str, int]:
         """What the native loop served itself, and its notifications, wake-ups and sleeps."""
-        return self.loop.counters()
+        live = self.loop.counters()
+        return {k: max(v, self._retired.get(k, 0)) if k.startswith("max_")
+                else v + self._retired.get(k, 0) for k, v in live.items()}
 
     # ---- running ----------------------------------------------------------------------
 
