@@ -37,6 +37,7 @@ from blkpy.defaults import (
     POLL_US_DEFAULT,
 )
 from blkpy.engine import make_engine
+from blkpy.hotplug import untap
 from blkpy.journal import JournalError, RingJournal
 from blkpy.platform import GrantMapping, Platform, PlatformError
 from blkpy.qos import QosError, QosState, parse_limits
@@ -110,6 +111,7 @@ class ServeOptions:
 def parse_params(params: str) -> tuple[str, str]:
     """Split the `params` node into (format, path). The format is only what the operator
     wrote in front of the path, never a guess from the image's contents."""
+    params = untap(params)
     head, sep, rest = params.partition(":")
     if sep and head in FORMAT_PREFIXES:
         return FORMAT_PREFIXES[head], rest

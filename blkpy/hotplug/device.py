@@ -19,6 +19,7 @@ import stat
 import time
 from collections.abc import Callable
 
+from blkpy.hotplug import BACKEND_KINDS, untap
 from blkpy.xenstore.client import XenstoreClient
 
 FORMATS = ("raw", "qcow2")
@@ -41,6 +42,7 @@ def parse_params(params: str) -> DiskParams:
     """``[raw:|qcow2:]/abs/path``. The format is what the operator wrote, never guessed
     from the image's contents; anything before a colon that looks like a format name but
     is not one we serve is refused (rather than taken as part of a path)."""
+    params = untap(params)
     head, sep, rest = params.partition(":")
     if sep and head in FORMATS:
         fmt, image = head, rest
@@ -154,13 +156,14 @@ def restart_serves(xs: XenstoreClient, backend_domid: int, device: tuple[int, in
     ``blkpy-restart`` node, starts a new serve from the code on disk; once loaded, that
     one has the old serve drain and exit (SIGUSR2), and takes the rings over. One line
     per device: the pids, and how long until the successor took over."""
-    root = f"/local/domain/{backend_domid}/backend/vbd"
+    roots = [f"/local/domain/{backend_domid}/backend/{kind}" for kind in BACKEND_KINDS]
     if device is not None:
-        backends = [f"{root}/{device[0]}/{device[1]}"]
-        if xs.read_str(backends[0]) is None:
+        backends = [f"{root}/{device[0]}/{device[1]}" for root in roots
+                    if xs.read_str(f"{root}/{device[0]}/{device[1]}") is not None][:1]
+        if not backends:
             raise HotplugError(f"no block device {device[1]} of domain {device[0]}")
     else:
-        backends = [f"{root}/{d}/{v}" for d in _children(xs, root)
+        backends = [f"{root}/{d}/{v}" for root in roots for d in _children(xs, root)
                     for v in _children(xs, f"{root}/{d}")]
     lines = []
     for backend in backends:

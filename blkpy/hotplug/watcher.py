@@ -2,12 +2,15 @@
 
 libxl waits (10 s) for the backend's InitWait before it runs the hotplug script, so the
 process that answers must already be running when ``xl create`` writes the device: like
-XenServer's tapback, this watcher watches ``/local/domain/<self>/backend/vbd`` and, for each
-new device whose ``script`` node names a ``block-blkpy*`` script, spawns
-``blkpy serve backend/vbd/<domid>/<devid>`` as a child. Devices with other scripts are left
+XenServer's tapback, this watcher watches ``/local/domain/<self>/backend/vbd`` (phy disks)
+and ``.../backend/vbd3`` (backendtype=tap since Xen 4.19, which xen-blkback leaves alone)
+and, for each new device whose ``script`` node names a ``block-blkpy*`` script, spawns
+``blkpy serve backend/<kind>/<domid>/<devid>`` as a child. Devices with other scripts are left
 alone (another backend may serve them). It reaps children and logs how they ended; when a
 device's backend directory disappears while its serve still runs (a forced removal skips the
-hotplug ``remove``), it terminates that serve. On SIGTERM/SIGINT it stops every child and exits.
+hotplug ``remove``), it terminates that serve; when a connected device's serve dies, it
+starts a successor that takes the rings over (``--resume``). On SIGTERM/SIGINT it stops
+every child and exits.
 
 By default a serve is not exec'd but forked from the watcher, which has imported serve's
 modules once: under emulation a fresh Python needs many seconds to import numpy and the data
@@ -33,7 +36,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from blkpy.defaults import EXIT_HANDED_OVER, EXIT_TAKEOVER_FAILED
-from blkpy.hotplug import SCRIPT_NAME
+from blkpy.hotplug import BACKEND_KINDS, SCRIPT_NAME
 from blkpy.xenstore.client import XenstoreClient, XenstoreError
 
 log = logging.getLogger("blkpy.hotplug.daemon")
@@ -145,7 +148,7 @@ def preload_serve() -> None:
 
 @dataclasses.dataclass
 class Child:
-    relpath: str  # backend/vbd/<domid>/<devid>
+    relpath: str  # backend/vbd/<domid>/<devid> (or backend/vbd3/...)
     proc: subprocess.Popen[bytes] | ForkedServe
     started: float
     orphaned_at: float | None = None  # when its backend directory disappeared
@@ -153,7 +156,8 @@ class Child:
 
 
 class DeviceWatcher:
-    """Keeps one serve child per blkpy device under ``/local/domain/<domid>/backend/vbd``."""
+    """Keeps one serve child per blkpy device under ``/local/domain/<domid>/backend/vbd``
+    and ``.../backend/vbd3``."""
 
     def __init__(self, xs: XenstoreClient, *, domid: int = 0,
                  serve_command: Sequence[str] | None = None,
@@ -161,7 +165,7 @@ class DeviceWatcher:
                  orphan_grace: float = ORPHAN_GRACE_S) -> None:
         self.xs = xs
         self.domid = domid
-        self.root = f"/local/domain/{domid}/backend/vbd"
+        self.roots = {kind: f"/local/domain/{domid}/backend/{kind}" for kind in BACKEND_KINDS}
         #: None: fork serves from this process; else exec this command + backend path
         self.serve_command = list(serve_command) if serve_command else None
         self.serve_args = list(serve_args)
@@ -179,9 +183,10 @@ class DeviceWatcher:
 
     def current_devices(self) -> set[str]:
         found = set()
-        for domid in self._directory(self.root):
-            for devid in self._directory(f"{self.root}/{domid}"):
-                found.add(f"backend/vbd/{domid}/{devid}")
+        for kind, root in self.roots.items():
+            for domid in self._directory(root):
+                for devid in self._directory(f"{root}/{domid}"):
+                    found.add(f"backend/{kind}/{domid}/{devid}")
         return found
 
     def _directory(self, path: str) -> list[str]:
@@ -232,7 +237,8 @@ class DeviceWatcher:
         where serves are forked."""
         log_path = None
         if self.log_dir is not None:
-            log_path = self.log_dir / ("serve-" + rel.replace("backend/vbd/", "").replace("/", "-")
+            log_path = self.log_dir / ("serve-" + rel.replace("backend/vbd/", "")
+                                       .replace("backend/", "").replace("/", "-")
                                        + ".log")
         try:
             proc = self._spawn(rel, log_path, (["--resume"] if resume else []) + (extra or []),
@@ -341,8 +347,9 @@ class DeviceWatcher:
         signal.signal(signal.SIGINT, self.request_stop)
         if self.serve_command is None:
             preload_serve()
-        self.xs.watch(self.root, WATCH_TOKEN)
-        log.info("watching %s for %s devices", self.root, SCRIPT_NAME)
+        for root in self.roots.values():
+            self.xs.watch(root, WATCH_TOKEN)
+        log.info("watching %s for %s devices", " and ".join(self.roots.values()), SCRIPT_NAME)
         try:
             while not self.stopping:
                 # every write under the root is an event: drain them, then scan once

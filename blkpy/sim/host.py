@@ -153,7 +153,7 @@ class SimHost:
         tag = f"{spec.frontend_domid}-{spec.devid}-{len(self.backends)}"
         log_path = Path(self.sim_dir) / f"serve-{tag}.log"
         stats_path = Path(self.sim_dir) / f"serve-{tag}.stats.json"
-        rel = f"backend/vbd/{spec.frontend_domid}/{spec.devid}"
+        rel = f"backend/{spec.kind}/{spec.frontend_domid}/{spec.devid}"
         cmd = [sys.executable, "-m", "blkpy", "serve", rel, "--platform", "sim",
                "--xenstore", self.socket, "--sim-dir", self.sim_dir,
                "--stats-file", str(stats_path), *self.serve_args, *(extra_args or [])]

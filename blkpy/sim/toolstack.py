@@ -25,10 +25,12 @@ class DiskSpec:
     protocol: str | None = "x86_64-abi"  # libxl pre-writes it for PV guests
     script: str | None = None
     discard: bool = True
+    #: backend kind: vbd (phy) or vbd3 (libxl's backendtype=tap since Xen 4.19)
+    kind: str = "vbd"
 
     @property
     def backend_path(self) -> str:
-        return (f"/local/domain/{self.backend_domid}/backend/vbd/"
+        return (f"/local/domain/{self.backend_domid}/backend/{self.kind}/"
                 f"{self.frontend_domid}/{self.devid}")
 
     @property
@@ -49,8 +51,9 @@ def disk_nodes(spec: DiskSpec) -> tuple[DirNodes, DirNodes]:
     backend = {
         "frontend": spec.frontend_path,
         "frontend-id": str(fe),
-        "params": spec.target,
-        "type": "phy",
+        # libxl's tap (vbd3) writes <format>:<target>, "aio" standing for raw
+        "params": spec.target if spec.kind == "vbd" else f"aio:{spec.target}",
+        "type": "phy" if spec.kind == "vbd" else "vbd3",
         "mode": "r" if spec.readonly else "w",
         "device-type": "disk",
         "online": "1",

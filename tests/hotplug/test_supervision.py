@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -134,3 +135,45 @@ def test_killed_and_upgraded_serves_are_succeeded_under_a_live_guest(tmp_path):
     text = daemon_log.read_text()
     assert text.count("starting a successor") == 3, text[-3000:]
     assert text.count("upgrade: a new serve replaces") == 1, text[-3000:]
+
+
+def test_vbd3_disks_are_served_beside_a_phy_disk_left_to_the_kernel(tmp_path):
+    """backendtype=tap (Xen >= 4.19) puts the disk under backend/vbd3, which xen-blkback
+    ignores: the daemon serves it (params as libxl writes it, aio:<target>), and leaves a
+    phy disk of the same guest, with the kernel's script, alone. xentop finds our counters
+    through kthread-pid."""
+    image = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M"], check=True)
+    with SimHost() as host:
+        with open(tmp_path / "daemon.log", "wb") as log:
+            daemon = subprocess.Popen(
+                [*BLKPY, "hotplug", "daemon", "--xenstore", host.socket, "--platform", "sim",
+                 "--serve-arg=--sim-dir", f"--serve-arg={host.sim_dir}",
+                 "--log-dir", str(tmp_path), "--lock-file", str(tmp_path / "lock")],
+                stderr=log, env=host.env())
+        try:
+            guest = host.create_guest(1, memory_pages=4096)
+            tap = toolstack.DiskSpec(1, 51728, "xvdb", f"qcow2:{image}", script="block-blkpy",
+                                     kind="vbd3")
+            phy = toolstack.DiskSpec(1, 51712, "xvda", str(image), script="/etc/xen/scripts/block")
+            host.add_disk(phy, start_backend=False)
+            host.add_disk(tap, start_backend=False)
+            fe = Frontend(guest, host.guest_xenstore(1), 51728)
+            fe.connect(timeout=30)
+            assert fe.write(8, b"\x5a" * 8192).status == 0
+            assert fe.read(8, 8192).data.tobytes() == b"\x5a" * 8192
+            base = "/local/domain/0/backend/vbd3/1/51728"
+            pid = int(host.xs.read_str(f"{base}/kthread-pid"))
+            page = f"{host.sim_dir}/shm/td3-{pid}/vbd-1-51728"
+            # struct vbd3_stats: version, pad, oo, read submitted... write submitted = [6]
+            wait_for(lambda: os.path.exists(page) and np.frombuffer(
+                Path(page).read_bytes(), "<u8")[6] >= 1, what="xentop's vbd3 page")
+            assert host.xs.read_str("/local/domain/0/backend/vbd/1/51712/state") == "1"
+            fe.close()
+            host.remove_disk(tap)
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(30)
+    text = (tmp_path / "daemon.log").read_text()
+    assert "backend/vbd3/1/51728: started serve" in text
+    assert "backend/vbd/1/51712: started" not in text
