@@ -203,10 +203,11 @@ static void nbdio_drain_fd(int fd)
         ;
 }
 
-static void nbdio_error(char *msg, uint32_t msglen, const char *what)
+/* libnbd's message for the call that just failed (it names the call itself). */
+static void nbdio_error(char *msg, uint32_t msglen)
 {
     const char *e = L(nbd_get_error)();
-    snprintf(msg, msglen, "%s: %s", what, e && *e ? e : "unknown error");
+    snprintf(msg, msglen, "%s", e && *e ? e : "unknown libnbd error");
 }
 
 static void nbdio_fill_info(struct nbd_handle *h, struct blkpy_nbd_info *i)
@@ -253,7 +254,7 @@ static struct nbd_handle *nbdio_connect(const char *uri, int64_t timeout_ms,
 {
     struct nbd_handle *h = L(nbd_create)();
     if (!h) {
-        nbdio_error(msg, msglen, "nbd_create");
+        nbdio_error(msg, msglen);
         return NULL;
     }
     /* Reads land in the guest's own pages: pre-zeroing them would only cost a memset
@@ -262,13 +263,13 @@ static struct nbd_handle *nbdio_connect(const char *uri, int64_t timeout_ms,
     /* The target is the operator's: its tls-psk-file/tls-certificates may name files. */
     L(nbd_set_uri_allow_local_file)(h, true);
     if (L(nbd_aio_connect_uri)(h, uri) == -1) {
-        nbdio_error(msg, msglen, "connect");
+        nbdio_error(msg, msglen);
         goto fail;
     }
     int64_t deadline = nbdio_now_ms() + timeout_ms;
     while (L(nbd_aio_is_ready)(h) != 1) {
         if (L(nbd_aio_is_dead)(h) == 1 || L(nbd_aio_is_closed)(h) == 1) {
-            nbdio_error(msg, msglen, "connect");
+            nbdio_error(msg, msglen);
             goto fail;
         }
         int64_t left = deadline - nbdio_now_ms();
@@ -279,12 +280,12 @@ static struct nbd_handle *nbdio_connect(const char *uri, int64_t timeout_ms,
         }
         struct pollfd p = {L(nbd_aio_get_fd)(h), nbdio_events(h), 0};
         if (p.fd < 0) {
-            nbdio_error(msg, msglen, "connect");
+            nbdio_error(msg, msglen);
             goto fail;
         }
         int n = poll(&p, 1, left < 100 ? (int)left : 100);
         if (n > 0 && nbdio_notify(h, p.revents) == -1) {
-            nbdio_error(msg, msglen, "connect");
+            nbdio_error(msg, msglen);
             goto fail;
         }
     }
