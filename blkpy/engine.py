@@ -283,6 +283,16 @@ def _zero_tail(iov: np.ndarray, skip: int) -> None:
         skip = 0
 
 
+def _sync_result(disk: Disk, res: int) -> int:
+    """A flush's result: once one sync of the disk failed, none may succeed again."""
+    lost = getattr(disk, "sync_lost", None)
+    if lost is None:
+        return min(res, 0)
+    if res < 0:
+        lost[0] = 1
+    return -errno.EIO if lost[0] else min(res, 0)
+
+
 class UringEngine(IoEngine):
     """io_uring: a whole batch in one io_uring_enter, entries completing out of order as
     the device finishes them, so the guest's queue depth reaches the storage (O_DIRECT and
@@ -378,8 +388,10 @@ class UringEngine(IoEngine):
             vid, entry = ud >> 32, ud & 0xFFFFFFFF
             vec = self._vectors[vid]
             kind = int(vec.kind[entry])
-            if res < 0 or kind == FLUSH:
-                vec.result[entry] = min(res, 0)
+            if kind == FLUSH:
+                vec.result[entry] = _sync_result(self.disk, res)
+            elif res < 0:
+                vec.result[entry] = res
             elif res == vec.length[entry]:
                 vec.result[entry] = 0
             elif kind == READ:  # end of file: the rest reads as zeros

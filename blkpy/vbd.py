@@ -177,6 +177,7 @@ class Vbd:
         if io_mode != fastpath.SYNC and extents is None and not self.loop.uses_uring:
             log.warning("io_uring unavailable: the ring loop does synchronous I/O")
         self.loop.native.qos = self.qos.native if self.qos is not None else ffi.NULL
+        self.loop.native.sync_lost = getattr(self.disk, "sync_lost", ffi.NULL)
 
     # ---- pause and resume (tap-ctl's semantics) ----------------------------------------
 

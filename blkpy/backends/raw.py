@@ -11,6 +11,7 @@ import struct
 from collections.abc import Sequence
 
 from blkpy.backends.base import Disk, DiskError
+from blkpy.gntdev.native import ffi
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -56,6 +57,8 @@ class RawDisk(Disk):
         self.can_discard = not readonly
         self.discard_granularity = max(4096, sector_size)
         self._closed = False
+        #: set once a sync failed; shared with the ring loops (int32_t, see ringloop.h)
+        self.sync_lost = ffi.new("int32_t *")
 
     @property
     def direct_fd(self) -> int | None:
@@ -89,8 +92,18 @@ class RawDisk(Disk):
             views = _advance(views, n)
 
     def flush(self) -> None:
-        if not self.readonly:
+        if self.readonly:
+            return
+        if self.sync_lost[0]:
+            raise OSError(errno.EIO, f"{self.path}: an earlier sync failed; written data "
+                          "may be lost, no flush can succeed")
+        try:
             os.fdatasync(self._fd)
+        except OSError:
+            # The kernel may have dropped the pages it could not write and will not
+            # report it again: every later flush must fail too.
+            self.sync_lost[0] = 1
+            raise
 
     def discard(self, offset: int, length: int) -> None:
         if self.readonly:

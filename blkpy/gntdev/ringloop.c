@@ -401,6 +401,21 @@ static void respond(struct blkpy_ringloop *l, uint64_t id, uint8_t op, int16_t s
 
 /* ---------------- serving one request ---------------- */
 
+/* A sync's result once the disk's syncs are known lost: -EIO for good. */
+static int64_t sync_result(struct blkpy_ringloop *l, int64_t res)
+{
+    if (!l->sync_lost)
+        return res;
+    if (res < 0)
+        __atomic_store_n(l->sync_lost, 1, __ATOMIC_RELEASE);
+    return __atomic_load_n(l->sync_lost, __ATOMIC_ACQUIRE) ? -EIO : res;
+}
+
+static int64_t sync_disk(struct blkpy_ringloop *l)
+{
+    return sync_result(l, fdatasync(l->disk_fd) ? -errno : 0);
+}
+
 static int16_t io_status(struct blkpy_ringloop *l, int64_t res, int64_t expected)
 {
     if (res == expected)
@@ -526,6 +541,8 @@ static void reap_async(struct blkpy_ringloop *l, int wait)
             /* A short transfer is an error here (the range was checked against the size,
              * so only a shrunken image gives one). */
             int64_t r = res[k] >= 0 && res[k] != f->expected ? -EIO : res[k];
+            if (f->expected == 0)   /* a flush (reads and writes move bytes) */
+                r = sync_result(l, r);
             blkpy_crash_point(2);
             respond(l, f->id, f->rsp_op, io_status(l, r, f->expected), f->index);
             l->free_slots[l->n_free++] = slot;
@@ -772,7 +789,7 @@ static int serve_one(struct blkpy_ringloop *l, const uint8_t *s)
     blkpy_crash_point(0);
     count_request(l, op, flushing, nbytes);
     if (flushing)   /* the flush first: QEMU's presync, Linux's PREFLUSH write */
-        status = io_status(l, fdatasync(l->disk_fd) ? -errno : 0, 0);
+        status = io_status(l, sync_disk(l), 0);
     if (nseg && status == RSP_OKAY) {
         struct blkpy_io io = {.fd = l->disk_fd, .op = write, .offset = off, .iov_count = nseg};
         int64_t res = l->extents ? io_extents(l, write, off, iov, nseg, nbytes) : blkpy_io_one(&io, iov);

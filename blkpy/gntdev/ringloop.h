@@ -218,6 +218,10 @@ struct blkpy_ringloop {
     uint64_t spurious_wakeups, late_acks;
     /* I/O limits shared by the disk's queues; NULL: none. charged: req_cons + 1 of a
      * request already admitted (it then went to Python, which must not charge it again) */
+    /* Set once a sync of the disk failed (shared by the disk's queues and its Python
+     * engine): the kernel may have dropped the pages it could not write, so no later
+     * flush may claim durability (QEMU and PostgreSQL learned this the hard way). */
+    int32_t *sync_lost;
     struct blkpy_qos *qos;
     uint32_t charged;
     uint32_t _pad2;
