@@ -25,6 +25,9 @@ FAIL_EXIT = 35  # value 17
 # Xen keeps the machine up after dom0 dies ('noreboot'): these lines end the run early.
 DOM0_GONE = re.compile(rb"Hardware Dom0 (crashed|halted|shutdown)|Panic on CPU|'noreboot' set")
 CPU_MODEL = "max,-avx,-avx2,-fma,-f16c"
+#: QEMU accelerators the lab knows: ``tcg`` runs each vCPU on its own host thread (MTTCG),
+#: ``tcg-single`` runs all vCPUs on one host thread
+ACCELS = {"tcg": "tcg", "tcg-single": "tcg,thread=single"}
 PROGRESS = re.compile(r"LAB-(MARK|CHECK|FIGURE|RESULT)")
 
 
@@ -45,7 +48,8 @@ class BootResult:
 
 
 def qemu_command(images: Images, run_dir: Path, src_dir: Path, *, smp: int = 2,
-                 mem_mb: int = 3072, dom0_mem_mb: int = 1536, extra_dom0: str = "") -> list[str]:
+                 mem_mb: int = 3072, dom0_mem_mb: int = 1536, extra_dom0: str = "",
+                 accel: str = "tcg", cpu: str = CPU_MODEL) -> list[str]:
     # smap=0: with Xen's SMAP enabled, a PV dom0 faults in its first microseconds under QEMU
     # 7.2 TCG ("d0v0 Unhandled: vec 14, #PF[0001]" ... "create_bounce_frame"); smep=0 alone
     # does not help. com1 carries Xen's and (via hvc0) dom0's console.
@@ -56,7 +60,7 @@ def qemu_command(images: Images, run_dir: Path, src_dir: Path, *, smp: int = 2,
         # AVX/AVX2 masked: TCG emulates them only since QEMU 7.2, and dom0 processes whose
         # glibc picked the AVX2 string functions crashed at random (xl "segfault at 18 ...
         # in libc.so.6", python3 "segfault at 100108")
-        "qemu-system-x86_64", "-accel", "tcg", "-machine", "pc", "-cpu", CPU_MODEL,
+        "qemu-system-x86_64", "-accel", ACCELS[accel], "-machine", "pc", "-cpu", cpu,
         "-m", str(mem_mb), "-smp", str(smp),
         "-display", "none", "-nodefaults", "-no-reboot", "-monitor", "none",
         "-serial", f"file:{run_dir / 'serial.log'}",
@@ -71,9 +75,10 @@ def qemu_command(images: Images, run_dir: Path, src_dir: Path, *, smp: int = 2,
 
 
 def boot(images: Images, run_dir: Path, src_dir: Path, *, timeout: float,
-         extra_dom0: str = "", echo: bool = True) -> BootResult:
+         extra_dom0: str = "", echo: bool = True, accel: str = "tcg",
+         cpu: str = CPU_MODEL) -> BootResult:
     """Boot once; stream progress lines to stdout when ``echo``; never exceed ``timeout``."""
-    cmd = qemu_command(images, run_dir, src_dir, extra_dom0=extra_dom0)
+    cmd = qemu_command(images, run_dir, src_dir, extra_dom0=extra_dom0, accel=accel, cpu=cpu)
     (run_dir / "qemu.cmd").write_text(shlex.join(cmd) + "\n")
     serial = run_dir / "serial.log"
     serial.write_bytes(b"")

@@ -18,17 +18,28 @@ import sys
 import time
 from pathlib import Path
 
-from .boot import BootResult, boot
+from .boot import ACCELS, CPU_MODEL, BootResult, boot
 from .images import BuildError, ImageBuilder, Images
 from .results import format_summary, parse_checks, parse_figures
 from .staging import REPO, build_domu_initrd, build_native
 
 ALL_PHASES = ["blkback", "func", "life", "qcow2"]
+#: phases only run when named: ``stress`` checks the emulated machine itself (dom0/phase-stress.sh)
+EXTRA_PHASES = ["stress"]
 DEFAULT_TIMEOUT = 1500.0  # seconds for the whole boot, whatever happens inside
 KEEP_RUNS = 8
 
 
-def prepare_run(builder: ImageBuilder, images: Images, phases: list[str]) -> Path:
+#: diagnostics dom0 understands (tests/xenlab/dom0/lib.sh), passed with ``--debug``
+DEBUG_KNOBS = {
+    "cores": "dom0 processes that crash (serves, bash, xenstored...) dump core into the run dir",
+    "freshcheck": "memory checkers (dom0/freshcheck.c) run beside each blkpy phase",
+    "malloc-check": "serves run with glibc's malloc checking (libc_malloc_debug)",
+}
+
+
+def prepare_run(builder: ImageBuilder, images: Images, phases: list[str],
+                debug: list[str] | None = None) -> Path:
     runs = builder.cache / "runs"
     runs.mkdir(exist_ok=True)
     for old in sorted(runs.iterdir())[:-KEEP_RUNS]:
@@ -39,7 +50,8 @@ def prepare_run(builder: ImageBuilder, images: Images, phases: list[str]) -> Pat
     (run_dir / "native").mkdir()
     shutil.copy(native, run_dir / "native" / native.name)
     build_domu_initrd(builder, images, run_dir / "domU-initrd.img")
-    (run_dir / "lab.env").write_text(f"LAB_PHASES='{' '.join(phases)}'\n")
+    (run_dir / "lab.env").write_text(f"LAB_PHASES='{' '.join(phases)}'\n"
+                                     f"LAB_DEBUG='{' '.join(debug or [])}'\n")
     return run_dir
 
 
@@ -63,18 +75,21 @@ class LabLock:
         os.close(self.fd)
 
 
-def run_lab(phases: list[str], timeout: float, echo: bool = True) -> BootResult:
+def run_lab(phases: list[str], timeout: float, echo: bool = True,
+            debug: list[str] | None = None, accel: str = "tcg",
+            cpu: str = CPU_MODEL) -> BootResult:
     """Build (cached), stage and boot once. Raises BuildError if the images cannot be made."""
     builder = ImageBuilder()
     with LabLock(builder.cache):
         t0 = time.monotonic()
         images = builder.build()
-        run_dir = prepare_run(builder, images, phases)
+        run_dir = prepare_run(builder, images, phases, debug)
         prep = time.monotonic() - t0
         load_before = os.getloadavg()
         if echo:
             print(f"xenlab: images + staging {prep:.1f}s; run dir {run_dir}", flush=True)
-        result = boot(images, run_dir, REPO, timeout=timeout, echo=echo)
+        result = boot(images, run_dir, REPO, timeout=timeout, echo=echo, accel=accel,
+                      cpu=cpu)
     load_after = os.getloadavg()
     text = result.text
     # QEMU alone keeps about 2 cores busy: a higher load means other work shared the host,
@@ -94,9 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("build", help="build or refresh the cached images")
     run = sub.add_parser("run", help="boot once and run the dom0 phases")
     run.add_argument("--phases", default=",".join(ALL_PHASES),
-                     help=f"comma-separated subset of {','.join(ALL_PHASES)}")
+                     help=f"comma-separated subset of {','.join(ALL_PHASES + EXTRA_PHASES)} "
+                          f"(default {','.join(ALL_PHASES)})")
     run.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                      help="hard limit for the boot in seconds (default %(default)s)")
+    run.add_argument("--accel", choices=sorted(ACCELS), default="tcg",
+                     help="QEMU accelerator (default %(default)s: one host thread per vCPU)")
+    run.add_argument("--cpu", default=CPU_MODEL,
+                     help="QEMU -cpu model (default %(default)s)")
+    run.add_argument("--debug", default="",
+                     help="comma-separated diagnostics: " + "; ".join(
+                         f"{k}: {v}" for k, v in DEBUG_KNOBS.items()))
     args = ap.parse_args(argv)
     try:
         if args.cmd == "build":
@@ -104,12 +127,18 @@ def main(argv: list[str] | None = None) -> int:
             print(images.root)
             return 0
         phases = [p for p in args.phases.split(",") if p]
-        unknown = sorted(set(phases) - set(ALL_PHASES))
+        unknown = sorted(set(phases) - set(ALL_PHASES + EXTRA_PHASES))
         if unknown:
-            print(f"xenlab: unknown phase(s) {', '.join(unknown)}; known: {', '.join(ALL_PHASES)}",
+            print(f"xenlab: unknown phase(s) {', '.join(unknown)}; known: {', '.join(ALL_PHASES + EXTRA_PHASES)}",
                   file=sys.stderr)
             return 2
-        result = run_lab(phases, args.timeout)
+        debug = [d for d in args.debug.split(",") if d]
+        if set(debug) - set(DEBUG_KNOBS):
+            print(f"xenlab: unknown --debug {', '.join(sorted(set(debug) - set(DEBUG_KNOBS)))}; "
+                  f"known: {', '.join(DEBUG_KNOBS)}", file=sys.stderr)
+            return 2
+        result = run_lab(phases, args.timeout, debug=debug, accel=args.accel,
+                         cpu=args.cpu)
     except BuildError as exc:
         print(f"xenlab: build failed: {exc}", file=sys.stderr)
         return 2

@@ -7,6 +7,9 @@ DOMU_KERNEL=/usr/lib/blkpy-lab/vmlinux
 DOMU_INITRD=/mnt/run/domU-initrd.img
 CONSOLE_DIR=/var/log/xen/console
 DAEMON_LOG=/var/log/xen/blkpy-daemon.log
+[ -f /mnt/run/lab.env ] && . /mnt/run/lab.env
+# debug_on KNOB: the run was started with `lab run --debug KNOB,...` (lab.py DEBUG_KNOBS)
+debug_on() { case " ${LAB_DEBUG:-} " in *" $1 "*) return 0 ;; esac; return 1; }
 
 up() { cut -d' ' -f1 /proc/uptime; }
 mark() { echo "LAB-MARK: $* uptime=$(up)"; }
@@ -19,7 +22,7 @@ check_cond() { # check_cond NAME DETAIL -- command...: PASS iff the command succ
 figure() { echo "LAB-FIGURE: $*"; }
 
 phase_limit() { # seconds a phase may take (under TCG) before boot.sh kills it
-  case $1 in blkback) echo 300 ;; func) echo 600 ;; life) echo 600 ;; qcow2) echo 500 ;; *) echo 300 ;; esac
+  case $1 in blkback) echo 300 ;; func) echo 600 ;; life) echo 600 ;; qcow2) echo 500 ;; stress) echo 600 ;; *) echo 300 ;; esac
 }
 
 install_blkpy() {
@@ -132,9 +135,50 @@ sys.exit(0 if nxt >= int(sys.argv[3]) else 1)
 PY
 }
 
+# how many pages the kernel has moved under running processes so far (migration, compaction)
+vmstat_mark() {
+  mark "vmstat $1: $(grep -E '^(pgmigrate_success|pgmigrate_fail|compact_stall|compact_success|thp_fault_alloc|thp_collapse_alloc|numa_pages_migrated) ' /proc/vmstat | tr '\n' ' ')"
+}
+
+# Diagnostics of `lab run --debug`, for the serves the daemon is about to fork.
+start_debug() {
+  vmstat_mark start
+  mark "mm: thp $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null || echo none), compaction_proactiveness $(cat /proc/sys/vm/compaction_proactiveness 2>/dev/null || echo none)"
+  if debug_on cores; then  # any dom0 process that crashes leaves its core in the run directory
+    ulimit -c unlimited
+    echo '/mnt/run/core.%e.%p' > /proc/sys/kernel/core_pattern
+  fi
+  if debug_on freshcheck && [ -z "$(cat /run/freshcheck.pid 2>/dev/null)" ]; then
+    [ -x /tmp/freshcheck ] || gcc -O2 -pthread -o /tmp/freshcheck "$(dirname "${BASH_SOURCE[0]}")/freshcheck.c"
+    /tmp/freshcheck tlb 15 >> /mnt/run/freshcheck.log 2>&1
+    mark "freshcheck: $(grep 'tlb:' /mnt/run/freshcheck.log | tail -1)"
+    /tmp/freshcheck 100000 2 >> /mnt/run/freshcheck.log 2>&1 &
+    echo $! > /run/freshcheck.pid
+    /tmp/freshcheck copy 100000 3 >> /mnt/run/freshcheck.log 2>&1 &
+    echo $! >> /run/freshcheck.pid
+  fi
+}
+
+stop_debug() {
+  local pid
+  vmstat_mark end
+  pid=$(cat /run/freshcheck.pid 2>/dev/null) || return 0
+  rm -f /run/freshcheck.pid
+  for p in $pid; do kill -TERM "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
+  mark "freshcheck: $(grep -E 'copy:|pages checked' /mnt/run/freshcheck.log | tail -2 | tr '\n' ' ')"
+  if grep -q "FRESHCHECK: BAD" /mnt/run/freshcheck.log; then
+    check debug.freshcheck FAIL "damaged memory or copies: $(grep -c 'FRESHCHECK: BAD' /mnt/run/freshcheck.log) (freshcheck.log)"
+  fi
+}
+
 start_daemon() {
   blkpy hotplug install >/dev/null || { check setup.hotplug-install FAIL "blkpy hotplug install"; return 1; }
-  blkpy hotplug daemon --log-dir /var/log/xen --serve-arg=--log-level=debug >>$DAEMON_LOG 2>&1 &
+  start_debug
+  local malloc_env=""
+  if debug_on malloc-check; then
+    malloc_env="LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libc_malloc_debug.so.0 GLIBC_TUNABLES=glibc.malloc.check=3"
+  fi
+  env $malloc_env blkpy hotplug daemon --log-dir /var/log/xen --serve-arg=--log-level=debug >>$DAEMON_LOG 2>&1 &
   echo $! > /run/blkpy-daemon.pid
   local i=0
   until grep -q "watching" $DAEMON_LOG 2>/dev/null; do
@@ -150,6 +194,7 @@ stop_daemon() {
   for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
   kill -0 "$pid" 2>/dev/null && { echo "daemon did not stop"; kill -KILL "$pid"; }
   rm -f /run/blkpy-daemon.pid
+  stop_debug
   cp /var/log/xen/*.log /mnt/run/ 2>/dev/null
 }
 

@@ -1,0 +1,52 @@
+"""The lab's command line and QEMU command, without booting anything (runs in the normal
+suite, unlike test_lab.py)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .boot import CPU_MODEL, qemu_command
+from .images import Images
+from .lab import main
+
+DOM0 = Path(__file__).parent / "dom0"
+
+
+def _cmd(**kw: str) -> list[str]:
+    return qemu_command(Images(Path("/images"), "6.1"), Path("/run"), Path("/src"), **kw)
+
+
+def _after(cmd: list[str], flag: str) -> str:
+    return cmd[cmd.index(flag) + 1]
+
+
+def test_default_machine_is_mttcg_with_the_masked_cpu():
+    cmd = _cmd()
+    assert _after(cmd, "-accel") == "tcg"
+    assert _after(cmd, "-cpu") == CPU_MODEL
+
+
+def test_accel_and_cpu_can_be_chosen():
+    cmd = _cmd(accel="tcg-single", cpu="max,-avx")
+    assert _after(cmd, "-accel") == "tcg,thread=single"
+    assert _after(cmd, "-cpu") == "max,-avx"
+
+
+@pytest.mark.parametrize("argv", [["run", "--debug", "cores,bogus"], ["run", "--phases", "nope"]])
+def test_unknown_debug_knob_or_phase_is_refused_before_booting(argv, capsys):
+    assert main(argv) == 2
+    assert "unknown" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="no C compiler")
+def test_freshcheck_builds(tmp_path):
+    """dom0 compiles freshcheck.c itself (--debug freshcheck, the stress phase)."""
+    out = tmp_path / "freshcheck"
+    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-pthread", "-o", str(out),
+                    str(DOM0 / "freshcheck.c")], check=True)
+    usage = subprocess.run([str(out)], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage" in usage.stderr
