@@ -55,6 +55,7 @@ from typing import Any
 import click
 
 from blkpy import ring as blkif
+from blkpy.bench.qos_row import QosFigures, measure_qos
 from blkpy.sim import nbdserver, procinfo, toolstack
 from blkpy.sim.ceph import POOL as CEPH_POOL
 from blkpy.sim.ceph import CephUnavailable, MicroCeph
@@ -250,6 +251,10 @@ ROWS: tuple[RowSpec, ...] = (
             Pattern("direct4k", 4096, True, 32, disk="direct"), "fio io_uring"),
     *_qcow2_rows(),
     # NBD: blkpy serving an nbdkit export against fio's nbd engine (libnbd) reading it
+    # QoS: a disk limited to QOS_LIMIT_IOPS within 5% of it (value |IOPS/limit - 1|), and
+    # its unlimited neighbour on the same host keeping 90% of what it does alone
+    RowSpec("qos-limit", "qos", "qos", 0.05, "<="),
+    RowSpec("qos-neighbour", "qos", "qos", 0.9, ">="),
     RowSpec("nbd-rand4k-qd1", "nbd", "iops", 0.9, ">=",
             Pattern("nbd-rand4k", 4096, True, 1, disk="nbd"), "fio nbd"),
     RowSpec("nbd-rand4k-qd32", "nbd", "iops", 0.9, ">=",
@@ -875,6 +880,7 @@ class _Bench:
         self.ring_order = ring_order
         self.say = say
         self.results: dict[tuple[str, str], list[Run]] = {}
+        self.qos: QosFigures | None = None
 
     def measure(self, side: _Side, pattern: Pattern) -> None:
         key = (side.name, pattern.label)
@@ -922,6 +928,18 @@ class _Bench:
             cpu = idle.cpu_percent if idle else None
             return Row(name=f"idle backend CPU % of a core ({idle_seconds:g} s)", blkpy=cpu,
                        peer=None, peer_side=None, value=cpu, **common)
+        if spec.kind == "qos":
+            q = self.qos
+            if spec.key == "qos-limit":
+                return Row(name="QoS: limited disk IOPS vs its limit (|x/limit - 1|)",
+                           blkpy=q.limited if q else None, peer=q.limit if q else None,
+                           peer_side="its limit", value=q.deviation if q else None,
+                           errors=q.errors if q else 0, **common)
+            return Row(name="QoS: unlimited neighbour IOPS, shared vs alone",
+                       blkpy=q.neighbour_shared if q else None,
+                       peer=q.neighbour_alone if q else None, peer_side="alone",
+                       value=q.neighbour_ratio if q else None, errors=q.errors if q else 0,
+                       **common)
         if spec.kind == "memory":
             own = idle.own_mib if idle else None
             more = f" (RSS {idle.rss_mib:.1f}, PSS {idle.pss_mib:.1f})" if idle else ""
@@ -1004,6 +1022,7 @@ def run_benchmark(
     specs = select_rows(rows)
     todo = _plan(specs, sweep, peers)
     want_idle = any(s.kind in ("idle", "memory") for s in specs)
+    want_qos = any(s.kind == "qos" for s in specs)
     sides = {side for items in todo.values() for side, _p in items}
     if any(s.startswith("fio") for s in sides) and shutil.which("fio") is None:
         raise RuntimeError("fio is not installed (setup.sh installs it)")
@@ -1059,6 +1078,12 @@ def run_benchmark(
                 bench.run_disk(host, guest, "nbd", server.target, fio, raw)
         if todo["rbd"]:
             _run_rbd(bench, args, raw, size, seconds, skipped, say)
+        if want_qos:
+            files = (tmp / "qos-a.raw", tmp / "qos-b.raw")
+            for f in files:
+                make_file(f, size)
+                warm(f)
+            bench.qos = measure_qos(files, seconds, args, guest_poll_us, say)
         if todo["direct"]:
             problem = direct_io_problem(tmp)
             if problem:

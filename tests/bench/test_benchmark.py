@@ -282,3 +282,22 @@ def test_plot_draws_iops_and_p99_against_depth(tmp_path):
     path = tmp_path / "sweep.png"
     bench.plot_sweep(report_of(*runs), path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_qos_rows_measure_a_limited_disk_and_its_neighbour(tmp_path):
+    from blkpy.bench.qos_row import QOS_LIMIT_IOPS, measure_qos
+
+    files = (tmp_path / "a.raw", tmp_path / "b.raw")
+    for f in files:
+        f.write_bytes(bytes(16 << 20))
+    q = measure_qos(files, 0.3, [], 50, lambda _m: None)
+    assert q.errors == 0 and q.limit == QOS_LIMIT_IOPS
+    assert q.limited > 0 and q.neighbour_alone > 0 and q.neighbour_shared > 0
+    report = bench.BenchReport(16 << 20, 0.3, 2, [], [])
+    b = bench._Bench(bench._plan([], False, False), 0.3, 1, 50, None, lambda _m: None)
+    b.qos = q
+    rows = [b.row(s, None, 1.0, {}) for s in bench.select_rows(["qos"])]
+    assert [r.key for r in rows] == ["qos-limit", "qos-neighbour"]
+    assert rows[0].value == q.deviation and rows[1].value == q.neighbour_ratio
+    report.rows = rows
+    assert "QoS: limited disk IOPS" in report.to_text()
