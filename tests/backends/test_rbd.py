@@ -466,6 +466,23 @@ def test_without_any_configuration_the_target_says_so(tmp_path: Path,
         open_disk("rbd:rbd/img", "rbd")
 
 
+@pytest.mark.ceph
+def test_exclusive_lock_needs_a_writable_device_and_the_feature(ceph: MicroCeph,
+                                                               image: str) -> None:
+    with pytest.raises(DiskError, match=r"^rbd: lock=exclusive is for a writable device"):
+        RbdDisk(target(ceph, image, "lock=exclusive"), readonly=True)
+    plain = rbd_image(ceph, "4M", "layering")
+    try:
+        with pytest.raises(DiskError, match=r"^rbd: lock=exclusive needs the exclusive-lock "
+                                            r"feature, which .* does not have$"):
+            RbdDisk(target(ceph, plain, "lock=exclusive"))
+        with RbdDisk(target(ceph, plain)) as disk:  # without the feature: no lock at all
+            disk.writev(0, [memoryview(b"x" * 4096)])
+            assert not disk.is_lock_owner()
+    finally:
+        remove_image(ceph, plain)
+
+
 def test_sim_run_refuses_a_malformed_rbd_target_in_one_line() -> None:
     """sim run takes an rbd: target as one (no file of that name is looked for) and
     refuses a malformed one before it starts anything."""
