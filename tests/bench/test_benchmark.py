@@ -86,7 +86,7 @@ def test_pattern_labels():
 
 def test_every_row_has_a_unique_key_and_a_target():
     keys = [r.key for r in bench.ROWS]
-    assert len(keys) == len(set(keys)) == 21
+    assert len(keys) == len(set(keys)) == 23
     assert all(r.comparison in (">=", "<=") for r in bench.ROWS)
     assert {r.pattern.label for r in bench.ROWS if r.group == "qcow2"} == {
         f"qcow2 {kind} 4k QD{d}" for kind in ("randread", "randwrite", "allocating seqwrite")
