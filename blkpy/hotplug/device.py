@@ -19,6 +19,7 @@ import stat
 import time
 from collections.abc import Callable
 
+from blkpy.backends import NETWORK_FORMATS, DiskError, check_target, network_format
 from blkpy.hotplug import BACKEND_KINDS, untap
 from blkpy.xenstore.client import XenstoreClient
 
@@ -41,8 +42,17 @@ class DiskParams:
 def parse_params(params: str) -> DiskParams:
     """``[raw:|qcow2:]/abs/path``. The format is what the operator wrote, never guessed
     from the image's contents; anything before a colon that looks like a format name but
-    is not one we serve is refused (rather than taken as part of a path)."""
+    is not one we serve is refused (rather than taken as part of a path). A network target
+    (``nbd:``, ``rbd:``...) is checked for syntax only: its serve, which reached InitWait
+    before libxl runs this script, has opened it already."""
     params = untap(params)
+    network = network_format(params)
+    if network:
+        try:
+            check_target(params, network)
+        except DiskError as exc:
+            raise HotplugError(str(exc)) from None
+        return DiskParams(network, params)
     head, sep, rest = params.partition(":")
     if sep and head in FORMATS:
         fmt, image = head, rest
@@ -76,7 +86,8 @@ def hotplug_add(xs: XenstoreClient, backend: str) -> DiskParams:
         if xs.read_str(backend) is None:
             raise HotplugError(f"backend directory {backend} does not exist")
         disk = parse_params(xs.read_str(f"{backend}/params", "") or "")
-        check_image(disk, writable="w" in (xs.read_str(f"{backend}/mode", "r") or "r"))
+        if disk.fmt not in NETWORK_FORMATS:
+            check_image(disk, writable="w" in (xs.read_str(f"{backend}/mode", "r") or "r"))
     except HotplugError as exc:
         _write_error(xs, backend, str(exc))
         raise

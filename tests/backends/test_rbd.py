@@ -36,6 +36,7 @@ from blkpy.backends import DiskError, librbd, network_format, open_disk
 from blkpy.backends.rbd import RbdDisk, RbdEngine, parse_target
 from blkpy.engine import IoVector, make_engine
 from blkpy.gntdev.native import ffi
+from blkpy.hotplug.device import DiskParams, HotplugError, parse_params
 from blkpy.sim.ceph import MicroCeph
 from blkpy.sim.disk_model import DiskModel
 from blkpy.sim.frontend import Frontend
@@ -68,6 +69,14 @@ def test_targets_parse(target: str, fields: dict[str, object]) -> None:
     parsed = parse_target(target)
     assert {k: getattr(parsed, k) for k in fields} == fields
     assert network_format(target) == "rbd"
+
+
+@pytest.mark.parametrize("params", ["rbd:p/img:conf=/etc/ceph/x.conf", "aio:rbd:p/img"])
+def test_hotplug_takes_an_rbd_target_as_it_is(params: str) -> None:
+    """The block-blkpy script (xl's target=rbd:...) checks the syntax and stats no file."""
+    assert parse_params(params) == DiskParams("rbd", params.removeprefix("aio:"))
+    with pytest.raises(HotplugError, match=r"^bad RBD target 'rbd:img'"):
+        parse_params("rbd:img")
 
 
 @pytest.mark.parametrize("target", [
