@@ -326,6 +326,7 @@ def test_flush_trim_and_zero_reach_the_server(tmp_path: Path) -> None:
     with nbdkit(tmp_path, "--filter=stats", "file", str(disk), f"statsfile={stats}") as server:
         nbd = NbdDisk(server.target)
         assert nbd.can_discard and not nbd.readonly and nbd.size == 4 * MIB
+        assert nbd.info().structured_replies == 1
         data = bytearray(b"\x44" * 8192)
         nbd.writev(MIB, [memoryview(data)[:4096], memoryview(data)[4096:]])
         nbd.flush()
