@@ -249,10 +249,10 @@ class NbdDisk(Disk):
     server release the space, offered when the server supports it."""
 
     def __init__(self, target: str, readonly: bool = False) -> None:
+        self.target = parse_target(target)
         avail = ffi.new("char[256]")
         if not lib.blkpy_nbd_available(avail, len(avail)):
             raise DiskError(f"NBD target {target!r}: {ffi.string(avail).decode(errors='replace')}")
-        self.target = parse_target(target)
         msg = ffi.new("char[512]")
         conn = lib.blkpy_nbd_open(self.target.uri.encode(), int(readonly),
                                   int(CONNECT_TIMEOUT_S * 1000),
