@@ -29,6 +29,7 @@ import aiofiles.os
 
 from blkpy import ring
 from blkpy.backends import Disk, DiskError, network_format, open_disk
+from blkpy.backends.lock import ImageBusy, ImageLock, lock_image
 from blkpy.defaults import (
     EXIT_HANDED_OVER,
     EXIT_TAKEOVER_FAILED,
@@ -74,6 +75,11 @@ FORMAT_PREFIXES = {"raw": "raw", "aio": "raw", "qcow2": "qcow2"}
 STATS_FILE_ENV = "BLKPY_STATS_FILE"
 RESIZE_CHECK_S = 2.0  # how often a connected device looks for a grown image
 STATUS_INTERVAL_S = 1.0  # how often `blkpy list`/xentop figures are refreshed
+#: how long a connecting frontend waits for another process to let go of the image (the
+#: serve of the guest's old domain during a migration to this host flushing and closing)
+IMAGE_WAIT_S = 60.0
+#: formats whose image is a local file or device, locked while a serve has it open
+LOCKED_FORMATS = ("raw", "qcow2")
 
 
 
@@ -171,8 +177,13 @@ class DeviceServer:
         # its state node as fast as xenstored takes writes.
         self._guest_log = RateLimitedLog(log)
         self._read_backend_nodes()
+        #: the image's lock (backends.lock) while the disk is open; ``_image_pending``: the
+        #: disk is only a read-only look until the frontend connects and the lock is ours
+        self._image_lock: ImageLock | None = None
+        self._image_pending = False
         self.disk = self._open_disk()
-        if self.disk.readonly and not self.readonly:  # a read-only NBD export
+        if self.disk.readonly and not self.readonly and not self._image_pending:
+            # a read-only NBD export
             log.info("%s: %s is read-only: so is the device", self.path, self.image)
             self.readonly = True
         run_dir, self._shm_dir = self.platform.state_dirs()
@@ -216,18 +227,69 @@ class DeviceServer:
             raise ServeError(f"{self.path}: no image (params node empty and no --image)")
 
     def _open_disk(self) -> Disk:
-        return self._open_image(self.image, self.fmt)
-
-    def _open_image(self, image: str, fmt: str) -> Disk:
         try:
+            disk, self._image_lock = self._open_image(self.image, self.fmt)
+            return disk
+        except ImageBusy as exc:
+            # Another process still has the image: the serve of the guest's old domain
+            # during a migration to this host, which flushes and closes it only once that
+            # domain is destroyed, after libxl has created ours. Do not wait here: libxl
+            # gives the backend 10 s to reach InitWait. Look at the image read-only (its
+            # size) and take it over when the frontend connects (``_wait_for_image``).
+            log.info("%s: %s: waiting for it when the frontend connects", self.path, exc)
+            self._image_pending = True
+            disk, _ = self._open_image(self.image, self.fmt, lock=False, readonly=True)
+            return disk
+
+    def _open_image(self, image: str, fmt: str, lock: bool = True,
+                    readonly: bool | None = None) -> tuple[Disk, ImageLock | None]:
+        """The disk and its lock (None for a network disk or ``lock=False``); raises
+        ImageBusy if another process holds the image, ServeError for anything else."""
+        readonly = self.readonly if readonly is None else readonly
+        held = None
+        try:
+            if lock and fmt in LOCKED_FORMATS:
+                held = lock_image(image, write=not readonly)  # before the first byte is read
             options: dict[str, object] = {}
             if fmt == "raw":
                 options = {"sector_size": self.opts.sector_size, "direct": self.opts.direct_io}
             elif fmt == "qcow2":
                 options = {"cache_size": self.opts.qcow2_cache_size}
-            return open_disk(image, fmt, readonly=self.readonly, **options)
+            return open_disk(image, fmt, readonly=readonly, **options), held
+        except ImageBusy:
+            raise
         except DiskError as exc:
+            if held is not None:
+                held.close()
             raise ServeError(str(exc)) from None
+
+    def _wait_for_image(self) -> None:
+        """The frontend connects while another process holds the image: wait for it to
+        let go, then open the image for real (the look taken at start may be stale: the
+        other writer flushed its metadata since)."""
+        lock = ImageLock(self.image, write=not self.readonly)
+        start = time.monotonic()
+        if not lock.acquire(IMAGE_WAIT_S):
+            lock.close()
+            raise ConnectError(f"{self.image} is still in use by another process after "
+                               f"{IMAGE_WAIT_S:g} s")
+        try:
+            disk, _ = self._open_image(self.image, self.fmt, lock=False)
+        except ServeError as exc:
+            lock.close()
+            raise ConnectError(str(exc)) from None
+        self.disk.close()
+        self.disk, self._image_lock, self._image_pending = disk, lock, False
+        log.info("%s: %s released by its other user after %.2f s", self.path, self.image,
+                 time.monotonic() - start)
+
+    def _close_disk(self) -> None:
+        """Close the image, then let go of its lock (a qcow2 image's metadata is written
+        back by the close: a process waiting for the lock must find it complete)."""
+        self.disk.close()
+        if self._image_lock is not None:
+            self._image_lock.close()
+            self._image_lock = None
 
     def _geometry(self) -> DiskGeometry:
         return DiskGeometry(
@@ -423,6 +485,8 @@ class DeviceServer:
         return self.xs.read_str(f"{self.frontend}/{name}")
 
     def _connect(self, resume: bool = False) -> None:
+        if self._image_pending:
+            self._wait_for_image()
         fe = self._frontend_node
         protocol = fe("protocol") or ring.DEFAULT_PROTOCOL
         if protocol not in ring.ABIS:
@@ -584,7 +648,7 @@ class DeviceServer:
             self._loop.remove_reader(self.xs.fileno())
         self.write_stats()
         if not self._paused:
-            self.disk.close()
+            self._close_disk()
 
     # ---- control: pause and resume (tap-ctl's semantics) -------------------------------------
 
@@ -639,7 +703,7 @@ class DeviceServer:
         if not self._paused:
             for vbd in self.vbds:
                 vbd.pause()
-            self.disk.close()
+            self._close_disk()  # the image is free for qemu-img (a snapshot) until resume
             self._paused = True
             log.info("%s: paused; %s closed", self.path, self.image)
         return {"ok": True, "paused": True, "image": self.image}
@@ -652,14 +716,16 @@ class DeviceServer:
         old_size, old_sector = self.disk.size, self.disk.sector_size
         new_image, new_fmt = image or self.image, fmt or self.fmt
         try:
-            disk = self._open_image(new_image, new_fmt)
-        except ServeError as exc:
+            disk, lock = self._open_image(new_image, new_fmt)
+        except (ServeError, ImageBusy) as exc:
             return {"ok": False, "error": str(exc)}
         if (disk.size, disk.sector_size) != (old_size, old_sector):
             disk.close()
+            if lock is not None:
+                lock.close()
             return {"ok": False, "error": f"{new_image}: {disk.size} bytes in sectors of "
                     f"{disk.sector_size}, the guest has {old_size} in {old_sector}"}
-        self.disk = disk
+        self.disk, self._image_lock = disk, lock
         for vbd in self.vbds:
             vbd.resume(disk, make_engine(self.opts.engine, disk))
         if (new_image, new_fmt) != (self.image, self.fmt):
