@@ -34,7 +34,7 @@ MAGIC = 0x4A4B4C42
 SLOT_BYTES = 112
 HEADER = np.dtype([("magic", "<u4"), ("size", "<u4"), ("entry_size", "<u4"),
                    ("generation", "<u4"), ("req_cons", "<u4"), ("rsp_prod_pvt", "<u4"),
-                   ("_pad", "<u4", 10)])
+                   ("cursor", "<u4"), ("_pad", "<u4", 9)])
 ENTRY = np.dtype([("live", "<u4"), ("rsp_pos", "<u4"), ("index", "<u4"), ("_pad", "<u4"),
                   ("slot", "u1", SLOT_BYTES)])
 _MASK = 0xFFFFFFFF
@@ -50,7 +50,8 @@ class Recovery:
 
     req_cons: int
     rsp_prod_pvt: int
-    replay_indices: np.ndarray  # ring indices, oldest first
+    replay_entries: np.ndarray  # journal entries of the requests to serve again, oldest first
+    replay_indices: np.ndarray  # their ring indices
     replay_slots: np.ndarray  # their private copies (entry_size bytes each)
 
 
@@ -111,41 +112,46 @@ class RingJournal:
         answered = live & (e["rsp_pos"] != 0) & (ahead >= 1) & (ahead < (1 << 31))
         e["live"][answered] = 0
         live &= ~answered
-        # Requests consumed within the last ring's worth and still owed an answer. Their
-        # indices are not the last ``outstanding`` ones: answers go out in completion
-        # order, so an old request may still wait while newer ones were answered.
-        age = (req_cons - e["index"].astype(np.int64)) & _MASK
-        owed = live & (age >= 1) & (age <= self.size)
-        e["live"][live & ~owed] = 0
-        if int(np.count_nonzero(owed)) != outstanding:
-            raise JournalError(f"{self.path}: {int(np.count_nonzero(owed))} requests recorded "
+        # Every other live entry is owed an answer (their ring indices may span more
+        # than the ring: answers go out in completion order).
+        if int(np.count_nonzero(live)) != outstanding:
+            raise JournalError(f"{self.path}: {int(np.count_nonzero(live))} requests recorded "
                                f"in flight, the indices say {outstanding}")
-        order = np.argsort(-age[owed], kind="stable")
-        idx = np.flatnonzero(owed)[order]
-        return Recovery(req_cons, rsp_prod_pvt, e["index"][idx].astype(np.uint32),
+        age = (req_cons - e["index"].astype(np.int64)) & _MASK
+        idx = np.flatnonzero(live)
+        idx = idx[np.argsort(-age[idx], kind="stable")]
+        return Recovery(req_cons, rsp_prod_pvt, idx.astype(np.int64),
+                        e["index"][idx].astype(np.uint32),
                         self._slots[idx, : self.entry_size].copy())
 
     # ---- the reference path's records (the loop does the same in C) ------------------
 
-    def consumed(self, first: int, slots: np.ndarray) -> None:
-        """``slots`` (raw entry_size records) were consumed at ring indices first.."""
+    def consumed(self, first: int, slots: np.ndarray) -> np.ndarray:
+        """``slots`` (raw entry_size records) were consumed at ring indices first..;
+        returns the entries that hold them (free ones from the cursor on, as the loop
+        takes them)."""
         n = len(slots)
-        idx = (first + np.arange(n, dtype=np.int64)) & _MASK
-        k = idx & (self.size - 1)
         e = self.entries
+        free = np.flatnonzero(e["live"] == 0)
+        cursor = int(self.header["cursor"][0]) & (self.size - 1)
+        free = np.concatenate((free[free >= cursor], free[free < cursor]))
+        if len(free) < n:
+            raise JournalError(f"{self.path}: {n} requests consumed, {len(free)} entries free")
+        k = free[:n]
         self._slots[k, : self.entry_size] = slots.view(np.uint8).reshape(n, self.entry_size)
-        e["index"][k] = idx
+        e["index"][k] = (first + np.arange(n, dtype=np.int64)) & _MASK
         e["rsp_pos"][k] = 0
         e["live"][k] = 1
         self.header["req_cons"] = (first + n) & _MASK
+        self.header["cursor"] = (int(k[-1]) + 1) & (self.size - 1)
+        return k.astype(np.int64)
 
-    def answering(self, indices: np.ndarray, first_pos: int) -> None:
-        k = indices.astype(np.int64) & (self.size - 1)
-        self.entries["rsp_pos"][k] = (first_pos + 1 + np.arange(len(k))) & _MASK
+    def answering(self, entries: np.ndarray, first_pos: int) -> None:
+        self.entries["rsp_pos"][entries] = (first_pos + 1 + np.arange(len(entries))) & _MASK
 
-    def answered(self, indices: np.ndarray, rsp_prod_pvt: int) -> None:
+    def answered(self, entries: np.ndarray, rsp_prod_pvt: int) -> None:
         self.header["rsp_prod_pvt"] = rsp_prod_pvt & _MASK
-        self.entries["live"][indices.astype(np.int64) & (self.size - 1)] = 0
+        self.entries["live"][entries] = 0
 
     def close(self) -> None:
         """Unmap (the file stays for a successor)."""

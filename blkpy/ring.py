@@ -258,6 +258,8 @@ class BackRing(_SharedRing):
         self.journal = journal
         #: requests a dead predecessor consumed and never answered: serve them first
         self.replay: Recovery | None = None
+        #: the journal entries of the requests the last ``consume`` returned
+        self.consumed_entries = np.zeros(0, dtype=np.int64)
         if resume:
             if journal is None:
                 raise ValueError("resuming a ring needs its journal")
@@ -325,7 +327,9 @@ class BackRing(_SharedRing):
         first = self.req_cons
         batch = self._copy_out(first, n)
         if self.journal is not None and n:
-            self.journal.consumed(first, batch)
+            self.consumed_entries = self.journal.consumed(first, batch)
+        else:
+            self.consumed_entries = np.full(n, -1, dtype=np.int64)
         self.req_cons = (first + n) & _IDX_MASK
         if n:
             lib.blkpy_crash_point(0)
@@ -363,7 +367,8 @@ class BackRing(_SharedRing):
     def produce(self, ids: np.ndarray, operations: np.ndarray, statuses: np.ndarray,
                 indices: np.ndarray | None = None) -> None:
         """Fill the next len(ids) response slots (private until push_responses).
-        ``indices``: the ring indices of the requests answered (the journal's keys)."""
+        ``indices``: the journal entries of the requests answered (``consumed_entries``
+        when they were consumed; -1 without a journal)."""
         n = len(ids)
         if n == 0:
             return
@@ -371,8 +376,8 @@ class BackRing(_SharedRing):
             raise ValueError(f"{n} responses for {self.in_flight} requests in flight")
         first = self.rsp_prod_pvt
         if self.journal is not None:
-            if indices is None or len(indices) != n:
-                raise ValueError("a journalled ring needs the indices of the requests answered")
+            if indices is None or len(indices) != n or (indices < 0).any():
+                raise ValueError("a journalled ring needs the entries of the requests answered")
             self.journal.answering(indices, first)
         idx = self._indices(first, n)
         view = self._rsp_view

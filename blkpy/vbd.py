@@ -105,7 +105,7 @@ class _Batch:
     pages: Acquired
     members: np.ndarray  # indices of the requests that went to I/O
     reads: np.ndarray  # indices of the READ requests among them
-    slots: np.ndarray  # each request's ring index (the restart journal's key)
+    slots: np.ndarray  # each request's restart-journal entry
 
 
 class Vbd:
@@ -287,8 +287,7 @@ class Vbd:
             batch = recovery.replay_slots.view(self.ring.abi.raw).reshape(n).view(
                 self.ring.abi.request)
             for k in range(0, n, MAX_BATCH):
-                self._dispatch(batch[k:k + MAX_BATCH],
-                               recovery.replay_indices[k:k + MAX_BATCH].astype(np.int64))
+                self._dispatch(batch[k:k + MAX_BATCH], recovery.replay_entries[k:k + MAX_BATCH])
             self.drain()
         self._push()
         self.evtchn.notify()  # events sent while nobody was bound were dropped
@@ -351,14 +350,13 @@ class Vbd:
             if done:
                 self._account(done)
         limited = self.qos is not None and self.qos.active
-        first = self.ring.req_cons
         try:
             batch = self.ring.consume(limit=1 if limited else MAX_BATCH)
         except RingOverflow as exc:
             self._halt(str(exc))
             return
         if len(batch):
-            self._dispatch(batch, (first + np.arange(len(batch), dtype=np.int64)) & 0xFFFFFFFF)
+            self._dispatch(batch, self.ring.consumed_entries)
         self.complete()
 
     def _qos_wait(self, write: bool, nbytes: int) -> None:
@@ -419,7 +417,8 @@ class Vbd:
             self.on_broken(message)
 
     def _dispatch(self, batch: np.ndarray, slots: np.ndarray) -> None:
-        """Validate, map and submit one batch; ``slots`` are the requests' ring indices."""
+        """Validate, map and submit one batch; ``slots`` are the requests' restart-journal
+        entries (-1 without a journal)."""
         st = self._stats
         st.batches += 1
         st.max_batch = max(st.max_batch, len(batch))

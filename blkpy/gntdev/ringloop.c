@@ -56,7 +56,7 @@ struct blkpy_rl_scratch {
 /* A request handed to io_uring, answered when its completion arrives. */
 struct blkpy_rl_inflight {
     uint64_t id;
-    uint32_t index;     /* the request's ring index (the journal's key) */
+    int32_t jentry;     /* the request's restart-journal entry (-1: none) */
     int64_t expected;   /* bytes the op must move (0 for a flush) */
     uint8_t rsp_op;
 };
@@ -332,34 +332,40 @@ void blkpy_ringloop_push(struct blkpy_ringloop *l)
 
 /* ---------------- the restart journal ---------------- */
 
-void blkpy_journal_consume(struct blkpy_back_ring *r, const uint8_t *s)
+int32_t blkpy_journal_consume(struct blkpy_back_ring *r, const uint8_t *s)
 {
     struct blkpy_ring_journal *j = r->journal;
     if (!j)
-        return;
-    struct blkpy_journal_entry *e = &j->e[r->req_cons & (r->size - 1)];
+        return -1;
+    /* A free entry exists: fewer than `size` requests are owed an answer, or the ring
+     * would not have let this one be consumed. */
+    uint32_t k = j->cursor & (r->size - 1);
+    for (uint32_t n = 0; n < r->size && j->e[k].live; n++)
+        k = (k + 1) & (r->size - 1);
+    struct blkpy_journal_entry *e = &j->e[k];
     memcpy(e->slot, s, r->entry_size < BLKPY_JOURNAL_SLOT ? r->entry_size : BLKPY_JOURNAL_SLOT);
     e->index = r->req_cons;
     e->rsp_pos = 0;
     __atomic_store_n(&e->live, 1, __ATOMIC_RELEASE);
     __atomic_store_n(&j->req_cons, r->req_cons + 1, __ATOMIC_RELEASE);
+    j->cursor = k + 1;
+    return (int32_t)k;
 }
 
-void blkpy_journal_answer(struct blkpy_back_ring *r, uint32_t index)
+void blkpy_journal_answer(struct blkpy_back_ring *r, int32_t entry)
 {
     struct blkpy_ring_journal *j = r->journal;
-    if (j)
-        __atomic_store_n(&j->e[index & (r->size - 1)].rsp_pos, r->rsp_prod_pvt + 1,
-                         __ATOMIC_RELEASE);
+    if (j && entry >= 0)
+        __atomic_store_n(&j->e[entry].rsp_pos, r->rsp_prod_pvt + 1, __ATOMIC_RELEASE);
 }
 
-void blkpy_journal_answered(struct blkpy_back_ring *r, uint32_t index)
+void blkpy_journal_answered(struct blkpy_back_ring *r, int32_t entry)
 {
     struct blkpy_ring_journal *j = r->journal;
-    if (!j)
+    if (!j || entry < 0)
         return;
     __atomic_store_n(&j->rsp_prod_pvt, r->rsp_prod_pvt, __ATOMIC_RELEASE);
-    __atomic_store_n(&j->e[index & (r->size - 1)].live, 0, __ATOMIC_RELEASE);
+    __atomic_store_n(&j->e[entry].live, 0, __ATOMIC_RELEASE);
 }
 
 static const char *const crash_points[] = {"consume", "submit", "io-done", "produced", "pushed"};
@@ -384,16 +390,16 @@ void blkpy_crash_point(int point)
 }
 
 static void respond(struct blkpy_ringloop *l, uint64_t id, uint8_t op, int16_t status,
-                    uint32_t index)
+                    int32_t jentry)
 {
     struct blkpy_back_ring *r = l->ring;
-    blkpy_journal_answer(r, index);
+    blkpy_journal_answer(r, jentry);
     uint8_t *s = slot_at(r, r->rsp_prod_pvt);
     memcpy(s, &id, 8);
     s[8] = op;
     memcpy(s + 10, &status, 2);
     r->rsp_prod_pvt++;
-    blkpy_journal_answered(r, index);
+    blkpy_journal_answered(r, jentry);
     if (status == RSP_ERROR)
         l->errors++;
     blkpy_crash_point(3);
@@ -503,12 +509,12 @@ static int submit_async(struct blkpy_ringloop *l, uint32_t slot, uint64_t id, un
         .iov_addr = (uint64_t)(uintptr_t)(l->iov_pool + (size_t)slot * l->iov_per_slot),
         .iov_count = flushing ? 0 : nseg, .user_data = slot,
     };
-    blkpy_journal_consume(l->ring, s);   /* before the I/O can start */
+    int32_t jentry = blkpy_journal_consume(l->ring, s);   /* before the I/O can start */
     blkpy_crash_point(0);
     if (blkpy_uring_queue(l->uring, &uio, 1) != 1) {
         struct blkpy_ring_journal *j = l->ring->journal;
         if (j) {   /* not consumed after all: Python's engine takes it */
-            j->e[l->ring->req_cons & (l->ring->size - 1)].live = 0;
+            j->e[jentry].live = 0;
             j->req_cons = l->ring->req_cons;
         }
         return 0;   /* the submission queue is full */
@@ -517,7 +523,7 @@ static int submit_async(struct blkpy_ringloop *l, uint32_t slot, uint64_t id, un
     l->n_free--;
     l->c_in_flight++;
     struct blkpy_rl_inflight *f = &l->inflight[slot];
-    f->index = l->ring->req_cons;
+    f->jentry = jentry;
     f->id = id;
     f->expected = flushing ? 0 : nbytes;
     f->rsp_op = rsp_op;
@@ -544,7 +550,7 @@ static void reap_async(struct blkpy_ringloop *l, int wait)
             if (f->expected == 0)   /* a flush (reads and writes move bytes) */
                 r = sync_result(l, r);
             blkpy_crash_point(2);
-            respond(l, f->id, f->rsp_op, io_status(l, r, f->expected), f->index);
+            respond(l, f->id, f->rsp_op, io_status(l, r, f->expected), f->jentry);
             l->free_slots[l->n_free++] = slot;
             l->c_in_flight--;
         }
@@ -784,8 +790,7 @@ static int serve_one(struct blkpy_ringloop *l, const uint8_t *s)
         }
     }
     int16_t status = RSP_OKAY;
-    uint32_t index = l->ring->req_cons;
-    blkpy_journal_consume(l->ring, s);   /* before the I/O can start */
+    int32_t jentry = blkpy_journal_consume(l->ring, s);   /* before the I/O can start */
     blkpy_crash_point(0);
     count_request(l, op, flushing, nbytes);
     if (flushing)   /* the flush first: QEMU's presync, Linux's PREFLUSH write */
@@ -798,7 +803,7 @@ static int serve_one(struct blkpy_ringloop *l, const uint8_t *s)
     if (l->extents)
         extents_leave(l);
     blkpy_crash_point(2);
-    respond(l, id, rsp_op, status, index);
+    respond(l, id, rsp_op, status, jentry);
     return 1;
 }
 
@@ -885,10 +890,14 @@ static int64_t now_ns(void)
 /* Spin on req_prod for the current budget; 1 if requests arrived. */
 static int poll_ring(struct blkpy_ringloop *l)
 {
-    if (l->poll_ns <= 0)
+    /* The adaptive budget follows how soon the guest sends more; with I/O in flight the
+     * device's completions are due too (at queue depth they come every few µs), and
+     * sleeping on each costs a wake-up: poll for the whole budget then. */
+    int64_t budget = l->c_in_flight ? l->poll_max_ns : l->poll_ns;
+    if (budget <= 0)
         return 0;
     struct blkpy_back_ring *r = l->ring;
-    int64_t deadline = now_ns() + l->poll_ns;
+    int64_t deadline = now_ns() + budget;
     unsigned spins = 0;
     while (!__atomic_load_n(&l->stop, __ATOMIC_RELAXED)) {
         if (unconsumed(r, ld32(r->sring, RL_REQ_PROD)) ||

@@ -48,7 +48,10 @@ int64_t blkpy_qos_admit(struct blkpy_qos *q, int write, uint64_t bytes);
 
 /* What a successor process needs to take a ring over after this one dies (a shared,
  * file-backed mapping: it outlives the process): the private indices, and a copy of
- * every request consumed but not answered, by ring index. Ordering (program order is
+ * every request consumed but not answered, in one of `size` entries (at most `size`
+ * requests are owed an answer; their ring indices may span more than the ring, since
+ * answers go out in completion order, so entries are taken from the free ones, starting
+ * at `cursor`, not by index). Ordering (program order is
  * enough: a killed process's stores are all in the file): a request is recorded, then
  * req_cons moves past it, then its I/O starts; an answer first records the response
  * position it takes (rsp_pos = position + 1), then writes the response slot, then moves
@@ -66,7 +69,8 @@ struct blkpy_journal_entry {
 struct blkpy_ring_journal {
     uint32_t magic, size, entry_size, generation;
     uint32_t req_cons, rsp_prod_pvt;
-    uint32_t _pad[10];
+    uint32_t cursor;         /* where the search for a free entry starts */
+    uint32_t _pad[9];
     struct blkpy_journal_entry e[];
 };
 
@@ -79,12 +83,13 @@ struct blkpy_back_ring {
     uint32_t rsp_prod_pvt;
     struct blkpy_ring_journal *journal;   /* NULL: nothing survives this process */
 };
-/* Record the copied request s, which takes ring index req_cons, as consumed. */
-void blkpy_journal_consume(struct blkpy_back_ring *r, const uint8_t *s);
-/* Record the answer to the request of ring index `index` about to be written at
- * rsp_prod_pvt (call before writing the slot), then (after) that it is written. */
-void blkpy_journal_answer(struct blkpy_back_ring *r, uint32_t index);
-void blkpy_journal_answered(struct blkpy_back_ring *r, uint32_t index);
+/* Record the copied request s, which takes ring index req_cons, as consumed; returns its
+ * entry (-1 without a journal). */
+int32_t blkpy_journal_consume(struct blkpy_back_ring *r, const uint8_t *s);
+/* Record the answer to the request in `entry` about to be written at rsp_prod_pvt (call
+ * before writing the slot), then (after) that it is written. entry -1: no journal. */
+void blkpy_journal_answer(struct blkpy_back_ring *r, int32_t entry);
+void blkpy_journal_answered(struct blkpy_back_ring *r, int32_t entry);
 /* Test hook: BLKPY_CRASH_AT=<point>:<n> kills the process at the n-th pass of a point
  * (consume, submit, io-done, produced, pushed). */
 void blkpy_crash_point(int point);
