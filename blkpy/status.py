@@ -151,7 +151,8 @@ class StatusPublisher:
             self.stats_path.parent.rmdir()
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (someone else's counts too)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -171,7 +172,7 @@ def read_all(directory: Path | None = None) -> list[DeviceStatus]:
             status = DeviceStatus.from_json(json.loads(path.read_text()))
         except (OSError, ValueError, TypeError):
             continue
-        if _alive(int(status.pid)):
+        if pid_alive(int(status.pid)):
             found.append(status)
     return sorted(found, key=lambda s: (s.domid, s.devid))
 

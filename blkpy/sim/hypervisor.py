@@ -45,6 +45,7 @@ from blkpy.platform import (
     PlatformError,
     PlatformStats,
 )
+from blkpy.status import pid_alive
 
 GRANT_ENTRY_DTYPE = GRANT_ENTRY_V1_DTYPE
 
@@ -94,15 +95,8 @@ def _map_file(path: Path, size: int) -> tuple[int, mmap.mmap | None]:
 
 
 def _owner_alive(pid: int) -> bool:
-    if pid == 0:
-        return True  # a backend domain's table has no single owner process
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    # a backend domain's table (pid 0) has no single owner process
+    return pid == 0 or pid_alive(pid)
 
 
 class Domain:

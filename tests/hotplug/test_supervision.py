@@ -5,11 +5,13 @@ new serve. A guest doing verified I/O all along sees no error and no state chang
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +76,22 @@ class Guest:
                 acted = True
 
 
+@contextlib.contextmanager
+def _daemon(host: SimHost, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`blkpy hotplug daemon` for the simulated host, serve logs in tmp_path."""
+    with open(tmp_path / "daemon.log", "wb") as log:
+        daemon = subprocess.Popen(
+            [*BLKPY, "hotplug", "daemon", "--xenstore", host.socket, "--platform", "sim",
+             "--serve-arg=--sim-dir", f"--serve-arg={host.sim_dir}",
+             "--log-dir", str(tmp_path), "--lock-file", str(tmp_path / "lock")],
+            stderr=log, env=host.env())
+    try:
+        yield daemon
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(30)
+
+
 def _serve_pid(host: SimHost) -> int:
     return int(host.xs.read_str(f"{BACKEND}/kthread-pid"))
 
@@ -84,53 +102,43 @@ def test_killed_and_upgraded_serves_are_succeeded_under_a_live_guest(tmp_path):
     content = rng.randbytes(DISK)
     image.write_bytes(content)
     model = bytearray(content)
-    with SimHost() as host:
-        daemon_log = tmp_path / "daemon.log"
-        with open(daemon_log, "wb") as log:
-            daemon = subprocess.Popen(
-                [*BLKPY, "hotplug", "daemon", "--xenstore", host.socket, "--platform", "sim",
-                 "--serve-arg=--sim-dir", f"--serve-arg={host.sim_dir}",
-                 "--log-dir", str(tmp_path), "--lock-file", str(tmp_path / "lock")],
-                stderr=log, env=host.env())
-        try:
-            guest = host.create_guest(1, memory_pages=4096)
-            spec = toolstack.DiskSpec(1, 51712, "xvda", str(image), script="block-blkpy")
-            host.add_disk(spec, start_backend=False)
-            fe = Frontend(guest, host.guest_xenstore(1), 51712)
-            fe.connect(timeout=30)
-            g = Guest(fe, model, rng)
-            g.run(200)
-            for _ in range(3):  # killed mid-I/O, three times
-                victim = _serve_pid(host)
-                g.run(300, during=lambda v=victim: os.kill(v, signal.SIGKILL))
-                wait_for(lambda v=victim: _serve_pid(host) != v, what="a successor")
-            crash_gap = g.longest_gap
-            g.longest_gap = 0.0
-            old = _serve_pid(host)
-            result = {}
+    daemon_log = tmp_path / "daemon.log"
+    with SimHost() as host, _daemon(host, tmp_path):
+        guest = host.create_guest(1, memory_pages=4096)
+        spec = toolstack.DiskSpec(1, 51712, "xvda", str(image), script="block-blkpy")
+        host.add_disk(spec, start_backend=False)
+        fe = Frontend(guest, host.guest_xenstore(1), 51712)
+        fe.connect(timeout=30)
+        g = Guest(fe, model, rng)
+        g.run(200)
+        for _ in range(3):  # killed mid-I/O, three times
+            victim = _serve_pid(host)
+            g.run(300, during=lambda v=victim: os.kill(v, signal.SIGKILL))
+            wait_for(lambda v=victim: _serve_pid(host) != v, what="a successor")
+        crash_gap = g.longest_gap
+        g.longest_gap = 0.0
+        old = _serve_pid(host)
+        result = {}
 
-            def upgrade() -> None:  # in the background: the guest keeps going
-                result["cli"] = subprocess.Popen(
-                    [*BLKPY, "hotplug", "restart", "1", "51712", "--xenstore", host.socket],
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=host.env())
+        def upgrade() -> None:  # in the background: the guest keeps going
+            result["cli"] = subprocess.Popen(
+                [*BLKPY, "hotplug", "restart", "1", "51712", "--xenstore", host.socket],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=host.env())
 
-            g.run(300, during=upgrade)
-            wait_for(lambda: _serve_pid(host) != old, what="the upgraded serve")
-            g.run(100)
-            out, err = result["cli"].communicate(timeout=60)
-            assert result["cli"].returncode == 0, err
-            assert f"serve pid {old} handed over to pid" in out
-            assert _serve_pid(host) != old
-            assert host.backend_state(spec) == XenbusState.CONNECTED
-            assert fe.state == XenbusState.CONNECTED and not fe.protocol_errors
-            # What the guest waited, for the report (the targets are 1 s and 200 ms).
-            print(f"longest stall: kill -9 {crash_gap * 1000:.0f} ms, "
-                  f"upgrade {g.longest_gap * 1000:.0f} ms")
-            fe.close()
-            host.remove_disk(spec)
-        finally:
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(30)
+        g.run(300, during=upgrade)
+        wait_for(lambda: _serve_pid(host) != old, what="the upgraded serve")
+        g.run(100)
+        out, err = result["cli"].communicate(timeout=60)
+        assert result["cli"].returncode == 0, err
+        assert f"serve pid {old} handed over to pid" in out
+        assert _serve_pid(host) != old
+        assert host.backend_state(spec) == XenbusState.CONNECTED
+        assert fe.state == XenbusState.CONNECTED and not fe.protocol_errors
+        # What the guest waited, for the report (the targets are 1 s and 200 ms).
+        print(f"longest stall: kill -9 {crash_gap * 1000:.0f} ms, "
+              f"upgrade {g.longest_gap * 1000:.0f} ms")
+        fe.close()
+        host.remove_disk(spec)
     assert image.read_bytes() == bytes(model)
     text = daemon_log.read_text()
     assert text.count("starting a successor") == 3, text[-3000:]
@@ -144,36 +152,26 @@ def test_vbd3_disks_are_served_beside_a_phy_disk_left_to_the_kernel(tmp_path):
     through kthread-pid."""
     image = tmp_path / "disk.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M"], check=True)
-    with SimHost() as host:
-        with open(tmp_path / "daemon.log", "wb") as log:
-            daemon = subprocess.Popen(
-                [*BLKPY, "hotplug", "daemon", "--xenstore", host.socket, "--platform", "sim",
-                 "--serve-arg=--sim-dir", f"--serve-arg={host.sim_dir}",
-                 "--log-dir", str(tmp_path), "--lock-file", str(tmp_path / "lock")],
-                stderr=log, env=host.env())
-        try:
-            guest = host.create_guest(1, memory_pages=4096)
-            tap = toolstack.DiskSpec(1, 51728, "xvdb", f"qcow2:{image}", script="block-blkpy",
-                                     kind="vbd3")
-            phy = toolstack.DiskSpec(1, 51712, "xvda", str(image), script="/etc/xen/scripts/block")
-            host.add_disk(phy, start_backend=False)
-            host.add_disk(tap, start_backend=False)
-            fe = Frontend(guest, host.guest_xenstore(1), 51728)
-            fe.connect(timeout=30)
-            assert fe.write(8, b"\x5a" * 8192).status == 0
-            assert fe.read(8, 8192).data.tobytes() == b"\x5a" * 8192
-            base = "/local/domain/0/backend/vbd3/1/51728"
-            pid = int(host.xs.read_str(f"{base}/kthread-pid"))
-            page = f"{host.sim_dir}/shm/td3-{pid}/vbd-1-51728"
-            # struct vbd3_stats: version, pad, oo, read submitted... write submitted = [6]
-            wait_for(lambda: os.path.exists(page) and np.frombuffer(
-                Path(page).read_bytes(), "<u8")[6] >= 1, what="xentop's vbd3 page")
-            assert host.xs.read_str("/local/domain/0/backend/vbd/1/51712/state") == "1"
-            fe.close()
-            host.remove_disk(tap)
-        finally:
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(30)
+    with SimHost() as host, _daemon(host, tmp_path):
+        guest = host.create_guest(1, memory_pages=4096)
+        tap = toolstack.DiskSpec(1, 51728, "xvdb", f"qcow2:{image}", script="block-blkpy",
+                                 kind="vbd3")
+        phy = toolstack.DiskSpec(1, 51712, "xvda", str(image), script="/etc/xen/scripts/block")
+        host.add_disk(phy, start_backend=False)
+        host.add_disk(tap, start_backend=False)
+        fe = Frontend(guest, host.guest_xenstore(1), 51728)
+        fe.connect(timeout=30)
+        assert fe.write(8, b"\x5a" * 8192).status == 0
+        assert fe.read(8, 8192).data.tobytes() == b"\x5a" * 8192
+        base = "/local/domain/0/backend/vbd3/1/51728"
+        pid = int(host.xs.read_str(f"{base}/kthread-pid"))
+        page = f"{host.sim_dir}/shm/td3-{pid}/vbd-1-51728"
+        # struct vbd3_stats: version, pad, oo, read submitted... write submitted = [6]
+        wait_for(lambda: os.path.exists(page) and np.frombuffer(
+            Path(page).read_bytes(), "<u8")[6] >= 1, what="xentop's vbd3 page")
+        assert host.xs.read_str("/local/domain/0/backend/vbd/1/51712/state") == "1"
+        fe.close()
+        host.remove_disk(tap)
     text = (tmp_path / "daemon.log").read_text()
     assert "backend/vbd3/1/51728: started serve" in text
     assert "backend/vbd/1/51712: started" not in text
