@@ -1,6 +1,6 @@
 # Helpers shared by the dom0 lab scripts (sourced).
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-XENBIN=/usr/lib/xen-4.17/bin
+XENBIN=$(ls -d /usr/lib/xen-4.*/bin 2>/dev/null | tail -1)  # 4.17 or 4.20, whichever host this is
 export PATH=$PATH:$XENBIN
 LAB=/var/lib/lab
 DOMU_KERNEL=/usr/lib/blkpy-lab/vmlinux
@@ -22,7 +22,8 @@ check_cond() { # check_cond NAME DETAIL -- command...: PASS iff the command succ
 figure() { echo "LAB-FIGURE: $*"; }
 
 phase_limit() { # seconds a phase may take (under TCG) before boot.sh kills it
-  case $1 in blkback) echo 300 ;; func) echo 600 ;; life) echo 600 ;; qcow2) echo 500 ;; stress) echo 600 ;; *) echo 300 ;; esac
+  case $1 in blkback) echo 300 ;; func) echo 600 ;; life) echo 600 ;; qcow2) echo 500 ;; stress) echo 900 ;; vbd3) echo 600 ;;
+    lifecycle) echo 1500 ;; *) echo 300 ;; esac
 }
 
 install_blkpy() {
@@ -199,15 +200,17 @@ stop_daemon() {
 }
 
 # check_no_leftovers PHASE: after the guests are gone, nothing of blkpy may remain
+# (KILLED_PIDS: pids a phase killed on purpose, "1|2|3", are no crash)
 check_no_leftovers() {
   local i=0 left
   while [ -n "$(serve_pids)" ] && [ $i -lt 30 ]; do sleep 0.5; i=$((i + 1)); done
   left=$(serve_pids)
   check_cond "$1.no-serve-left" "no blkpy serve process left ${left:+(pids $left)}" -- test -z "$left"
-  left=$(grep "ended (signal" $DAEMON_LOG 2>/dev/null | head -3 | tr '\n' ' ')
+  left=$(grep "ended (signal" $DAEMON_LOG 2>/dev/null | grep -v -E "pid (${KILLED_PIDS:-none}) ended \(signal 9\)" \
+    | head -3 | tr '\n' ' ')
   check_cond "$1.no-serve-crash" "no serve died of a signal ${left:+($left)}" -- test -z "$left"
-  left=$(xenstore-list /local/domain/0/backend/vbd 2>/dev/null | tr '\n' ' ')
-  check_cond "$1.no-backend-left" "no backend/vbd entries left ${left:+($left)}" -- test -z "$left"
+  left=$(for k in vbd vbd3; do xenstore-list /local/domain/0/backend/$k 2>/dev/null; done | tr '\n' ' ')
+  check_cond "$1.no-backend-left" "no backend/vbd or vbd3 entries left ${left:+($left)}" -- test -z "$left"
   left=$(xl list | awk 'NR > 2 {print $1 "(" $2 ")"}' | tr '\n' ' ')
   check_cond "$1.no-domain-left" "no (dying) domain left ${left:+($left)}" -- test -z "$left"
 }
