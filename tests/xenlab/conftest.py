@@ -1,5 +1,6 @@
 """One lab boot per pytest session (marker ``xenlab``): every test reads its own check from
-the same serial log. BLKPY_XENLAB_RUN=<run dir> parses an earlier run instead of booting."""
+the same serial log. BLKPY_XENLAB_RUN=<run dir> parses an earlier run instead of booting;
+BLKPY_XENLAB_SUITE=trixie boots the Xen 4.20 host (its phases) instead of 4.17's."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from .boot import BootResult
-from .images import BuildError
-from .lab import ALL_PHASES, DEFAULT_TIMEOUT, run_lab
+from .images import BuildError, suite_named
+from .lab import DEFAULT_TIMEOUT, run_lab, suite_phases
 from .results import Check, Figure, parse_checks, parse_figures
 
 
@@ -37,7 +38,8 @@ def lab() -> LabRun:
     else:
         timeout = float(os.environ.get("BLKPY_XENLAB_TIMEOUT", DEFAULT_TIMEOUT))
         try:
-            result = run_lab(ALL_PHASES, timeout)
+            suite = suite_named().name
+            result = run_lab(suite_phases(suite), timeout, suite=suite)
         except BuildError as exc:
             pytest.fail(f"xenlab images could not be built: {exc}", pytrace=False)
     text = result.text

@@ -4,7 +4,12 @@ Everything lands in the cache directory ($BLKPY_XENLAB_CACHE, default ~/.cache/b
 never in the checkout. Stages are skipped when their output exists and their inputs (package
 list, recipe version, kernel version) are unchanged, so a warm build costs a few seconds.
 
-What the lab boots (facts from running Xen 4.17 under QEMU TCG):
+Two hosts (``--suite``, ``BLKPY_XENLAB_SUITE``): ``bookworm`` (Xen 4.17, the default) and
+``trixie`` (Xen 4.20, Debian 13, whose libxl has ``backendtype=tap``). A suite other than the
+build host's own comes through a private apt configuration (its own sources list, lists and
+cache under the suite's cache directory): the host's apt is never touched.
+
+What the lab boots (facts from running Xen 4.17 and 4.20 under QEMU TCG):
   - ``xen``: the gunzipped hypervisor, which QEMU's multiboot loader takes directly;
   - ``vmlinuz`` for dom0, and ``vmlinux`` (the ELF inside it) for domUs, so that dom0 does not
     spend seconds of emulated CPU on xz decompression at every ``xl create``;
@@ -27,8 +32,24 @@ import sys
 import time
 from pathlib import Path
 
-XEN_VERSION = "4.17"
-SUITE = "bookworm"
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    """A Debian release the lab can boot, and the Xen it ships."""
+
+    name: str
+    xen: str
+    #: dom0 packages this release needs beyond DOM0_PACKAGES
+    extra: tuple[str, ...] = ()
+
+
+SUITES = {s.name: s for s in (
+    Suite("bookworm", "4.17"),
+    # cffi compiles through setuptools on Python >= 3.12 (Debian 13 has 3.13)
+    Suite("trixie", "4.20", ("python3-setuptools",)),
+)}
+DEFAULT_SUITE = "bookworm"
+SUITE_ENV = "BLKPY_XENLAB_SUITE"
 # Bump when the recipe below changes in a way the stamps cannot see.
 RECIPE_VERSION = "3"
 
@@ -36,11 +57,25 @@ RECIPE_VERSION = "3"
 # dependencies, the tools the dom0 checks use, and a compiler for blkpy's native helper
 # (run in a chroot on the host, so the helper matches dom0's Python and libc).
 DOM0_PACKAGES = [
-    f"xen-utils-{XEN_VERSION}", "xenstore-utils",
+    "xen-utils-{xen}", "xenstore-utils",
     "python3", "python3-numpy", "python3-cffi", "python3-ply", "python3-click", "python3-aiofiles",
     "kmod", "procps", "util-linux", "e2fsprogs", "qemu-utils", "psmisc",
     "gcc", "libc6-dev", "python3-dev",
 ]
+
+
+def dom0_packages(suite: Suite) -> list[str]:
+    return [p.format(xen=suite.xen) for p in DOM0_PACKAGES] + list(suite.extra)
+
+
+def suite_named(name: str | None = None) -> Suite:
+    """The suite ``name``, else ``$BLKPY_XENLAB_SUITE``, else the default (bookworm)."""
+    name = name or os.environ.get(SUITE_ENV) or DEFAULT_SUITE
+    try:
+        return SUITES[name]
+    except KeyError:
+        raise BuildError(f"unknown suite {name!r}; known: {', '.join(SUITES)}") from None
+
 # Modules dom0 loads (the stage-1 initrd loads the first three itself).
 DOM0_MODULES = [
     "virtio_pci", "virtio_blk", "ext4", "9pnet_virtio", "9p",
@@ -60,6 +95,7 @@ HOST_TOOLS = {  # command -> Debian package providing it
     "depmod": "kmod",
     "mkfs.ext4": "e2fsprogs",
     "zstd": "zstd",
+    "xz": "xz-utils",
     "apt-get": "apt",
 }
 
@@ -131,14 +167,45 @@ def debian_mirror() -> str:
     return "http://deb.debian.org/debian"
 
 
-def kernel_version() -> str:
-    """The versioned kernel behind linux-image-amd64 (e.g. 6.1.0-56-amd64)."""
-    out = _run(["apt-cache", "depends", "linux-image-amd64"])
-    for line in out.splitlines():
-        line = line.strip()
-        if line.startswith("Depends: linux-image-") and line[len("Depends: linux-image-")].isdigit():
-            return line.split("linux-image-", 1)[1]
-    raise BuildError("cannot tell the kernel version behind linux-image-amd64 (apt-get update?)")
+def host_suite() -> str:
+    for line in Path("/etc/os-release").read_text().splitlines():
+        if line.startswith("VERSION_CODENAME="):
+            return line.split("=", 1)[1].strip().strip('"')
+    return ""
+
+
+class Apt:
+    """apt-get/apt-cache for one suite: the host's own configuration for the host's suite,
+    else a private one under ``root`` (sources list, lists and cache of its own)."""
+
+    def __init__(self, suite: Suite, root: Path) -> None:
+        self.opts: list[str] = []
+        if suite.name == host_suite():
+            return
+        lists, cache = root / "lists", root / "cache"
+        for d in (lists / "partial", cache / "archives" / "partial"):
+            d.mkdir(parents=True, exist_ok=True)
+        sources = root / "sources.list"
+        sources.write_text(f"deb {debian_mirror()} {suite.name} main\n")
+        self.opts = ["-o", f"Dir::Etc::sourcelist={sources}", "-o", "Dir::Etc::sourceparts=-",
+                     "-o", f"Dir::State::Lists={lists}", "-o", f"Dir::Cache={cache}"]
+        if not any(p.name != "partial" and p.name != "lock" for p in lists.iterdir()):
+            self.update()
+
+    def update(self) -> None:
+        _run(["apt-get", *self.opts, "update", "-q"])
+
+    def get(self, *args: str, **kw: object) -> str:
+        return _run(["apt-get", *self.opts, *args], **kw)
+
+    def kernel_version(self) -> str:
+        """The versioned kernel behind linux-image-amd64 (e.g. 6.1.0-56-amd64)."""
+        out = _run(["apt-cache", *self.opts, "depends", "linux-image-amd64"])
+        for line in out.splitlines():
+            line = line.strip()
+            if line.startswith("Depends: linux-image-") and line[len("Depends: linux-image-")].isdigit():
+                return line.split("linux-image-", 1)[1]
+        raise BuildError("cannot tell the kernel version behind linux-image-amd64 (apt-get update?)")
 
 
 @dataclasses.dataclass
@@ -182,14 +249,24 @@ class Images:
 
 
 class ImageBuilder:
-    def __init__(self, cache: Path | None = None) -> None:
-        self.cache = cache or cache_dir()
-        self.debs = self.cache / "debs"
-        self.extracted = self.cache / "x"
-        self.logs = self.cache / "logs"
+    def __init__(self, cache: Path | None = None, suite: Suite | None = None) -> None:
+        self.cache = cache or cache_dir()  # the lock and the run directories: shared
+        self.suite = suite or suite_named()
+        # what is built from a suite's packages; the default suite's stays where it always was
+        self.work = self.cache if self.suite.name == DEFAULT_SUITE else self.cache / self.suite.name
+        self.debs = self.work / "debs"
+        self.extracted = self.work / "x"
+        self.logs = self.work / "logs"
         for d in (self.debs, self.extracted, self.logs):
             d.mkdir(parents=True, exist_ok=True)
         self.t0 = time.monotonic()
+        self._apt: Apt | None = None
+
+    @property
+    def apt(self) -> Apt:
+        if self._apt is None:
+            self._apt = Apt(self.suite, self.work / "apt")
+        return self._apt
 
     def stamp(self, msg: str) -> None:
         _log(f"{time.monotonic() - self.t0:5.1f}s {msg}")
@@ -200,10 +277,10 @@ class ImageBuilder:
         debs = sorted(self.debs.glob(f"{name}_*.deb"))
         if not debs:
             try:
-                _run(["apt-get", "download", name], cwd=self.debs)
+                self.apt.get("download", name, cwd=self.debs)
             except BuildError:
-                _run(["apt-get", "update", "-q"])
-                _run(["apt-get", "download", name], cwd=self.debs)
+                self.apt.update()
+                self.apt.get("download", name, cwd=self.debs)
             debs = sorted(self.debs.glob(f"{name}_*.deb"))
         dest = self.extracted / debs[-1].stem
         if not dest.exists():
@@ -213,24 +290,29 @@ class ImageBuilder:
             tmp.rename(dest)
         return dest
 
+    def busybox(self) -> Path:
+        pkg = self.package("busybox-static")
+        return next(p for p in (pkg / "bin" / "busybox", pkg / "usr" / "bin" / "busybox")
+                    if p.exists())  # Debian 13 is usr-merged
+
     # ---- kernel, Xen, modules ----
     def build(self) -> Images:
         ensure_host_tools()
-        kver = kernel_version()
-        key = _digest(RECIPE_VERSION, kver, " ".join(DOM0_PACKAGES), " ".join(DOM0_MODULES),
+        kver = self.apt.kernel_version()
+        key = _digest(RECIPE_VERSION, kver, " ".join(dom0_packages(self.suite)), " ".join(DOM0_MODULES),
                       (HERE / "dom0" / "lab-init").read_bytes(),
                       (HERE / "dom0" / "stage1-init").read_bytes())
-        images = Images(self.cache / "images" / key, kver)
+        images = Images(self.work / "images" / key, kver)
         if images.complete():
             self.stamp(f"images up to date ({images.root})")
             return images
         images.root.mkdir(parents=True, exist_ok=True)
-        xen_pkg = self.package(f"xen-hypervisor-{XEN_VERSION}-amd64")
+        xen_pkg = self.package(f"xen-hypervisor-{self.suite.xen}-amd64")
         linux_pkg = self.package(f"linux-image-{kver}")
-        busybox = self.package("busybox-static") / "bin" / "busybox"
+        busybox = self.busybox()
         self.stamp("packages ready")
 
-        gz = next((xen_pkg / "boot").glob(f"xen-{XEN_VERSION}*-amd64.gz"))
+        gz = next((xen_pkg / "boot").glob(f"xen-{self.suite.xen}*-amd64.gz"))
         _run(f"zcat '{gz}' > '{images.xen}.tmp' && mv '{images.xen}.tmp' '{images.xen}'")
         shutil.copy(linux_pkg / "boot" / f"vmlinuz-{kver}", images.vmlinuz)
         self._extract_vmlinux(images.vmlinuz, images.vmlinux)
@@ -245,10 +327,14 @@ class ImageBuilder:
     @staticmethod
     def _extract_vmlinux(vmlinuz: Path, out: Path) -> None:
         data = vmlinuz.read_bytes()
-        off = data.find(b"\xfd7zXZ\x00")
-        if off < 0:
-            raise BuildError(f"{vmlinuz}: no xz payload found")
-        elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data[off:])
+        xz, zst = data.find(b"\xfd7zXZ\x00"), data.find(b"\x28\xb5\x2f\xfd")
+        if xz >= 0:  # Debian 12
+            elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data[xz:])
+        elif zst >= 0:  # Debian 13; zstd stops at the end of the frame, ignoring what follows
+            elf = subprocess.run(["zstd", "-q", "-d", "-c"], input=data[zst:],
+                                 capture_output=True).stdout
+        else:
+            raise BuildError(f"{vmlinuz}: no xz or zstd payload found")
         if elf[:4] != b"\x7fELF":
             raise BuildError(f"{vmlinuz}: payload is not an ELF kernel")
         out.write_bytes(elf)
@@ -260,8 +346,12 @@ class ImageBuilder:
             return
         shutil.rmtree(images.modroot, ignore_errors=True)
         (images.modroot / "lib" / "modules").mkdir(parents=True)
-        shutil.copytree(linux_pkg / "lib" / "modules" / images.kver,
-                        images.modroot / "lib" / "modules" / images.kver, symlinks=True)
+        src = next(p for p in (linux_pkg / "lib" / "modules" / images.kver,
+                               linux_pkg / "usr" / "lib" / "modules" / images.kver) if p.is_dir())
+        shutil.copytree(src, images.modroot / "lib" / "modules" / images.kver, symlinks=True)
+        # Debian 13 ships modules xz-compressed; busybox insmod (stage 1, guests) loads plain ones
+        _run(["find", str(images.modroot / "lib" / "modules"), "-name", "*.ko.xz",
+              "-exec", "xz", "-d", "{}", "+"])
         _run(["depmod", "-b", str(images.modroot), images.kver])
 
     def module_files(self, images: Images, names: list[str]) -> list[Path]:
@@ -277,7 +367,7 @@ class ImageBuilder:
         return [Path(p) for p in seen]
 
     def _stage1_initrd(self, images: Images, busybox: Path) -> None:
-        d = self.cache / "build" / "dom0-initrd"
+        d = self.work / "build" / "dom0-initrd"
         shutil.rmtree(d, ignore_errors=True)
         for sub in ("bin", "proc", "sys", "dev", "newroot", "mods"):
             (d / sub).mkdir(parents=True)
@@ -296,14 +386,14 @@ class ImageBuilder:
     # ---- dom0 root filesystem ----
     def _rootfs(self, images: Images) -> None:
         rootfs = images.rootfs
-        want = _digest(SUITE, " ".join(DOM0_PACKAGES))
+        want = _digest(self.suite.name, " ".join(dom0_packages(self.suite)))
         stamp = rootfs / ".blkpy-xenlab-packages"
         if not (stamp.exists() and stamp.read_text() == want):
             tmp = rootfs.with_name("rootfs.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             self.stamp("debootstrap (a few minutes on a cold cache)")
-            _run(["debootstrap", "--variant=minbase", "--include=" + ",".join(DOM0_PACKAGES),
-                  SUITE, str(tmp), debian_mirror()], log=self.logs / "debootstrap.log")
+            _run(["debootstrap", "--variant=minbase", "--include=" + ",".join(dom0_packages(self.suite)),
+                  self.suite.name, str(tmp), debian_mirror()], log=self.logs / "debootstrap.log")
             _run(["chroot", str(tmp), "apt-get", "clean"])
             (tmp / ".blkpy-xenlab-packages").write_text(want)
             shutil.rmtree(rootfs, ignore_errors=True)

@@ -1,8 +1,11 @@
 """The lab's one command: build the images (cached), boot Xen under QEMU with this checkout
 shared into dom0, run the dom0 phases, print every check and figure, exit with the verdict.
 
-    python3 -m tests.xenlab.lab build
-    python3 -m tests.xenlab.lab run [--phases blkback,func,life,qcow2] [--timeout SECONDS]
+    python3 -m tests.xenlab.lab build [--suite bookworm|trixie]
+    python3 -m tests.xenlab.lab run [--suite bookworm|trixie] [--phases ...] [--timeout SECONDS]
+
+``--suite`` (default ``$BLKPY_XENLAB_SUITE``, else bookworm) picks the host: bookworm is
+Xen 4.17 with Debian 12, trixie is Xen 4.20 with Debian 13 (vbd3 and xentop, phase vbd3).
 
 Exit status: 0 PASS, 1 FAIL, 124 timeout, 2 build error. On anything but PASS the tail of the
 serial log is printed. Run directories (serial log, guest consoles) are kept under the cache.
@@ -19,11 +22,13 @@ import time
 from pathlib import Path
 
 from .boot import ACCELS, CPU_MODEL, BootResult, boot
-from .images import BuildError, ImageBuilder, Images
+from .images import SUITES, BuildError, ImageBuilder, Images, suite_named
 from .results import format_summary, parse_checks, parse_figures
 from .staging import REPO, build_domu_initrd, build_native
 
 ALL_PHASES = ["blkback", "func", "life", "qcow2"]
+#: the default phases of each host; ``backendtype=tap`` (phase vbd3) needs libxl >= 4.19
+SUITE_PHASES = {"bookworm": ALL_PHASES, "trixie": ["vbd3"]}
 #: phases only run when named: ``stress`` checks the emulated machine itself (dom0/phase-stress.sh)
 EXTRA_PHASES = ["stress"]
 DEFAULT_TIMEOUT = 1500.0  # seconds for the whole boot, whatever happens inside
@@ -44,7 +49,10 @@ def prepare_run(builder: ImageBuilder, images: Images, phases: list[str],
     runs.mkdir(exist_ok=True)
     for old in sorted(runs.iterdir())[:-KEEP_RUNS]:
         shutil.rmtree(old, ignore_errors=True)
-    run_dir = runs / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    if builder.suite.name != "bookworm":  # the run id says which host it was
+        run_id += f"-{builder.suite.name}"
+    run_dir = runs / run_id
     run_dir.mkdir()
     native = build_native(builder, images)
     (run_dir / "native").mkdir()
@@ -53,6 +61,17 @@ def prepare_run(builder: ImageBuilder, images: Images, phases: list[str],
     (run_dir / "lab.env").write_text(f"LAB_PHASES='{' '.join(phases)}'\n"
                                      f"LAB_DEBUG='{' '.join(debug or [])}'\n")
     return run_dir
+
+
+def suite_phases(suite: str) -> list[str]:
+    """The phases a host runs by default."""
+    return list(SUITE_PHASES[suite])
+
+
+def known_phases(suite: str) -> list[str]:
+    """What a host may be asked for: its own, the 4.17 ones (4.20 runs them too) and the
+    extras."""
+    return list(dict.fromkeys(SUITE_PHASES[suite] + ALL_PHASES + EXTRA_PHASES))
 
 
 class LabLock:
@@ -77,9 +96,9 @@ class LabLock:
 
 def run_lab(phases: list[str], timeout: float, echo: bool = True,
             debug: list[str] | None = None, accel: str = "tcg",
-            cpu: str = CPU_MODEL) -> BootResult:
+            cpu: str = CPU_MODEL, suite: str | None = None) -> BootResult:
     """Build (cached), stage and boot once. Raises BuildError if the images cannot be made."""
-    builder = ImageBuilder()
+    builder = ImageBuilder(suite=suite_named(suite))
     with LabLock(builder.cache):
         t0 = time.monotonic()
         images = builder.build()
@@ -94,7 +113,8 @@ def run_lab(phases: list[str], timeout: float, echo: bool = True,
     text = result.text
     # QEMU alone keeps about 2 cores busy: a higher load means other work shared the host,
     # and the figures (not the checks) of this run are noisier
-    summary = (f"verdict {result.verdict} (qemu rc {result.qemu_rc}) boot {result.elapsed:.1f}s "
+    summary = (f"{builder.suite.name} (Xen {builder.suite.xen}) "
+               f"verdict {result.verdict} (qemu rc {result.qemu_rc}) boot {result.elapsed:.1f}s "
                f"prep {prep:.1f}s host load (1 min) {load_before[0]:.1f} before, "
                f"{load_after[0]:.1f} after ({os.cpu_count()} cpus)\n"
                + format_summary(parse_checks(text), parse_figures(text)))
@@ -106,11 +126,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python3 -m tests.xenlab.lab", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("build", help="build or refresh the cached images")
+    build = sub.add_parser("build", help="build or refresh the cached images")
     run = sub.add_parser("run", help="boot once and run the dom0 phases")
-    run.add_argument("--phases", default=",".join(ALL_PHASES),
-                     help=f"comma-separated subset of {','.join(ALL_PHASES + EXTRA_PHASES)} "
-                          f"(default {','.join(ALL_PHASES)})")
+    for p in (build, run):
+        p.add_argument("--suite", choices=sorted(SUITES), default=None,
+                       help="the host: bookworm (Xen 4.17) or trixie (Xen 4.20); "
+                            "default $BLKPY_XENLAB_SUITE, else bookworm")
+    run.add_argument("--phases", default=None,
+                     help="comma-separated subset of "
+                          f"{','.join(sorted({p for ps in SUITE_PHASES.values() for p in ps} | set(EXTRA_PHASES)))} "
+                          "(default: the suite's, " + "; ".join(
+                              f"{k}: {','.join(v)}" for k, v in SUITE_PHASES.items()) + ")")
     run.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                      help="hard limit for the boot in seconds (default %(default)s)")
     run.add_argument("--accel", choices=sorted(ACCELS), default="tcg",
@@ -122,15 +148,17 @@ def main(argv: list[str] | None = None) -> int:
                          f"{k}: {v}" for k, v in DEBUG_KNOBS.items()))
     args = ap.parse_args(argv)
     try:
+        suite = suite_named(args.suite)
         if args.cmd == "build":
-            images = ImageBuilder().build()
+            images = ImageBuilder(suite=suite).build()
             print(images.root)
             return 0
-        phases = [p for p in args.phases.split(",") if p]
-        unknown = sorted(set(phases) - set(ALL_PHASES + EXTRA_PHASES))
+        known = known_phases(suite.name)
+        phases = [p for p in (args.phases or ",".join(suite_phases(suite.name))).split(",") if p]
+        unknown = sorted(set(phases) - set(known))
         if unknown:
-            print(f"xenlab: unknown phase(s) {', '.join(unknown)}; known: {', '.join(ALL_PHASES + EXTRA_PHASES)}",
-                  file=sys.stderr)
+            print(f"xenlab: unknown phase(s) {', '.join(unknown)} on {suite.name}; "
+                  f"known: {', '.join(known)}", file=sys.stderr)
             return 2
         debug = [d for d in args.debug.split(",") if d]
         if set(debug) - set(DEBUG_KNOBS):
@@ -138,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"known: {', '.join(DEBUG_KNOBS)}", file=sys.stderr)
             return 2
         result = run_lab(phases, args.timeout, debug=debug, accel=args.accel,
-                         cpu=args.cpu)
+                         cpu=args.cpu, suite=suite.name)
     except BuildError as exc:
         print(f"xenlab: build failed: {exc}", file=sys.stderr)
         return 2

@@ -67,11 +67,69 @@ def side_by_side(figures: dict[str, Figure]) -> list[tuple[str, Figure, Figure, 
     return rows
 
 
+#: xentop's counters of a disk beside the guest's own (phase vbd3):
+#: LAB-FIGURE: <phase>.xentop.<disk>.<counter> <xentop's value> <unit> guest <guest's value>
+XENTOP_FIGURE = re.compile(r"[^.]+\.xentop\.(?P<disk>[^.]+)\.(?P<counter>\w+)$")
+XENTOP_COUNTERS = ("rd_req", "rd_sect", "wr_req", "wr_sect")
+
+
+def xentop_rows(figures: dict[str, Figure]) -> dict[str, dict[str, tuple[int, int | None]]]:
+    """disk -> counter -> (xentop's value, the guest's value or None)."""
+    rows: dict[str, dict[str, tuple[int, int | None]]] = {}
+    for name, fig in figures.items():
+        m = XENTOP_FIGURE.match(name)
+        if m is None:
+            continue
+        g = re.search(r"guest (\d+)", fig.detail)
+        rows.setdefault(m["disk"], {})[m["counter"]] = (int(fig.value),
+                                                        int(g[1]) if g else None)
+    return dict(sorted(rows.items()))
+
+
+def format_xentop(rows: dict[str, dict[str, tuple[int, int | None]]]) -> list[str]:
+    lines = ["xentop -x : the guest's /sys/block/<disk>/stat (requests and 512-byte sectors):"]
+    for disk, counters in rows.items():
+        cells = []
+        for c in XENTOP_COUNTERS:
+            top, guest = counters.get(c, (None, None))
+            mark = "" if top is not None and top == guest else " (differs)"
+            cells.append(f"{c} {top}:{guest}{mark}")
+        lines.append(f"  {disk:5} " + "  ".join(cells))
+    return lines
+
+
+#: the longest request the guest saw while dom0 did each kind of restart (phase lifecycle):
+#: LAB-FIGURE: lifecycle.<kind>.stall-ms <ms> ms ...; issue 9's targets where it sets one
+STALL_FIGURE = re.compile(r"lifecycle\.(?P<kind>\w+)\.stall-ms$")
+STALL_TARGET_MS = {"kill": 1000, "upgrade": 200}
+
+
+def format_stalls(figures: dict[str, Figure], checks: dict[str, Check]) -> list[str]:
+    """One line per kind: the stall, its target, and the kind's error and data checks."""
+    lines = []
+    for name, fig in figures.items():
+        m = STALL_FIGURE.match(name)
+        if m is None:
+            continue
+        kind = m["kind"]
+        target = STALL_TARGET_MS.get(kind)
+        goal = (f"target <= {target} ms {'met' if fig.value <= target else 'short'}"
+                if target else "no target")
+        outcomes = [f"{what} {checks[f'lifecycle.{kind}.{what}'].outcome}"
+                    for what in ("io-errors", "data") if f"lifecycle.{kind}.{what}" in checks]
+        lines.append(f"  {kind:9} stall {fig.value:6.0f} ms  {goal:24} {'  '.join(outcomes)}")
+    return ["guest stall per kind (lifecycle):", *lines] if lines else []
+
+
 def format_summary(checks: dict[str, Check], figures: dict[str, Figure]) -> str:
     counts = {o: sum(c.outcome == o for c in checks.values()) for o in _RANK}
     lines = [f"checks: {counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped"]
     lines += [f"  {c.outcome:4} {c.name}  {c.detail}" for c in checks.values()]
     lines += [f"  {f.name} = {f.value:g} {f.unit}  {f.detail}".rstrip() for f in figures.values()]
+    xentop = xentop_rows(figures)
+    if xentop:
+        lines += format_xentop(xentop)
+    lines += format_stalls(figures, checks)
     rows = side_by_side(figures)
     if rows:
         lines.append(f"side by side (same guest job; blkpy : kernel blkback; goal >= {RATIO_GOAL:.1f}):")

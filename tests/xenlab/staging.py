@@ -105,11 +105,11 @@ def domu_base_archive(builder: ImageBuilder, images: Images) -> bytes:
     cached = images.root / f"domU-base-{_digest(*DOMU_MODULES, *DOMU_BINARIES)}.cpio"
     if cached.exists():
         return cached.read_bytes()
-    d = builder.cache / "build" / "domU-base"
+    d = builder.work / "build" / "domU-base"
     shutil.rmtree(d, ignore_errors=True)
     for sub in ("bin", "sbin", "proc", "sys", "dev", "tmp", "mnt", "lib/modules"):
         (d / sub).mkdir(parents=True)
-    shutil.copy(builder.package("busybox-static") / "bin" / "busybox", d / "bin" / "busybox")
+    shutil.copy(builder.busybox(), d / "bin" / "busybox")
     modules = builder.module_files(images, DOMU_MODULES)
     for ko in modules:
         shutil.copy(ko, d / "lib" / "modules" / ko.name)
@@ -153,7 +153,7 @@ def qcow2_probe_header(backing: str = PROBE_BACKING_FILE, size: int = 16 << 20) 
 def build_domu_initrd(builder: ImageBuilder, images: Images, dest: Path) -> None:
     """Write the domU initramfs (base archive + the checkout's guest scripts) to ``dest``."""
     base = domu_base_archive(builder, images)
-    scripts = builder.cache / "build" / "domU-scripts"
+    scripts = builder.work / "build" / "domU-scripts"
     shutil.rmtree(scripts, ignore_errors=True)
     (scripts / "lab").mkdir(parents=True)
     for p in GUEST_DIR.iterdir():

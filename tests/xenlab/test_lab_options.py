@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from .boot import CPU_MODEL, qemu_command
-from .images import Images
-from .lab import main
+from .images import SUITES, Images
+from .lab import known_phases, main, suite_phases
+from .results import format_summary, parse_checks, parse_figures, xentop_rows
 
 DOM0 = Path(__file__).parent / "dom0"
 
@@ -50,3 +51,20 @@ def test_freshcheck_builds(tmp_path):
                     str(DOM0 / "freshcheck.c")], check=True)
     usage = subprocess.run([str(out)], capture_output=True, text=True)
     assert usage.returncode == 2 and "usage" in usage.stderr
+
+
+def test_summary_shows_xentop_beside_the_guest():
+    text = ("LAB-CHECK: vbd3.xentop-xvda PASS Tapdisk3\n"
+            "LAB-FIGURE: vbd3.xentop.xvda.rd_req 120 req guest 120\n"
+            "LAB-FIGURE: vbd3.xentop.xvda.wr_sect 5200 sect guest 5208\n")
+    figures = parse_figures(text)
+    assert xentop_rows(figures) == {"xvda": {"rd_req": (120, 120), "wr_sect": (5200, 5208)}}
+    summary = format_summary(parse_checks(text), figures)
+    assert "xvda  rd_req 120:120" in summary and "wr_sect 5200:5208 (differs)" in summary
+
+
+def test_suites_and_their_phases(capsys):
+    assert SUITES["trixie"].xen == "4.20" and SUITES["bookworm"].xen == "4.17"
+    assert suite_phases("trixie") == ["vbd3"] and "vbd3" not in known_phases("bookworm")
+    assert main(["run", "--suite", "bookworm", "--phases", "vbd3"]) == 2
+    assert "unknown phase(s) vbd3 on bookworm" in capsys.readouterr().err
