@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+from typing import Any
 
 import numpy as np
 
@@ -108,7 +109,7 @@ class RingLoop:
     def __init__(self, back: ring.BackRing, geom: DiskGeometry, evtchn: EventChannel, *,
                  disk_fd: int | None, grants: PersistentGrantTable | None, poll_us: int,
                  max_batch: int, io_fd: int | None = None, io_mode: str = SYNC,
-                 extents: ExtentMap | None = None) -> None:
+                 extents: ExtentMap | None = None, queue: Any = None) -> None:
         self._back = back  # keeps the ring struct alive
         self._grants = grants
         self._extents = extents
@@ -135,7 +136,14 @@ class RingLoop:
         n.poll_max_ns = n.poll_ns = max(poll_us, 0) * 1000
         if io_mode not in (SYNC, HYBRID, ASYNC):
             raise ValueError(f"unknown ring loop I/O mode {io_mode!r}")
-        if io_mode != SYNC and disk_fd is not None and self._open_uring(
+        self._queue = queue  # a network disk's own completion queue (Disk.loop_queue)
+        if queue is not None:
+            n.nbdq = queue.native
+            n.uring_efd = lib.blkpy_nbd_queue_fd(queue.native)
+            n.iov_per_slot = min(max(geom.max_indirect_segments, 11),
+                                 lib.BLKPY_RL_MAX_INDIRECT_SEGS)
+            n.async_all = 1
+        elif io_mode != SYNC and disk_fd is not None and self._open_uring(
                 back.size, geom.max_indirect_segments):
             n.async_all = io_mode == ASYNC
             n.async_reads_min = ASYNC_READS_MIN
@@ -224,6 +232,10 @@ class RingLoop:
             lib.blkpy_ringloop_close(self.native)
             os.close(self.wake_fd)
             self.wake_fd = -1
+        if self._queue is not None:  # after the loop: it answered all it sent
+            self.native.nbdq = ffi.NULL
+            self._queue.close()
+            self._queue = None
         if self._uring != ffi.NULL:
             lib.blkpy_uring_free(self._uring)
             os.close(self._uring_efd)

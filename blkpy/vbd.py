@@ -171,10 +171,13 @@ class Vbd:
         target = self.disk.native_io()
         fd, extents = target if target is not None else (None, None)
         io_mode = self.engine.loop_io
+        queue = self.disk.loop_queue() if target is None and table is not None else None
         self.loop = RingLoop(self.ring, self._geometry, self.evtchn, disk_fd=fd, grants=table,
                              poll_us=self._poll_us, max_batch=MAX_BATCH,
-                             io_fd=self.engine.fileno(), io_mode=io_mode, extents=extents)
-        if io_mode != fastpath.SYNC and extents is None and not self.loop.uses_uring:
+                             io_fd=self.engine.fileno(), io_mode=io_mode, extents=extents,
+                             queue=queue)
+        if (io_mode != fastpath.SYNC and extents is None and queue is None
+                and not self.loop.uses_uring):
             log.warning("io_uring unavailable: the ring loop does synchronous I/O")
         self.loop.native.qos = self.qos.native if self.qos is not None else ffi.NULL
         self.loop.native.sync_lost = getattr(self.disk, "sync_lost", ffi.NULL)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from blkpy.native_table import ExtentMap
@@ -56,6 +56,12 @@ class Disk(abc.ABC):
         only this object can do the I/O."""
         fd = self.direct_fd
         return None if fd is None else (fd, None)
+
+    def loop_queue(self) -> Any:
+        """For disks the native loop cannot reach through an fd (network disks): an
+        asynchronous queue of their own it can send requests to and reap completions from
+        (an object with ``native``, the C queue, and ``close``); None: none."""
+        return None
 
     def map_for_write(self, offset: int, length: int) -> bool:
         """Make the clusters of a write the native loop could not place writable in its

@@ -220,6 +220,11 @@ class _Queue:
     def fileno(self) -> int:
         return int(lib.blkpy_nbd_queue_fd(self._q))
 
+    @property
+    def native(self) -> object:
+        """The C queue, for the native ring loop (blkpy/gntdev/ringloop.c)."""
+        return self._q
+
     def submit(self, ops: np.ndarray) -> int:
         """0 or -errno (nothing was queued)."""
         return int(lib.blkpy_nbd_submit(self._q, ffi.cast("struct blkpy_nbd_op *",
@@ -301,6 +306,11 @@ class NbdDisk(Disk):
 
     def engine(self) -> NbdEngine:
         return NbdEngine(self)
+
+    def loop_queue(self) -> _Queue:
+        # The ring loop sends reads, writes and flushes itself and answers each as it
+        # completes; the Python engine keeps discards and what the loop leaves.
+        return self.queue()
 
     def drop_connection(self) -> None:
         """Break the connection as a network failure would (tests): it reconnects."""
