@@ -31,6 +31,7 @@ OVERFLOW = lib.BLKPY_LOOP_OVERFLOW
 EVTCHN = lib.BLKPY_LOOP_EVTCHN
 NOTIFY = lib.BLKPY_LOOP_NOTIFY
 EXTENT = lib.BLKPY_LOOP_EXTENT
+IDLE_WORK = lib.BLKPY_LOOP_IDLE_WORK
 
 #: How the loop does data I/O: all synchronous (preadv/pwritev), all through io_uring
 #: (O_DIRECT: the guest's queue depth must reach the device), or hybrid: the reads of
@@ -191,6 +192,10 @@ class RingLoop:
         pending = bool(self.native.notify_pending)
         self.native.notify_pending = 0
         return pending
+
+    def want_idle_work(self) -> None:
+        """Hand back IDLE_WORK the next time the ring is empty."""
+        self.native.idle_work = 1
 
     def extent_miss(self) -> tuple[int, int, bool]:
         """After EXTENT: the request's guest byte range and whether it writes."""

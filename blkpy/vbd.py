@@ -161,6 +161,7 @@ class Vbd:
         # serves, the reference path what the loop did not (one request at a time then).
         self.qos = qos
         self._last_miss: tuple[int, int, int] | None = None
+        self._ahead: tuple[int, int] | None = None  # what to map when the ring is idle
         self._retired: dict[str, int] = {}  # counters of the loops of earlier images
         self.paused = False  # between pause() and resume(): no loop, no engine
         self._make_loop()
@@ -263,6 +264,8 @@ class Vbd:
                 self._slow_batch()
             elif why == fastpath.EXTENT:
                 self._extent_miss()
+            elif why == fastpath.IDLE_WORK:
+                self._idle_work()
             elif why == fastpath.WAKE:
                 loop.clear_wake()
                 self.complete()
@@ -322,9 +325,19 @@ class Vbd:
         if write and miss != self._last_miss and self.disk.map_for_write(off, length):
             self._last_miss = miss
             self._map_ahead()
+            self._ahead = self.disk.allocation_ahead(off, length)
+            if self._ahead is not None:
+                self.loop.want_idle_work()
             return
         self._last_miss = None
         self._slow_batch()
+
+    def _idle_work(self) -> None:
+        """The guest has its answer: map the clusters a sequential writer comes to next,
+        so its next allocating write costs no hand-back."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            self.disk.map_for_write(*ahead)
 
     def _map_ahead(self) -> None:
         """Map the clusters of the other writes already on the ring too, so a deep queue

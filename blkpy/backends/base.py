@@ -63,6 +63,11 @@ class Disk(abc.ABC):
         (an object with ``native``, the C queue, and ``close``); None: none."""
         return None
 
+    def allocation_ahead(self, offset: int, length: int) -> tuple[int, int] | None:
+        """After ``map_for_write(offset, length)``: the range worth mapping before the
+        guest asks (a sequential writer's next cluster), or None."""
+        return None
+
     def map_for_write(self, offset: int, length: int) -> bool:
         """Make the clusters of a write the native loop could not place writable in its
         extent map (allocate them, keeping what the guest reads there), so the loop can

@@ -31,6 +31,8 @@ MAX_BACKING_DEPTH = 64  # QEMU's limit too; a deeper chain is most likely a loop
 EXTENT_MAP_CLUSTERS = 32768
 #: clusters learnt per request served in Python (bounds the cost of one long request)
 LEARN_CLUSTERS = 64
+#: most clusters mapped ahead of a sequential allocating writer (allocation_ahead)
+AHEAD_CLUSTERS = 16
 _ZEROS = bytes(1 << 20)
 
 
@@ -175,6 +177,8 @@ class Qcow2Disk(Disk):
         # backing files are read through this object).
         self._extents = ExtentMap(EXTENT_MAP_CLUSTERS, h.cluster_bits) if _depth == 0 else None
         self._learnt_tables: set[int] = set()  # L1 indices whose L2 table was learnt whole
+        self._miss_end = -1  # where the last write the loop could not place ended
+        self._ahead_clusters = 0  # how far ahead of a sequential writer to map
         self._learnt_generation = 0
 
     def native_io(self) -> tuple[int, ExtentMap | None] | None:
@@ -372,6 +376,25 @@ class Qcow2Disk(Disk):
                 self._forget_all()
                 return False
         return True
+
+    def allocation_ahead(self, offset: int, length: int) -> tuple[int, int] | None:
+        """A writer allocating cluster after cluster (the previous miss ended where this
+        one starts) will want the next ones: like a filesystem's speculative preallocation
+        for an appending file, map them while the guest reads its answer. They read as
+        zeros (or their backing bytes) until written, as before; a writer that stops
+        leaves at most AHEAD_CLUSTERS sparse clusters allocated."""
+        cs = self.cluster_size
+        start = offset & ~(cs - 1)
+        end = (offset + length + cs - 1) & ~(cs - 1)
+        if start != self._miss_end:
+            self._miss_end, self._ahead_clusters = end, 0
+            return None
+        # The window doubles while the writer keeps on (up to AHEAD_CLUSTERS), so a long
+        # run misses once per window, not once per cluster.
+        self._ahead_clusters = min(max(1, 2 * self._ahead_clusters), AHEAD_CLUSTERS)
+        n = min(self._ahead_clusters * cs, self.size - end)
+        self._miss_end = end + max(n, 0)
+        return (end, n) if n >= cs else None
 
     def _allocate(self, start: int, length: int) -> None:
         meta, extents = self.meta, self._extents

@@ -1064,6 +1064,10 @@ int blkpy_ringloop_run(struct blkpy_ringloop *l, int may_sleep)
                 return BLKPY_LOOP_NOTIFY;
             continue;
         }
+        /* Between requests, before polling: the format's work that can wait until the
+         * guest's answer is out (mapping ahead of a sequential writer). */
+        if (__atomic_exchange_n(&l->idle_work, 0, __ATOMIC_ACQ_REL))
+            return hand_back(l, BLKPY_LOOP_IDLE_WORK);
         if (poll_ring(l))
             continue;
         /* RING_FINAL_CHECK_FOR_REQUESTS: arm req_event, then look once more. */

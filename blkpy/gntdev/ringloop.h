@@ -171,6 +171,8 @@ struct blkpy_evtchn {
 #define BLKPY_LOOP_NOTIFY 5      /* BLKPY_EVTCHN_PYTHON: Python must notify, then call again */
 #define BLKPY_LOOP_EXTENT 6      /* the valid request at req_cons names clusters the extent
                                   * map does not hold (miss_*): the format may map them */
+#define BLKPY_LOOP_IDLE_WORK 7   /* the ring is empty and Python asked (idle_work) for the
+                                  * time between requests */
 
 struct blkpy_rl_inflight;
 struct blkpy_rl_scratch;
@@ -235,6 +237,9 @@ struct blkpy_ringloop {
     uint32_t charged;
     uint32_t _pad2;
     int64_t qos_wait_ns;             /* how long the request at req_cons must still wait */
+    /* Python has work for when the ring is empty (set by Python, cleared by the loop) */
+    uint32_t idle_work;
+    uint32_t _pad3;
     /* BLKPY_LOOP_EXTENT: the guest byte range of the request and whether it writes */
     uint64_t miss_off, miss_len;
     uint32_t miss_write;

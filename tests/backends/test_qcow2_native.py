@@ -227,3 +227,34 @@ def test_allocating_writes_are_served_by_the_loop_after_python_maps_the_cluster(
             dev.close()
         check_clean(path)
         assert as_raw(path, f"{tmp_path}/top.raw") == bytes(model)
+
+
+def test_a_sequential_allocating_writer_is_mapped_ahead(tmp_path):
+    # Like a filesystem's speculative preallocation: while a writer allocates cluster
+    # after cluster, the clusters after it are mapped (growing window, at most 16)
+    # between its requests; a random writer gets nothing ahead.
+    from blkpy.backends.qcow2 import AHEAD_CLUSTERS, Qcow2Disk
+
+    path = _image(tmp_path, 65536, snapshot=False)
+    disk = Qcow2Disk(path)
+    try:
+        cs = 65536
+        assert disk.allocation_ahead(0, 4096) is None  # the first miss: not yet a run
+        assert disk.allocation_ahead(cs, 4096) == (2 * cs, cs)
+        assert disk.allocation_ahead(3 * cs, 4096) == (4 * cs, 2 * cs)
+        assert disk.allocation_ahead(6 * cs, 4096) == (7 * cs, 4 * cs)
+        assert disk.allocation_ahead(40 * cs, 4096) is None  # a jump ends the run
+    finally:
+        disk.close()
+    assert AHEAD_CLUSTERS == 16
+    dev = InProcessDevice(path, fmt="qcow2", persistent=True)
+    try:
+        g = Guest(dev, bytearray(DISK))
+        g.read(0, 1)
+        for cluster in range(DISK // cs):
+            g.write(cluster * 16, 1, cluster)
+        g.read(0, 11)
+    finally:
+        dev.close()
+    check_clean(path)
+    assert as_raw(path, f"{tmp_path}/x.raw") == bytes(g.model)
