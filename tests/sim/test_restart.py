@@ -20,16 +20,19 @@ SLOTS = 64  # disjoint 64 KiB regions: requests in flight never overlap
 
 
 def _workload(host, spec, fe, model, image, requests, rng, restarts):
-    """Random 4-32 KiB reads and writes at queue depth 16; when the serve dies, start its
-    successor. Returns how many successors ran."""
-    ring = fe.rings[0]
-    busy: dict[int, int] = {}  # request id -> region
+    """Random 4-32 KiB reads and writes at queue depth 16 over every queue of the
+    frontend; when the serve dies, start its successor. Returns how many completed."""
+    busy: dict[tuple[int, int], int] = {}  # (queue, request id) -> region
     done = 0
     submitted = 0
     deadline = time.monotonic() + 120
     while done < requests:
         assert time.monotonic() < deadline, "the workload stalled"
-        while submitted < requests and len(busy) < 16 and ring.can_submit():
+        while submitted < requests and len(busy) < 16:
+            q = rng.randrange(len(fe.rings))
+            ring = fe.rings[q]
+            if not ring.can_submit():
+                break
             region = rng.choice([r for r in range(SLOTS) if r not in busy.values()])
             sector = region * 128 + rng.randrange(0, 64)
             nbytes = rng.choice((4096, 8192, 32768))
@@ -38,19 +41,13 @@ def _workload(host, spec, fe, model, image, requests, rng, restarts):
                 rid = ring.submit(BLKIF_OP_WRITE, sector, data=data, tag=(sector, data))
             else:
                 rid = ring.submit(BLKIF_OP_READ, sector, nbytes=nbytes, tag=(sector, None))
-            busy[rid] = region
+            busy[(q, rid)] = region
             submitted += 1
-        ring.push()
-        for c in ring.poll(0.05):
-            assert c.status == 0, f"request {c.id} failed: {c.status}"
-            sector, data = c.tag
-            off = sector * 512
-            if data is not None:
-                model[off:off + len(data)] = data.tobytes()
-            else:
-                assert c.data.tobytes() == bytes(model[off:off + c.nbytes]), "bad read"
-            del busy[c.id]
-            done += 1
+        for q, ring in enumerate(fe.rings):
+            ring.push()
+            for c in ring.poll(0.05 / len(fe.rings)):
+                done += _check(c, model)
+                del busy[(q, c.id)]
         current = host.backends[-1]
         if current.proc.poll() is not None:
             assert current.proc.returncode == -9, current.log()[-2000:]
@@ -59,11 +56,24 @@ def _workload(host, spec, fe, model, image, requests, rng, restarts):
     return done
 
 
+def _check(c, model: bytearray) -> int:
+    assert c.status == 0, f"request {c.id} failed: {c.status}"
+    sector, data = c.tag
+    off = sector * 512
+    if data is not None:
+        model[off:off + len(data)] = data.tobytes()
+    else:
+        assert c.data.tobytes() == bytes(model[off:off + c.nbytes]), "bad read"
+    return 1
+
+
 @pytest.mark.parametrize("point", ["consume", "submit", "io-done", "produced", "pushed"])
-@pytest.mark.parametrize("serve_args", [[], ["--grant-mode", "copy"], ["--engine", "uring"]],
-                         ids=["persistent", "copy", "uring"])
-def test_a_killed_serve_is_taken_over_without_the_guest_noticing(tmp_path, point, serve_args):
-    rng = random.Random(hash((point, tuple(serve_args))) & 0xFFFF)
+@pytest.mark.parametrize(("serve_args", "queues"),
+                         [([], 1), (["--grant-mode", "copy"], 1), (["--engine", "uring"], 1),
+                          ([], 2)], ids=["persistent", "copy", "uring", "two-queues"])
+def test_a_killed_serve_is_taken_over_without_the_guest_noticing(tmp_path, point, serve_args,
+                                                                 queues):
+    rng = random.Random(hash((point, tuple(serve_args), queues)) & 0xFFFF)
     image = tmp_path / "disk.img"
     content = rng.randbytes(DISK)
     image.write_bytes(content)
@@ -74,8 +84,9 @@ def test_a_killed_serve_is_taken_over_without_the_guest_noticing(tmp_path, point
         host.add_disk(spec, start_backend=False)
         # Killed at a random pass of the point (the reference path passes once a batch).
         first = host.start_backend(spec, env={"BLKPY_CRASH_AT": f"{point}:{rng.randrange(3, 25)}"})
-        fe = Frontend(guest, host.guest_xenstore(1), 51712)
+        fe = Frontend(guest, host.guest_xenstore(1), 51712, num_queues=queues)
         fe.connect(timeout=15)
+        assert len(fe.rings) == queues
         restarts: list = []
         done = _workload(host, spec, fe, model, image, 600, rng, restarts)
         assert done == 600
