@@ -39,7 +39,7 @@ def test_recovery_replays_exactly_the_unanswered(tmp_path_factory, start, steps,
         elif in_flight:  # answer some, in any order (completions): an old request may
             keys = list(in_flight)  # wait while the ring's indices move on past a lap
             rnd.shuffle(keys)
-            n = min(step - 3, len(keys))
+            n = min(max(step - 3, 1), len(keys))
             done = np.array(keys[:n], dtype=np.int64)
             j.answering(done, rsp)
             if ops + 1 == cut:  # died after recording positions, before the slots/index
