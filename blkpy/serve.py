@@ -570,10 +570,11 @@ class DeviceServer:
         back = ring.BackRing(mapping.buffer, abi, len(refs), journal=journal, resume=resume)
         evtchn = self.platform.bind_interdomain(self.frontend_id, port)
         engine = make_engine(self.opts.engine, self.disk)
-        # The loop spinning on an empty ring does not watch the engine's completions: for
-        # a disk only Python's engine can reach (NBD) a spin delays every answer by the
-        # poll budget and takes a CPU from the I/O thread and the server.
-        poll_us = self.opts.poll_us if self.disk.native_io() is not None else 0
+        # The loop spinning on an empty ring watches only its own completions: for a disk
+        # only Python's engine can reach a spin would delay every answer by the poll budget
+        # and take a CPU from the I/O thread and the server.
+        reachable = self.disk.native_io() is not None or self.disk.has_loop_queue
+        poll_us = self.opts.poll_us if reachable else 0
         vbd = Vbd(self.platform, self.frontend_id, back, evtchn, self.disk, engine, geometry,
                   persistent=persistent, grant_mode=choose_grant_mode(self.opts.grant_mode,
                                                                       persistent),

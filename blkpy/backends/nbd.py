@@ -307,6 +307,8 @@ class NbdDisk(Disk):
     def engine(self) -> NbdEngine:
         return NbdEngine(self)
 
+    has_loop_queue = True
+
     def loop_queue(self) -> _Queue:
         # The ring loop sends reads, writes and flushes itself and answers each as it
         # completes; the Python engine keeps discards and what the loop leaves.
