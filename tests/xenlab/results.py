@@ -70,7 +70,7 @@ def side_by_side(figures: dict[str, Figure]) -> list[tuple[str, Figure, Figure, 
 #: xentop's counters of a disk beside the guest's own (phase vbd3):
 #: LAB-FIGURE: <phase>.xentop.<disk>.<counter> <xentop's value> <unit> guest <guest's value>
 XENTOP_FIGURE = re.compile(r"[^.]+\.xentop\.(?P<disk>[^.]+)\.(?P<counter>\w+)$")
-XENTOP_COUNTERS = ("rd_req", "rd_sect", "wr_req", "wr_sect")
+XENTOP_COUNTERS = ("rd_req", "rd_sect", "wr_req", "wr_sect", "f_req")
 
 
 def xentop_rows(figures: dict[str, Figure]) -> dict[str, dict[str, tuple[int, int | None]]]:
@@ -87,12 +87,13 @@ def xentop_rows(figures: dict[str, Figure]) -> dict[str, dict[str, tuple[int, in
 
 
 def format_xentop(rows: dict[str, dict[str, tuple[int, int | None]]]) -> list[str]:
-    lines = ["xentop -x : the guest's /sys/block/<disk>/stat (requests and 512-byte sectors):"]
+    lines = ["xentop -x : the guest's /sys/block/<disk>/stat (requests and 512-byte sectors; "
+             "f_req: the backend's flushes, which xentop does not show):"]
     for disk, counters in rows.items():
         cells = []
         for c in XENTOP_COUNTERS:
             top, guest = counters.get(c, (None, None))
-            mark = "" if top is not None and top == guest else " (differs)"
+            mark = "" if top == guest or top is None or guest is None else f" (guest {guest - top:+d})"
             cells.append(f"{c} {top}:{guest}{mark}")
         lines.append(f"  {disk:5} " + "  ".join(cells))
     return lines

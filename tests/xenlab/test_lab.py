@@ -42,6 +42,7 @@ EXPECTED_4_20 = {
     "vbd3": ["qcow2-create", "xl-create", "params", "blkpy-serves-vbd3", "side-by-side",
              *GUEST_FUNC, *guest_func("kb", "xvdc", "xvdd"),
              *[f"xstat.{d}-requests" for d in DISKS_4], *[f"xentop-{d}" for d in DISKS_4],
+             *[f"flushes-{d}" for d in DISKS_4],
              "destroy", "func-dom0-sees-data", "kb-dom0-sees-data", "discard-hole",
              "check-qcow2", *NO_LEFTOVERS],
 }

@@ -60,7 +60,7 @@ def test_summary_shows_xentop_beside_the_guest():
     figures = parse_figures(text)
     assert xentop_rows(figures) == {"xvda": {"rd_req": (120, 120), "wr_sect": (5200, 5208)}}
     summary = format_summary(parse_checks(text), figures)
-    assert "xvda  rd_req 120:120" in summary and "wr_sect 5200:5208 (differs)" in summary
+    assert "xvda  rd_req 120:120" in summary and "wr_sect 5200:5208 (guest +8)" in summary
 
 
 def test_suites_and_their_phases(capsys):
