@@ -29,8 +29,9 @@ from .staging import REPO, build_domu_initrd, build_native
 ALL_PHASES = ["blkback", "func", "life", "qcow2"]
 #: the default phases of each host; ``backendtype=tap`` (phase vbd3) needs libxl >= 4.19
 SUITE_PHASES = {"bookworm": ALL_PHASES, "trixie": ["vbd3"]}
-#: phases only run when named: ``stress`` checks the emulated machine itself (dom0/phase-stress.sh)
-EXTRA_PHASES = ["stress"]
+#: phases only run when named: ``stress`` checks the emulated machine itself (dom0/phase-stress.sh);
+#: ``lifecycle`` (issue 9: kill, upgrade, save/restore, migrate, live snapshot) takes ~15 min
+EXTRA_PHASES = ["stress", "lifecycle"]
 DEFAULT_TIMEOUT = 1500.0  # seconds for the whole boot, whatever happens inside
 KEEP_RUNS = 8
 
