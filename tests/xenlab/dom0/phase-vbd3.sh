@@ -5,6 +5,17 @@
 # blkback's pair, then I/O on all four at once (job-xstat); xentop must then show each disk
 # with the request and sector counts the guest itself counted.
 . "$(dirname "$0")/lib.sh"
+# the guest's console is the evidence of a phase that went wrong, even one cut at its limit
+save_console() {
+  cp "$(console_log v3)" /mnt/run/console-vbd3-v3.log 2>/dev/null
+  ps -eo pid,ppid,stat,etime,wchan:20,args > /mnt/run/ps-vbd3.txt 2>&1
+  mark "vbd3 ended: xenconsoled $(pgrep -x xenconsoled || echo gone), domain $(xl domid v3 2>&1)"
+}
+# (also shortly before the phase's time limit: a command that hangs defers a TERM trap)
+( sleep 560; save_console ) &
+WATCHDOG=$!
+trap 'kill $WATCHDOG 2>/dev/null; save_console' EXIT
+trap 'exit 124' TERM
 modprobe xen-blkback || { check vbd3.blkback-loaded FAIL "modprobe xen-blkback"; exit 1; }
 start_daemon || exit 1
 rm -f $LAB/v3-a.img $LAB/v3-b.qcow2 $LAB/kb-a.img $LAB/kb-b.img
@@ -30,7 +41,7 @@ step() { # step PATTERN SECONDS: wait for the guest, or give up on the phase
   wait_console v3 "$1" "$2" && return 0
   check "vbd3.guest" FAIL "guest never printed '$1'"; relay_console v3 vbd3; show_logs; exit 1
 }
-step "MARK: xstat-ready" 600
+step "MARK: xstat-ready" 480
 # who serves what, while all four disks are connected
 serves=$(pgrep -af 'blkpy serve' | sed -n 's/.*blkpy serve \(backend[^ ]*\).*/\1/p' | sort | tr '\n' ' ')
 check_cond vbd3.blkpy-serves-vbd3 "blkpy serves: $serves" -- \
