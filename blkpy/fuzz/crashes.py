@@ -43,6 +43,7 @@ from blkpy.sim.blkfront_ring import OP_NAMES, BlkfrontRing, Completion, Protocol
 from blkpy.sim.frontend import Frontend
 from blkpy.sim.host import BackendProcess, SimHost
 from blkpy.sim.toolstack import DiskSpec
+from blkpy.sim.workloads import free_ring
 from blkpy.xenbus import XenbusState
 
 SECTOR = 512
@@ -402,12 +403,10 @@ class Storm:
         """A queue that can take one more request now, or None."""
         if len(self.pending) >= self.depth:
             return None
-        for k in range(len(self.rings)):
-            q = (self._next + k) % len(self.rings)
-            if self.rings[q].can_submit():
-                self._next = q + 1
-                return q
-        return None
+        q = free_ring(self.rings, self._next)
+        if q is not None:
+            self._next = q + 1
+        return q
 
     def drain(self) -> None:
         while self.pending:

@@ -29,6 +29,7 @@ import dataclasses
 import select
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,15 @@ BARRIER = blkif.BLKIF_OP_WRITE_BARRIER
 DISCARD = blkif.BLKIF_OP_DISCARD
 _WRITING_OPS = (WRITE, FLUSH, BARRIER)
 
+
+
+def free_ring(rings: Sequence[Any], start: int) -> int | None:
+    """The first queue from ``start`` on (round robin) that can take a request, or None."""
+    for k in range(len(rings)):
+        q = (start + k) % len(rings)
+        if rings[q].can_submit():
+            return q
+    return None
 
 @dataclasses.dataclass
 class WorkloadSummary:
@@ -145,12 +155,10 @@ class _Driver:
             return None
         if end > start and any(s < end and start < e for s, e in self.busy.values()):
             return None
-        for k in range(len(self.rings)):
-            q = (self._next + k) % len(self.rings)
-            if self.rings[q].can_submit():
-                self._next = q + 1
-                return q
-        return None
+        q = free_ring(self.rings, self._next)
+        if q is not None:
+            self._next = q + 1
+        return q
 
     def _submit(self, start: int, end: int, op: int, **kw: Any) -> None:
         while (q := self._slot_for(start, end)) is None:
