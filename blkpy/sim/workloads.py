@@ -60,7 +60,6 @@ DISCARD = blkif.BLKIF_OP_DISCARD
 _WRITING_OPS = (WRITE, FLUSH, BARRIER)
 
 
-
 def free_ring(rings: Sequence[Any], start: int) -> int | None:
     """The first queue from ``start`` on (round robin) that can take a request, or None."""
     for k in range(len(rings)):
@@ -68,6 +67,7 @@ def free_ring(rings: Sequence[Any], start: int) -> int | None:
         if rings[q].can_submit():
             return q
     return None
+
 
 @dataclasses.dataclass
 class WorkloadSummary:
