@@ -124,12 +124,14 @@ kind_kill() {
 }
 
 kind_upgrade() {
-  local r d out worst=0 failed=0 ms
+  local r d out worst=0 failed=0 ms pids
   for r in $(seq 1 "$ROUNDS"); do
+    pids=""
     for d in $DISKS; do
       (blkpy hotplug restart "$(domid)" $d > /tmp/lc-upgrade.$d 2>&1; echo $? >> /tmp/lc-upgrade.$d) &
+      pids="$pids $!"
     done
-    wait
+    wait $pids  # not a bare wait: the hotplug daemon is a child of this shell too
     for d in $DISKS; do
       out=$(cat /tmp/lc-upgrade.$d)
       mark "upgrade $r: $(echo "$out" | tr '\n' ' ')"
