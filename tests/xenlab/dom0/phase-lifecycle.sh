@@ -9,7 +9,7 @@
 # dom0 names the kind on xvdc, a raw control disk; the guest reports each kind's stall, failed
 # requests, kernel I/O errors and checked data. Then every image must pass qemu-img check.
 . "$(dirname "$0")/lib.sh"
-ROUNDS=${LAB_LIFECYCLE_ROUNDS:-5}
+ROUNDS=${LAB_LIFECYCLE_ROUNDS:-10}
 # kill last: in two runs, dom0 processes died of damaged memory right after the guest
 # started its I/O or right after the first kill -9 (tests/xenlab/README.md); snapshot after
 # save and migrate: those rebuild the disks from libxl's config, which still names the old
