@@ -937,6 +937,12 @@ static int poll_ring(struct blkpy_ringloop *l)
      * device's completions are due too (at queue depth they come every few µs), and
      * sleeping on each costs a wake-up: poll for the whole budget then. */
     int64_t budget = l->c_in_flight ? l->poll_max_ns : l->poll_ns;
+    /* A disk its limits held back since we last looked gets nothing from a spin (its
+     * next request waits for the bucket anyway): leave the CPU to its neighbours. */
+    if (l->qos && l->qos->active && l->qos->delays != l->qos_delays_seen) {
+        l->qos_delays_seen = l->qos->delays;
+        return 0;
+    }
     if (budget <= 0)
         return 0;
     struct blkpy_back_ring *r = l->ring;

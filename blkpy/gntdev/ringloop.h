@@ -237,6 +237,7 @@ struct blkpy_ringloop {
     uint32_t charged;
     uint32_t _pad2;
     int64_t qos_wait_ns;             /* how long the request at req_cons must still wait */
+    uint64_t qos_delays_seen;        /* qos->delays when the loop last decided to poll */
     /* Python has work for when the ring is empty (set by Python, cleared by the loop) */
     uint32_t idle_work;
     uint32_t _pad3;
