@@ -107,15 +107,20 @@ def growth(values: list[int], warmup: int) -> int:
     return values[-1] - values[max(warmup - 1, 0)]
 
 
+#: live objects that come and go with what the serve is doing when it is sampled
+TRANSIENT_OBJECTS = 64
+
+
 def rising(values: list[int], warmup: int) -> bool:
     """Whether a noisy series (live objects) climbs steadily after warm-up: the lowest
     value of its last third is above the highest of its first third by at least half a
-    step per sample (transient objects of the moment make a few either way)."""
+    step per sample, and by more than the transient objects of the moment (timers,
+    status dicts, a batch in flight: a few dozen either way on a busy host)."""
     tail = values[warmup:]
     third = len(tail) // 3
     if third < 2:
         return False
-    return min(tail[-third:]) - max(tail[:third]) >= max(len(tail) // 2, 1)
+    return min(tail[-third:]) - max(tail[:third]) >= max(len(tail) // 2, TRANSIENT_OBJECTS)
 
 
 @contextlib.contextmanager
