@@ -20,7 +20,8 @@ def test_growth_is_measured_from_the_end_of_warm_up():
 def test_rising_needs_a_steady_climb_not_noise():
     noise = [29590 + (i * 7) % 9 for i in range(24)]
     assert not soak.rising(noise, warmup=4)
-    leak = [29590 + 2 * i + (i * 7) % 9 for i in range(24)]  # two objects per cycle
+    leak = [29590 + 8 * i + (i * 7) % 9 for i in range(24)]  # eight objects per cycle
+    assert not soak.rising([29590 + 2 * i for i in range(24)], warmup=4)  # under transients
     assert soak.rising(leak, warmup=4)
 
 
@@ -42,7 +43,7 @@ def test_judge_flags_each_kind_of_growth():
     rss = [30000, 30500] + [30500 + 200 * i for i in range(8)]  # 1.4 MiB after warm-up
     fds = [21] * 9 + [22]
     maps = [270] * 9 + [270 + soak.MAPS_SLACK + 1]
-    objects = [29590 + 3 * i for i in range(10)]
+    objects = [29590 + 30 * i for i in range(10)]
     for kind, samples in [("rss growth", _samples(own=rss)), ("fd growth", _samples(fds=fds)),
                           ("maps growth", _samples(maps=maps)),
                           ("object growth", _samples(objects=objects))]:
