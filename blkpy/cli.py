@@ -350,7 +350,7 @@ def qos_command(domid: int, devid: int, xenstore_path: str | None, backend_domid
                                        f"(backend/vbd or backend/vbd3)")
         base = f"/local/domain/{backend_domid}/backend/{found[0]}/{domid}/{devid}/qos"
         current = {} if clear else {
-            n: xs.read_str(f"{base}/{n}") or "" for n in _children(xs, base)}
+            n: xs.read_str(f"{base}/{n}") or "" for n in xs.children(base)}  # type: ignore[attr-defined]
         merged = {**current, **{k: str(v) for k, v in wanted.items()}}
         merged = {k: v for k, v in merged.items() if v not in ("", "0")}
         try:
@@ -423,15 +423,6 @@ def ctl_resume(domid: int, devid: int, image: str | None, fmt: str | None,
                run_dir: str | None) -> None:
     """Re-open the image (or --image, refused if its size differs) and serve again."""
     _control(domid, devid, run_dir, {"command": "resume", "image": image, "format": fmt})
-
-
-def _children(xs: object, path: str) -> list[str]:
-    from blkpy.xenstore.client import XenstoreError
-
-    try:
-        return xs.directory(path)  # type: ignore[attr-defined]
-    except XenstoreError:
-        return []
 
 
 main.add_command(hotplug)

@@ -49,6 +49,16 @@ LOOP_FIELDS = ("notifies", "wakeups", "sleeps", "polls_hit", "polls_missed", "io
                "spurious_wakeups", "late_acks", "c_in_flight")
 
 
+def add_counters(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    """Counters of ``a`` and ``b`` together (a ``max_`` figure stays the maximum); a new
+    dict, the inputs are left alone."""
+    out = dict(a)
+    for name, value in b.items():
+        old = out.get(name, 0)
+        out[name] = max(old, value) if name.startswith("max_") else old + value
+    return out
+
+
 def fill_geometry(target: object, geom: DiskGeometry) -> None:
     """Copy a DiskGeometry into a ``struct blkpy_geometry``."""
     target.sectors = geom.sectors  # type: ignore[attr-defined]

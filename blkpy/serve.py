@@ -38,6 +38,7 @@ from blkpy.defaults import (
     POLL_US_DEFAULT,
 )
 from blkpy.engine import make_engine
+from blkpy.fastpath import add_counters
 from blkpy.hotplug import untap
 from blkpy.journal import JournalError, RingJournal
 from blkpy.platform import GrantMapping, Platform, PlatformError
@@ -351,10 +352,7 @@ class DeviceServer:
         """The operator's I/O limits (blkpy.qos), applied at once to every queue. A bad
         setting is logged and the limits in force stay."""
         base = f"{self.path}/qos"
-        try:
-            names = self.xs.directory(base)
-        except XenstoreError:
-            names = []
+        names = self.xs.children(base)
         nodes = {name: self.xs.read_str(f"{base}/{name}") or "" for name in names[:64]}
         try:
             limits = parse_limits(nodes)
@@ -819,9 +817,7 @@ def _per_queue_totals(totals: list[dict[str, int]],
     for q, queue in enumerate(counters):
         if q == len(out):
             out.append({})
-        for name, value in queue.items():
-            old = out[q].get(name, 0)
-            out[q][name] = max(old, value) if name.startswith("max_") else old + value
+        out[q] = add_counters(out[q], queue)
     return out
 
 

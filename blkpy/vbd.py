@@ -24,7 +24,7 @@ from blkpy import fastpath, ring
 from blkpy.backends.base import Disk
 from blkpy.defaults import MAX_PERSISTENT_GRANTS
 from blkpy.engine import IoEngine, IoVector
-from blkpy.fastpath import STAT_FIELDS, RingLoop
+from blkpy.fastpath import STAT_FIELDS, RingLoop, add_counters
 from blkpy.gntdev.native import ffi, lib
 from blkpy.grants import (
     Acquired,
@@ -192,8 +192,7 @@ class Vbd:
         self.stop()
         self.drain()
         self.paused = True
-        for name, value in self.loop.counters().items():
-            self._retired[name] = self._retired.get(name, 0) + value
+        self._retired = self.loop_counters()
         self.loop.close()
         self.engine.close()
 
@@ -226,9 +225,7 @@ class Vbd:
 
     def loop_counters(self) -> dict[str, int]:
         """What the native loop served itself, and its notifications, wake-ups and sleeps."""
-        live = self.loop.counters()
-        return {k: max(v, self._retired.get(k, 0)) if k.startswith("max_")
-                else v + self._retired.get(k, 0) for k, v in live.items()}
+        return add_counters(self._retired, self.loop.counters())
 
     # ---- running ----------------------------------------------------------------------
 

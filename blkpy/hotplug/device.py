@@ -174,8 +174,8 @@ def restart_serves(xs: XenstoreClient, backend_domid: int, device: tuple[int, in
         if not backends:
             raise HotplugError(f"no block device {device[1]} of domain {device[0]}")
     else:
-        backends = [f"{root}/{d}/{v}" for root in roots for d in _children(xs, root)
-                    for v in _children(xs, f"{root}/{d}")]
+        backends = [f"{root}/{d}/{v}" for root in roots for d in xs.children(root)
+                    for v in xs.children(f"{root}/{d}")]
     lines = []
     for backend in backends:
         old = serve_pid(xs, backend)
@@ -200,11 +200,3 @@ def restart_serves(xs: XenstoreClient, backend_domid: int, device: tuple[int, in
                      f"in {(time.monotonic() - start) * 1000:.0f} ms")
     return lines
 
-
-def _children(xs: XenstoreClient, path: str) -> list[str]:
-    from blkpy.xenstore.client import XenstoreError
-
-    try:
-        return xs.directory(path)
-    except XenstoreError:
-        return []

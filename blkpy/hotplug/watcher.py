@@ -37,7 +37,7 @@ from typing import NoReturn
 
 from blkpy.defaults import EXIT_HANDED_OVER, EXIT_TAKEOVER_FAILED
 from blkpy.hotplug import BACKEND_KINDS, SCRIPT_NAME
-from blkpy.xenstore.client import XenstoreClient, XenstoreError
+from blkpy.xenstore.client import XenstoreClient
 
 log = logging.getLogger("blkpy.hotplug.daemon")
 
@@ -184,16 +184,10 @@ class DeviceWatcher:
     def current_devices(self) -> set[str]:
         found = set()
         for kind, root in self.roots.items():
-            for domid in self._directory(root):
-                for devid in self._directory(f"{root}/{domid}"):
+            for domid in self.xs.children(root):  # may vanish between two reads
+                for devid in self.xs.children(f"{root}/{domid}"):
                     found.add(f"backend/{kind}/{domid}/{devid}")
         return found
-
-    def _directory(self, path: str) -> list[str]:
-        try:
-            return self.xs.directory(path)
-        except XenstoreError:  # vanished between two reads
-            return []
 
     def scan(self) -> None:
         present = self.current_devices()

@@ -160,6 +160,14 @@ class XenstoreClient:
             return self._directory_in_parts(path, tx)
         return [_decode(name) for name in split_strings(reply)]
 
+    def children(self, path: str, tx: int = 0) -> list[str]:
+        """Names of the node's children; none if it cannot be listed (gone, or never
+        there: watchers race the toolstack and optional nodes may be absent)."""
+        try:
+            return self.directory(path, tx)
+        except XenstoreError:
+            return []
+
     def _directory_in_parts(self, path: str, tx: int) -> list[str]:
         # A list longer than one reply: fetch it by byte offset; restart if the node
         # changed between parts (the generation count differs).
