@@ -46,7 +46,7 @@ ASYNC_READS_MIN = 2
 STAT_FIELDS = ("rd_req", "wr_req", "f_req", "rd_sect", "wr_sect", "errors", "batches")
 #: the loop's own figures of merit (notifications, sleeps, polling)
 LOOP_FIELDS = ("notifies", "wakeups", "sleeps", "polls_hit", "polls_missed", "io_errors",
-               "spurious_wakeups", "late_acks", "c_in_flight")
+               "spurious_wakeups", "late_acks", "c_in_flight", "submits")
 
 
 def add_counters(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:

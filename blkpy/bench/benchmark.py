@@ -84,6 +84,7 @@ _COUNTERS = (
     "copy_segments",
     "notifies",
     "wakeups",
+    "submits",
 )
 _DISKS = {  # pattern.disk -> (devid, vdev, label prefix)
     "raw": (51712, "xvda", ""),

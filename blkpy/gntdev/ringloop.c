@@ -36,6 +36,13 @@
 #define DISCARD_SECURE 1
 #define MAX_SLOT 128
 #define PUSH_EVERY 8   /* requests served between two pushes of responses inside a batch */
+/* Requests served between two io_uring_enter calls inside a batch of an O_DIRECT disk. A
+ * device that works through its queue one request at a time (a virtual disk whose host
+ * serves each kick's requests in turn and completes them together) idles while a whole
+ * batch is prepared, and then keeps those requests in lock-step with the guest's rounds;
+ * handing it the first few at once keeps it busy (4 KiB O_DIRECT reads at QD32 on such a
+ * disk: 58k IOPS with one enter per 32 requests, 80k with one per 4, fio's rate). */
+#define SUBMIT_EVERY 4
 /* clusters one request may span: 1024 pages at the smallest (512-byte) clusters, + 1 */
 #define RL_MAX_CLUSTERS (BLKPY_RL_MAX_INDIRECT_SEGS * 8 + 1)
 #define DESCS_PER_PAGE 512   /* 8-byte segment descriptors in a 4 KiB indirect page */
@@ -571,6 +578,13 @@ static int submit_async(struct blkpy_ringloop *l, uint32_t slot, uint64_t id, un
     return 1;
 }
 
+/* An io_uring_enter's system calls (none when nothing was queued). */
+static inline void count_submits(struct blkpy_ringloop *l, int calls)
+{
+    if (calls > 0)
+        l->submits += (uint64_t)calls;
+}
+
 /* Answer what io_uring has completed; with wait, until nothing is in flight. */
 static void reap_async(struct blkpy_ringloop *l, int wait)
 {
@@ -1062,9 +1076,13 @@ int blkpy_ringloop_run(struct blkpy_ringloop *l, int may_sleep)
                  * writes) does not turn into lock-step rounds with a wake-up each. */
                 if ((i & (PUSH_EVERY - 1)) == PUSH_EVERY - 1)
                     blkpy_ringloop_push(l);
+                /* Only for a device: page-cache reads complete inside the enter, where
+                 * more calls only cost (0.2 us per read measured at QD32). */
+                if (l->async_all && l->uring && (i & (SUBMIT_EVERY - 1)) == SUBMIT_EVERY - 1)
+                    count_submits(l, blkpy_uring_enter(l->uring));
             }
             if (l->uring)
-                blkpy_uring_enter(l->uring);
+                count_submits(l, blkpy_uring_enter(l->uring));
             blkpy_ringloop_push(l);
             if (l->notify_pending)
                 return BLKPY_LOOP_NOTIFY;

@@ -227,6 +227,7 @@ struct blkpy_ringloop {
     uint32_t spurious_run;
     uint32_t woke_on_event;
     uint64_t spurious_wakeups, late_acks;
+    uint64_t submits;                /* io_uring_enter calls that submitted requests */
     /* I/O limits shared by the disk's queues; NULL: none. charged: req_cons + 1 of a
      * request already admitted (it then went to Python, which must not charge it again) */
     /* Set once a sync of the disk failed (shared by the disk's queues and its Python

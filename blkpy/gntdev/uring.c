@@ -147,7 +147,9 @@ int blkpy_uring_queue(struct blkpy_uring *r, const struct blkpy_uio *ops, int n)
 
 int blkpy_uring_enter(struct blkpy_uring *r)
 {
+    int calls = 0;
     while (r->unsubmitted > 0) {
+        calls++;
         int ret = sys_enter(r->fd, r->unsubmitted, 0, 0);
         if (ret < 0) {
             if (errno == EINTR || errno == EAGAIN)
@@ -156,7 +158,7 @@ int blkpy_uring_enter(struct blkpy_uring *r)
         }
         r->unsubmitted -= (unsigned)ret;
     }
-    return 0;
+    return calls;
 }
 
 int blkpy_uring_submit(struct blkpy_uring *r, const struct blkpy_uio *ops, int n)
@@ -165,7 +167,7 @@ int blkpy_uring_submit(struct blkpy_uring *r, const struct blkpy_uio *ops, int n
     if (queued < 0)
         return queued;
     int err = blkpy_uring_enter(r);
-    return err ? err : queued;
+    return err < 0 ? err : queued;
 }
 
 int blkpy_uring_reap(struct blkpy_uring *r, uint64_t *user_data, int64_t *res, int max,

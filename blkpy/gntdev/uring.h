@@ -23,7 +23,8 @@ void blkpy_uring_free(struct blkpy_uring *ring);
 int blkpy_uring_submit(struct blkpy_uring *ring, const struct blkpy_uio *ops, int n);
 /* Queue up to n ops without a system call; returns how many fit (or -EINVAL). */
 int blkpy_uring_queue(struct blkpy_uring *ring, const struct blkpy_uio *ops, int n);
-/* Submit everything queued (one io_uring_enter); 0 or -errno. */
+/* Submit everything queued: the io_uring_enter calls it took (0: nothing was queued)
+ * or -errno. */
 int blkpy_uring_enter(struct blkpy_uring *ring);
 /* Collect up to max completions, blocking until at least min_complete exist. */
 int blkpy_uring_reap(struct blkpy_uring *ring, uint64_t *user_data, int64_t *res, int max,
