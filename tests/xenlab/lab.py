@@ -37,6 +37,8 @@ KEEP_RUNS = 8
 
 
 #: diagnostics dom0 understands (tests/xenlab/dom0/lib.sh), passed with ``--debug``
+#: what the lifecycle phase does to its serves, in its default order (phase-lifecycle.sh)
+LIFECYCLE_KINDS = ("upgrade", "save", "migrate", "snapshot", "kill")
 DEBUG_KNOBS = {
     "cores": "dom0 processes that crash (serves, bash, xenstored...) dump core into the run dir",
     "freshcheck": "memory checkers (dom0/freshcheck.c) run beside each blkpy phase",
@@ -45,7 +47,8 @@ DEBUG_KNOBS = {
 
 
 def prepare_run(builder: ImageBuilder, images: Images, phases: list[str],
-                debug: list[str] | None = None) -> Path:
+                debug: list[str] | None = None,
+                phase_env: dict[str, str] | None = None) -> Path:
     runs = builder.cache / "runs"
     runs.mkdir(exist_ok=True)
     for old in sorted(runs.iterdir())[:-KEEP_RUNS]:
@@ -60,7 +63,9 @@ def prepare_run(builder: ImageBuilder, images: Images, phases: list[str],
     shutil.copy(native, run_dir / "native" / native.name)
     build_domu_initrd(builder, images, run_dir / "domU-initrd.img")
     (run_dir / "lab.env").write_text(f"LAB_PHASES='{' '.join(phases)}'\n"
-                                     f"LAB_DEBUG='{' '.join(debug or [])}'\n")
+                                     f"LAB_DEBUG='{' '.join(debug or [])}'\n"
+                                     + "".join(f"{k}='{v}'\n"
+                                               for k, v in (phase_env or {}).items()))
     return run_dir
 
 
@@ -97,13 +102,14 @@ class LabLock:
 
 def run_lab(phases: list[str], timeout: float, echo: bool = True,
             debug: list[str] | None = None, accel: str = "tcg",
-            cpu: str = CPU_MODEL, suite: str | None = None) -> BootResult:
+            cpu: str = CPU_MODEL, suite: str | None = None,
+            phase_env: dict[str, str] | None = None) -> BootResult:
     """Build (cached), stage and boot once. Raises BuildError if the images cannot be made."""
     builder = ImageBuilder(suite=suite_named(suite))
     with LabLock(builder.cache):
         t0 = time.monotonic()
         images = builder.build()
-        run_dir = prepare_run(builder, images, phases, debug)
+        run_dir = prepare_run(builder, images, phases, debug, phase_env)
         prep = time.monotonic() - t0
         load_before = os.getloadavg()
         if echo:
@@ -147,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--debug", default="",
                      help="comma-separated diagnostics: " + "; ".join(
                          f"{k}: {v}" for k, v in DEBUG_KNOBS.items()))
+    run.add_argument("--lifecycle-kinds", default=None,
+                     help="the lifecycle phase's kinds, comma-separated, in this order "
+                          f"(default: {','.join(LIFECYCLE_KINDS)})")
+    run.add_argument("--lifecycle-rounds", type=int, default=None,
+                     help="upgrades and kills per disk in the lifecycle phase (default 10)")
     args = ap.parse_args(argv)
     try:
         suite = suite_named(args.suite)
@@ -166,8 +177,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"xenlab: unknown --debug {', '.join(sorted(set(debug) - set(DEBUG_KNOBS)))}; "
                   f"known: {', '.join(DEBUG_KNOBS)}", file=sys.stderr)
             return 2
+        phase_env = {}
+        if args.lifecycle_kinds is not None:
+            kinds = [k for k in args.lifecycle_kinds.split(",") if k]
+            if not kinds or set(kinds) - set(LIFECYCLE_KINDS):
+                print(f"xenlab: --lifecycle-kinds takes some of {','.join(LIFECYCLE_KINDS)}",
+                      file=sys.stderr)
+                return 2
+            phase_env["LAB_LIFECYCLE_KINDS"] = " ".join(kinds)
+        if args.lifecycle_rounds is not None:
+            if args.lifecycle_rounds < 1:
+                print("xenlab: --lifecycle-rounds must be at least 1", file=sys.stderr)
+                return 2
+            phase_env["LAB_LIFECYCLE_ROUNDS"] = str(args.lifecycle_rounds)
         result = run_lab(phases, args.timeout, debug=debug, accel=args.accel,
-                         cpu=args.cpu, suite=suite.name)
+                         cpu=args.cpu, suite=suite.name, phase_env=phase_env)
     except BuildError as exc:
         print(f"xenlab: build failed: {exc}", file=sys.stderr)
         return 2

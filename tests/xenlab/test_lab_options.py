@@ -43,6 +43,32 @@ def test_unknown_debug_knob_or_phase_is_refused_before_booting(argv, capsys):
     assert "unknown" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["run", "--lifecycle-kinds", "kill,reboot"],
+                                  ["run", "--lifecycle-kinds", ","],
+                                  ["run", "--lifecycle-rounds", "0"]])
+def test_bad_lifecycle_choice_is_refused_before_booting(argv, capsys):
+    assert main(argv) == 2
+    assert "--lifecycle" in capsys.readouterr().err
+
+
+def test_lifecycle_choices_reach_the_phase(tmp_path, monkeypatch):
+    """The options become the variables phase-lifecycle.sh reads (prepare_run writes them
+    into the run's lab.env, which dom0 sources)."""
+    from . import lab
+    seen = {}
+
+    def fake_run_lab(phases, timeout, **kw):
+        seen.update(kw["phase_env"])
+        raise lab.BuildError("stop here")
+
+    monkeypatch.setattr(lab, "run_lab", fake_run_lab)
+    assert main(["run", "--phases", "lifecycle", "--lifecycle-kinds", "kill,upgrade",
+                 "--lifecycle-rounds", "3"]) == 2
+    assert seen == {"LAB_LIFECYCLE_KINDS": "kill upgrade", "LAB_LIFECYCLE_ROUNDS": "3"}
+    script = (DOM0 / "phase-lifecycle.sh").read_text()
+    assert "LAB_LIFECYCLE_KINDS" in script and "LAB_LIFECYCLE_ROUNDS" in script
+
+
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="no C compiler")
 def test_freshcheck_builds(tmp_path):
     """dom0 compiles freshcheck.c itself (--debug freshcheck, the stress phase)."""
