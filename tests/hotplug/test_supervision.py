@@ -46,6 +46,8 @@ class Guest:
         target = self.done + requests
         deadline = time.monotonic() + timeout
         acted = during is None
+        # a gap counts from this run's start: between runs the guest itself sent nothing
+        self.last = time.monotonic()
         while self.done < target:
             assert time.monotonic() < deadline, "the guest's I/O stalled"
             while len(self.busy) < 8 and self.ring.can_submit():
