@@ -76,9 +76,10 @@ def qemu_command(images: Images, run_dir: Path, src_dir: Path, *, smp: int = 2,
 
 def boot(images: Images, run_dir: Path, src_dir: Path, *, timeout: float,
          extra_dom0: str = "", echo: bool = True, accel: str = "tcg",
-         cpu: str = CPU_MODEL) -> BootResult:
+         cpu: str = CPU_MODEL, smp: int = 2) -> BootResult:
     """Boot once; stream progress lines to stdout when ``echo``; never exceed ``timeout``."""
-    cmd = qemu_command(images, run_dir, src_dir, extra_dom0=extra_dom0, accel=accel, cpu=cpu)
+    cmd = qemu_command(images, run_dir, src_dir, extra_dom0=extra_dom0, accel=accel, cpu=cpu,
+                       smp=smp)
     (run_dir / "qemu.cmd").write_text(shlex.join(cmd) + "\n")
     serial = run_dir / "serial.log"
     serial.write_bytes(b"")

@@ -27,8 +27,11 @@ from .results import format_summary, parse_checks, parse_figures
 from .staging import REPO, build_domu_initrd, build_native
 
 ALL_PHASES = ["blkback", "func", "life", "qcow2"]
+#: phases both hosts run, by default only where SUITE_PHASES says: ``nbd`` (issue 11: a guest
+#: whose disks are NBD exports qemu-nbd serves from dom0) costs each boot the same
+SHARED_PHASES = ["nbd"]
 #: the default phases of each host; ``backendtype=tap`` (phase vbd3) needs libxl >= 4.19
-SUITE_PHASES = {"bookworm": ALL_PHASES, "trixie": ["vbd3"]}
+SUITE_PHASES = {"bookworm": ALL_PHASES, "trixie": ["vbd3", "nbd"]}
 #: phases only run when named: ``stress`` checks the emulated machine itself (dom0/phase-stress.sh);
 #: ``lifecycle`` (issue 9: kill, upgrade, save/restore, migrate, live snapshot) takes ~15 min
 EXTRA_PHASES = ["stress", "lifecycle"]
@@ -75,9 +78,9 @@ def suite_phases(suite: str) -> list[str]:
 
 
 def known_phases(suite: str) -> list[str]:
-    """What a host may be asked for: its own, the 4.17 ones (4.20 runs them too) and the
-    extras."""
-    return list(dict.fromkeys(SUITE_PHASES[suite] + ALL_PHASES + EXTRA_PHASES))
+    """What a host may be asked for: its own, the 4.17 ones (4.20 runs them too), those
+    both run and the extras."""
+    return list(dict.fromkeys(SUITE_PHASES[suite] + ALL_PHASES + SHARED_PHASES + EXTRA_PHASES))
 
 
 class LabLock:
@@ -103,7 +106,7 @@ class LabLock:
 def run_lab(phases: list[str], timeout: float, echo: bool = True,
             debug: list[str] | None = None, accel: str = "tcg",
             cpu: str = CPU_MODEL, suite: str | None = None,
-            phase_env: dict[str, str] | None = None) -> BootResult:
+            phase_env: dict[str, str] | None = None, smp: int = 2) -> BootResult:
     """Build (cached), stage and boot once. Raises BuildError if the images cannot be made."""
     builder = ImageBuilder(suite=suite_named(suite))
     with LabLock(builder.cache):
@@ -115,7 +118,7 @@ def run_lab(phases: list[str], timeout: float, echo: bool = True,
         if echo:
             print(f"xenlab: images + staging {prep:.1f}s; run dir {run_dir}", flush=True)
         result = boot(images, run_dir, REPO, timeout=timeout, echo=echo, accel=accel,
-                      cpu=cpu)
+                      cpu=cpu, smp=smp)
     load_after = os.getloadavg()
     text = result.text
     # QEMU alone keeps about 2 cores busy: a higher load means other work shared the host,
@@ -141,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                             "default $BLKPY_XENLAB_SUITE, else bookworm")
     run.add_argument("--phases", default=None,
                      help="comma-separated subset of "
-                          f"{','.join(sorted({p for ps in SUITE_PHASES.values() for p in ps} | set(EXTRA_PHASES)))} "
+                          f"{','.join(sorted({p for ps in SUITE_PHASES.values() for p in ps} | set(SHARED_PHASES + EXTRA_PHASES)))} "
                           "(default: the suite's, " + "; ".join(
                               f"{k}: {','.join(v)}" for k, v in SUITE_PHASES.items()) + ")")
     run.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
@@ -153,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--debug", default="",
                      help="comma-separated diagnostics: " + "; ".join(
                          f"{k}: {v}" for k, v in DEBUG_KNOBS.items()))
+    run.add_argument("--smp", type=int, choices=(1, 2), default=2,
+                     help="CPUs of the emulated machine, all dom0's (default %(default)s; "
+                          "the phases with two-vCPU guests need 2)")
     run.add_argument("--lifecycle-kinds", default=None,
                      help="the lifecycle phase's kinds, comma-separated, in this order "
                           f"(default: {','.join(LIFECYCLE_KINDS)})")
@@ -191,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             phase_env["LAB_LIFECYCLE_ROUNDS"] = str(args.lifecycle_rounds)
         result = run_lab(phases, args.timeout, debug=debug, accel=args.accel,
-                         cpu=args.cpu, suite=suite.name, phase_env=phase_env)
+                         cpu=args.cpu, suite=suite.name, phase_env=phase_env, smp=args.smp)
     except BuildError as exc:
         print(f"xenlab: build failed: {exc}", file=sys.stderr)
         return 2

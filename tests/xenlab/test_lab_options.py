@@ -37,6 +37,12 @@ def test_accel_and_cpu_can_be_chosen():
     assert _after(cmd, "-cpu") == "max,-avx"
 
 
+def test_one_cpu_machine_gives_dom0_one_vcpu():
+    cmd = qemu_command(Images(Path("/images"), "6.1"), Path("/run"), Path("/src"), smp=1)
+    assert _after(cmd, "-smp") == "1"
+    assert "dom0_max_vcpus=1 " in _after(cmd, "-append")
+
+
 @pytest.mark.parametrize("argv", [["run", "--debug", "cores,bogus"], ["run", "--phases", "nope"]])
 def test_unknown_debug_knob_or_phase_is_refused_before_booting(argv, capsys):
     assert main(argv) == 2
@@ -91,6 +97,18 @@ def test_summary_shows_xentop_beside_the_guest():
 
 def test_suites_and_their_phases(capsys):
     assert SUITES["trixie"].xen == "4.20" and SUITES["bookworm"].xen == "4.17"
-    assert suite_phases("trixie") == ["vbd3"] and "vbd3" not in known_phases("bookworm")
+    assert suite_phases("trixie") == ["vbd3", "nbd"] and "vbd3" not in known_phases("bookworm")
     assert main(["run", "--suite", "bookworm", "--phases", "vbd3"]) == 2
     assert "unknown phase(s) vbd3 on bookworm" in capsys.readouterr().err
+
+
+def test_the_nbd_phase_runs_on_both_hosts_by_default_on_one():
+    """Either host can be asked for it; one boot of CI runs it."""
+    assert all("nbd" in known_phases(s) for s in SUITES)
+    assert [s for s in SUITES if "nbd" in suite_phases(s)] == ["trixie"]
+
+
+def test_every_phase_has_its_dom0_script():
+    for suite in SUITES:
+        for phase in known_phases(suite):
+            assert (DOM0 / f"phase-{phase}.sh").is_file(), phase
