@@ -149,8 +149,8 @@ class RingLoop:
             raise ValueError(f"unknown ring loop I/O mode {io_mode!r}")
         self._queue = queue  # a network disk's own completion queue (Disk.loop_queue)
         if queue is not None:
-            n.nbdq = queue.native
-            n.uring_efd = lib.blkpy_nbd_queue_fd(queue.native)
+            n.diskq = queue.native
+            n.uring_efd = lib.blkpy_queue_fd(queue.native)
             n.iov_per_slot = min(max(geom.max_indirect_segments, 11),
                                  lib.BLKPY_RL_MAX_INDIRECT_SEGS)
             n.async_all = 1
@@ -248,7 +248,7 @@ class RingLoop:
             os.close(self.wake_fd)
             self.wake_fd = -1
         if self._queue is not None:  # after the loop: it answered all it sent
-            self.native.nbdq = ffi.NULL
+            self.native.diskq = ffi.NULL
             self._queue.close()
             self._queue = None
         if self._uring != ffi.NULL:

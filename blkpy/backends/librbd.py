@@ -4,12 +4,13 @@
 Why ABI mode rather than a compiled extension: nothing to build at install (blkpy installs
 and its main native module loads on machines without Ceph), no build-time dependency on
 ``librbd-dev``, and the rbd target fails with one clear line where ``librbd1`` is missing.
-These calls take pointers, integers and ``struct iovec`` only, so a libffi call
-(~1 µs) is nothing next to a network round trip, and the declarations below are checked
-against Debian's ``<rbd/librbd.h>`` by a test that compiles them (API mode) where the
-header is installed (tests/backends/test_rbd.py). Prototypes are librbd 1.16 (Ceph 16,
-"pacific"); every one used here exists since librbd 1.12 or earlier, except
-``rbd_aio_write_zeroes`` (1.16).
+These are the control calls and the synchronous data calls (image tools, the sync and
+thread engines), so a libffi call (~1 µs) is nothing next to a network round trip; the
+asynchronous data path is C (``blkpy/backends/rbdio.c``, which looks librbd up itself).
+The declarations below are checked against Debian's ``<rbd/librbd.h>`` by a test that
+compiles them (API mode) where the header is installed (tests/backends/test_rbd.py).
+Prototypes are librbd 1.16 (Ceph 16, "pacific"); every one used here exists since librbd
+1.12 or earlier, except ``rbd_write_zeroes`` (1.16).
 """
 
 from __future__ import annotations
@@ -25,10 +26,7 @@ CDEF = """
 typedef void *rados_t;
 typedef void *rados_ioctx_t;
 typedef void *rbd_image_t;
-typedef void *rbd_completion_t;
-typedef void (*rbd_callback_t)(rbd_completion_t cb, void *arg);
 typedef enum { RBD_LOCK_MODE_EXCLUSIVE = 0, RBD_LOCK_MODE_SHARED = 1 } rbd_lock_mode_t;
-struct iovec { void *iov_base; size_t iov_len; };
 
 int rados_create2(rados_t *pcluster, const char *const clustername,
                   const char *const name, uint64_t flags);
@@ -55,26 +53,8 @@ ssize_t rbd_write2(rbd_image_t image, uint64_t ofs, size_t len, const char *buf,
 int rbd_flush(rbd_image_t image);
 ssize_t rbd_write_zeroes(rbd_image_t image, uint64_t ofs, size_t len, int zero_flags,
                          int op_flags);
-
-int rbd_aio_create_completion(void *cb_arg, rbd_callback_t complete_cb,
-                              rbd_completion_t *c);
-ssize_t rbd_aio_get_return_value(rbd_completion_t c);
-void *rbd_aio_get_arg(rbd_completion_t c);
-void rbd_aio_release(rbd_completion_t c);
-int rbd_aio_readv(rbd_image_t image, const struct iovec *iov, int iovcnt, uint64_t off,
-                  rbd_completion_t c);
-int rbd_aio_writev(rbd_image_t image, const struct iovec *iov, int iovcnt, uint64_t off,
-                   rbd_completion_t c);
-int rbd_aio_flush(rbd_image_t image, rbd_completion_t c);
-int rbd_aio_discard(rbd_image_t image, uint64_t off, uint64_t len, rbd_completion_t c);
-int rbd_aio_write_zeroes(rbd_image_t image, uint64_t off, size_t len, rbd_completion_t c,
-                         int zero_flags, int op_flags);
-int rbd_set_image_notification(rbd_image_t image, int fd, int type);
-int rbd_poll_io_events(rbd_image_t image, rbd_completion_t *comps, int numcomp);
 """
 
-#: rbd_set_image_notification's fd type (librbd.h: EVENT_TYPE_EVENTFD)
-EVENT_TYPE_EVENTFD = 2
 #: rbd_get_features bit (features.h: RBD_FEATURE_EXCLUSIVE_LOCK)
 FEATURE_EXCLUSIVE_LOCK = 1 << 2
 #: sonames of Debian's librbd1/librados2 (the packages ceph-common depends on)

@@ -3,7 +3,8 @@
 libnbd's C API is used through blkpy's native module (``blkpy/backends/nbdio.c``), not
 its Python binding: the C API reads and writes straight into the mapped guest pages with no
 Python object per request, and one C thread per connection drives libnbd's state machine,
-so completions arrive on an eventfd the ring thread already sleeps on (``NbdEngine``) and
+so completions arrive on an eventfd the ring thread already sleeps on (a disk queue,
+``blkpy.backends.diskqueue``: the ring loop's and the engine's) and
 no request ever waits for the network on the ring thread. The same thread reconnects when
 the connection drops and re-issues what was in flight.
 
@@ -25,7 +26,6 @@ import errno
 import logging
 import math
 import os
-import select
 import threading
 import urllib.parse
 from collections.abc import Sequence
@@ -34,7 +34,7 @@ import numpy as np
 
 from blkpy import engine as io
 from blkpy.backends.base import Disk, DiskError
-from blkpy.engine import IoEngine, IoVector
+from blkpy.backends.diskqueue import OP_DTYPE, TRIM, DiskQueue, QueueEngine
 from blkpy.gntdev.native import ffi, lib
 
 log = logging.getLogger("blkpy.nbd")
@@ -55,19 +55,6 @@ URI_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
 TLS_OPTIONS = ("tls-psk-file", "tls-certificates")
 BLKPY_OPTIONS = ("reconnect-delay", "request-timeout")
 
-# struct blkpy_nbd_op; kinds READ/WRITE/FLUSH/DISCARD are the engine's, DISCARD being an
-# NBD WRITE_ZEROES that may release space (what Disk.discard promises: reads as zeros).
-_OP_DTYPE = np.dtype(
-    {
-        "names": ["kind", "iov_count", "offset", "length", "iov_addr", "user_data"],
-        "formats": ["<u4", "<u4", "<u8", "<u8", "<u8", "<u8"],
-        "offsets": [0, 4, 8, 16, 24, 32],
-        "itemsize": 40,
-    }
-)
-_TRIM = 4
-_IOVEC_SIZE = 16
-_REAP_MAX = 256
 _STATES = {0: "connected", 1: "reconnecting", 2: "reconnecting, requests failing"}
 
 
@@ -207,47 +194,6 @@ def _strerror(res: int) -> OSError:
     return OSError(-res, os.strerror(-res))
 
 
-class _Queue:
-    """A completion queue of the connection: ops in, (user_data, result) out."""
-
-    def __init__(self, conn: object) -> None:
-        self._q = lib.blkpy_nbd_queue_new(conn)
-        if self._q == ffi.NULL:
-            raise OSError(errno.ENOMEM, "cannot create an NBD completion queue")
-        self._ud = np.zeros(_REAP_MAX, dtype=np.uint64)
-        self._res = np.zeros(_REAP_MAX, dtype=np.int64)
-
-    def fileno(self) -> int:
-        return int(lib.blkpy_nbd_queue_fd(self._q))
-
-    @property
-    def native(self) -> object:
-        """The C queue, for the native ring loop (blkpy/gntdev/ringloop.c)."""
-        return self._q
-
-    def submit(self, ops: np.ndarray) -> int:
-        """0 or -errno (nothing was queued)."""
-        return int(lib.blkpy_nbd_submit(self._q, ffi.cast("struct blkpy_nbd_op *",
-                                                          ops.ctypes.data), len(ops)))
-
-    def reap(self) -> list[tuple[int, int]]:
-        out: list[tuple[int, int]] = []
-        while True:
-            n = lib.blkpy_nbd_reap(self._q, ffi.cast("uint64_t *", self._ud.ctypes.data),
-                                   ffi.cast("int64_t *", self._res.ctypes.data), _REAP_MAX)
-            out += zip(self._ud[:n].tolist(), self._res[:n].tolist(), strict=True)
-            if n < _REAP_MAX:
-                return out
-
-    def wait(self, timeout: float | None) -> None:
-        select.select([self.fileno()], [], [], timeout)
-
-    def close(self) -> None:
-        if self._q != ffi.NULL:
-            lib.blkpy_nbd_queue_free(self._q)
-            self._q = ffi.NULL
-
-
 class NbdDisk(Disk):
     """One NBD export. The export's size and read-only flag are what the server says (a
     read-only export makes the disk read-only); discard is a WRITE_ZEROES that lets the
@@ -268,7 +214,7 @@ class NbdDisk(Disk):
                             f"{ffi.string(msg).decode(errors='replace')}")
         self._conn = conn
         self._closed = False
-        self._sync: _Queue | None = None
+        self._sync: DiskQueue | None = None
         self._seen = (0, 0, 0)  # (reconnects, expiries, stalls) last logged
         info = self.info()
         if info.block_min > 4096:
@@ -280,7 +226,7 @@ class NbdDisk(Disk):
         self.refresh_size()
         self.can_discard = bool(info.can_zero) and not self.readonly
         self.discard_granularity = max(4096, min(info.block_preferred, 1 << 20))
-        self._sync = _Queue(conn)
+        self._sync = self.queue()
         self._sync_lock = threading.Lock()
         log.info("%s: %d bytes%s, structured replies %s, TLS %s, flush %s, zero %s, trim %s",
                  self.target.uri, info.size, " read-only" if info.read_only else "",
@@ -300,16 +246,17 @@ class NbdDisk(Disk):
                                                   "expired", "stalls", "state",
                                                   "last_errno")}
 
-    def queue(self) -> _Queue:
-        """A completion queue of its own (one per ring's engine)."""
-        return _Queue(self._conn)
+    def queue(self) -> DiskQueue:
+        """A completion queue of its own on the connection (one per ring's engine and
+        loop)."""
+        return DiskQueue(lib.blkpy_nbd_queue_new(self._conn), "an NBD completion queue")
 
-    def engine(self) -> NbdEngine:
-        return NbdEngine(self)
+    def engine(self) -> QueueEngine:
+        return QueueEngine(self, self.queue())
 
     has_loop_queue = True
 
-    def loop_queue(self) -> _Queue:
+    def loop_queue(self) -> DiskQueue:
         # The ring loop sends reads, writes and flushes itself and answers each as it
         # completes; the Python engine keeps discards and what the loop leaves.
         return self.queue()
@@ -344,7 +291,7 @@ class NbdDisk(Disk):
         keep = [ffi.from_buffer(b) for b in bufs]
         iov = np.array([(int(ffi.cast("uintptr_t", p)), len(p)) for p in keep],
                        dtype=np.uint64).reshape(-1, 2)
-        op = np.zeros(1, dtype=_OP_DTYPE)
+        op = np.zeros(1, dtype=OP_DTYPE)
         op["kind"], op["offset"], op["length"] = kind, offset, length
         op["iov_addr"], op["iov_count"] = iov.ctypes.data, len(iov)
         assert self._sync is not None, "disk is closed"
@@ -389,7 +336,7 @@ class NbdDisk(Disk):
             raise PermissionError(errno.EROFS, "disk is read-only")
         self.check_range(offset, length)
         if length:
-            self._run(_TRIM, offset, length)
+            self._run(TRIM, offset, length)
 
     def close(self) -> None:
         """Flush (the next host to open the export must find every write durable), then
@@ -408,66 +355,3 @@ class NbdDisk(Disk):
 
 def _yes(flag: int) -> str:
     return "yes" if flag else "no"
-
-
-class NbdEngine(IoEngine):
-    """A ring's requests to the NBD connection: a batch is handed over in one call, and
-    completions come back on an eventfd the ring loop sleeps on (``fileno``), like the
-    io_uring engine's. Flushes and discards wait for everything before them."""
-
-    def __init__(self, disk: NbdDisk) -> None:
-        super().__init__(disk)
-        self._q = disk.queue()
-        self._vectors: dict[int, IoVector] = {}
-        self._done: list[IoVector] = []
-        self._next_vid = 0
-
-    def submit(self, vec: IoVector) -> None:
-        vid = self._next_vid
-        self._next_vid = (vid + 1) & 0xFFFFFFFF
-        n = len(vec)
-        ops = np.zeros(n, dtype=_OP_DTYPE)
-        ops["kind"] = vec.kind
-        ops["offset"] = vec.offset
-        ops["length"] = vec.length
-        # the iovec rows stay in vec.iov, alive until the vector is returned
-        ops["iov_addr"] = vec.iov.ctypes.data + vec.iov_first.astype(np.uint64) * _IOVEC_SIZE
-        ops["iov_count"] = vec.iov_count
-        ops["user_data"] = (np.uint64(vid) << np.uint64(32)) | np.arange(n, dtype=np.uint64)
-        self._vectors[vid] = vec
-        err = self._q.submit(ops)
-        if err:  # nothing was queued (out of memory): fail the batch, never hang it
-            vec.result[:] = err
-            vec.pending = 0
-            del self._vectors[vid]
-            self._done.append(vec)
-
-    def completions(self) -> list[IoVector]:
-        for ud, res in self._q.reap():
-            vid = ud >> 32
-            vec = self._vectors[vid]
-            vec.result[ud & 0xFFFFFFFF] = res
-            vec.pending -= 1
-            if vec.pending == 0:
-                del self._vectors[vid]
-                self._done.append(vec)
-        done, self._done = self._done, []
-        return done
-
-    def wait(self, timeout: float | None = None) -> list[IoVector]:
-        if not self._done and self._vectors:
-            self._q.wait(timeout)
-        return self.completions()
-
-    def fileno(self) -> int | None:
-        return self._q.fileno()
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._vectors) + len(self._done)
-
-    def close(self) -> None:
-        """Waits for what is in flight (bounded by the reconnect delay)."""
-        while self._vectors:
-            self.wait(1.0)
-        self._q.close()

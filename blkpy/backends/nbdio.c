@@ -4,7 +4,7 @@
  * ring thread never waits for the handle or for a send. `mu` also guards the connection
  * state and the export's info as other threads read them; `done_mu` guards the list
  * libnbd's completion callbacks append to (they run inside libnbd calls of the
- * connection thread); each queue's `mu` guards its completed ops. */
+ * connection thread); completed ops go to their queue's completion list (diskq.c). */
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
@@ -43,19 +43,7 @@ void blkpy_nbd_get_info(struct blkpy_nbd *c, struct blkpy_nbd_info *info) { (voi
 void blkpy_nbd_get_stats(struct blkpy_nbd *c, struct blkpy_nbd_stats *s) { (void)c, (void)s; }
 void blkpy_nbd_drop(struct blkpy_nbd *c) { (void)c; }
 void blkpy_nbd_close(struct blkpy_nbd *c) { (void)c; }
-struct blkpy_nbd_queue *blkpy_nbd_queue_new(struct blkpy_nbd *c) { (void)c; return NULL; }
-int blkpy_nbd_queue_fd(const struct blkpy_nbd_queue *q) { (void)q; return -1; }
-int blkpy_nbd_submit(struct blkpy_nbd_queue *q, const struct blkpy_nbd_op *ops, uint32_t n)
-{
-    (void)q, (void)ops, (void)n;
-    return -ENOSYS;
-}
-int blkpy_nbd_reap(struct blkpy_nbd_queue *q, uint64_t *ud, int64_t *res, uint32_t max)
-{
-    (void)q, (void)ud, (void)res, (void)max;
-    return 0;
-}
-void blkpy_nbd_queue_free(struct blkpy_nbd_queue *q) { (void)q; }
+struct blkpy_disk_queue *blkpy_nbd_queue_new(struct blkpy_nbd *c) { (void)c; return NULL; }
 
 #else /* BLKPY_HAVE_LIBNBD */
 
@@ -124,8 +112,8 @@ enum { NBDIO_UP, NBDIO_DOWN, NBDIO_EXPIRED };
 #define NBDIO_DISCONNECT_MS 2000
 
 struct nbdio_op {
+    struct blkpy_queue_done done;   /* first: the completion list frees the op */
     struct blkpy_nbd_queue *q;
-    uint64_t user_data;
     uint32_t kind;
     uint32_t iovcnt;
     uint64_t offset, length;
@@ -148,10 +136,8 @@ struct nbdio_cmd {
 };
 
 struct blkpy_nbd_queue {
+    struct blkpy_disk_queue dq;   /* first: the queue is freed through it */
     struct blkpy_nbd *c;
-    int efd;
-    pthread_mutex_t mu;
-    struct nbdio_op *head, *tail;   /* completed, not yet reaped */
 };
 
 struct blkpy_nbd {
@@ -299,16 +285,8 @@ fail:
 
 static void nbdio_post(struct nbdio_op *op)
 {
-    struct blkpy_nbd_queue *q = op->q;
-    op->next = NULL;
-    pthread_mutex_lock(&q->mu);
-    if (q->tail)
-        q->tail->next = op;
-    else
-        q->head = op;
-    q->tail = op;
-    pthread_mutex_unlock(&q->mu);
-    nbdio_signal(q->efd);
+    op->done.result = op->err ? -(int64_t)op->err : 0;
+    blkpy_queue_post(&op->q->dq, &op->done);
 }
 
 static void nbdio_op_end(struct blkpy_nbd *c, struct nbdio_op *op, int err)
@@ -841,28 +819,10 @@ void blkpy_nbd_close(struct blkpy_nbd *c)
     free(c);
 }
 
-struct blkpy_nbd_queue *blkpy_nbd_queue_new(struct blkpy_nbd *c)
+static int nbdio_submit(struct blkpy_disk_queue *dq, const struct blkpy_queue_op *ops,
+                        uint32_t n)
 {
-    struct blkpy_nbd_queue *q = calloc(1, sizeof *q);
-    if (!q)
-        return NULL;
-    q->c = c;
-    q->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (q->efd < 0) {
-        free(q);
-        return NULL;
-    }
-    pthread_mutex_init(&q->mu, NULL);
-    return q;
-}
-
-int blkpy_nbd_queue_fd(const struct blkpy_nbd_queue *q)
-{
-    return q->efd;
-}
-
-int blkpy_nbd_submit(struct blkpy_nbd_queue *q, const struct blkpy_nbd_op *ops, uint32_t n)
-{
+    struct blkpy_nbd_queue *q = (struct blkpy_nbd_queue *)dq;
     struct blkpy_nbd *c = q->c;
     struct nbdio_op *first = NULL, **link = &first;
     for (uint32_t k = 0; k < n; k++) {
@@ -876,7 +836,7 @@ int blkpy_nbd_submit(struct blkpy_nbd_queue *q, const struct blkpy_nbd_op *ops, 
             return -ENOMEM;
         }
         op->q = q;
-        op->user_data = ops[k].user_data;
+        op->done.user_data = ops[k].user_data;
         op->kind = ops[k].kind;
         op->offset = ops[k].offset;
         op->length = ops[k].length;
@@ -913,41 +873,24 @@ int blkpy_nbd_submit(struct blkpy_nbd_queue *q, const struct blkpy_nbd_op *ops, 
     return 0;
 }
 
-int blkpy_nbd_reap(struct blkpy_nbd_queue *q, uint64_t *user_data, int64_t *result,
-                   uint32_t max)
+static void nbdio_queue_destroy(struct blkpy_disk_queue *dq)
 {
-    nbdio_drain_fd(q->efd);   /* before taking: a later post signals again */
-    pthread_mutex_lock(&q->mu);
-    uint32_t n = 0;
-    while (q->head && n < max) {
-        struct nbdio_op *op = q->head;
-        q->head = op->next;
-        user_data[n] = op->user_data;
-        result[n] = op->err ? -(int64_t)op->err : 0;
-        free(op);
-        n++;
-    }
-    if (!q->head)
-        q->tail = NULL;
-    int more = q->head != NULL;
-    pthread_mutex_unlock(&q->mu);
-    if (more)
-        nbdio_signal(q->efd);
-    return (int)n;
+    free(dq);
 }
 
-void blkpy_nbd_queue_free(struct blkpy_nbd_queue *q)
+struct blkpy_disk_queue *blkpy_nbd_queue_new(struct blkpy_nbd *c)
 {
+    struct blkpy_nbd_queue *q = calloc(1, sizeof *q);
     if (!q)
-        return;
-    while (q->head) {
-        struct nbdio_op *op = q->head;
-        q->head = op->next;
-        free(op);
+        return NULL;
+    q->c = c;
+    q->dq.submit = nbdio_submit;
+    q->dq.destroy = nbdio_queue_destroy;
+    if (blkpy_queue_init(&q->dq)) {
+        free(q);
+        return NULL;
     }
-    close(q->efd);
-    pthread_mutex_destroy(&q->mu);
-    free(q);
+    return &q->dq;
 }
 
 #endif /* BLKPY_HAVE_LIBNBD */

@@ -8,10 +8,11 @@
 #ifndef BLKPY_NBDIO_H
 #define BLKPY_NBDIO_H
 #include <stdint.h>
+#include "diskq.h"
 
 /* CDEF-BEGIN */
 struct blkpy_nbd;
-struct blkpy_nbd_queue;
+struct blkpy_disk_queue;
 
 /* What the export offers, as negotiated on the current connection. */
 struct blkpy_nbd_info {
@@ -40,16 +41,6 @@ struct blkpy_nbd_stats {
     int32_t last_errno;
 };
 
-/* One disk operation handed over from an IoVector entry. */
-struct blkpy_nbd_op {
-    uint32_t kind;        /* 0 read, 1 write, 2 flush, 3 zero (may punch), 4 trim */
-    uint32_t iov_count;
-    uint64_t offset;
-    uint64_t length;
-    uint64_t iov_addr;    /* struct iovec array, alive until the op completes */
-    uint64_t user_data;
-};
-
 /* 1 if libnbd can be used; otherwise 0 and why in msg. */
 int blkpy_nbd_available(char *msg, uint32_t msglen);
 /* Connect to `uri` (libnbd's URI syntax) within connect_ms; NULL and a message on
@@ -66,15 +57,7 @@ void blkpy_nbd_drop(struct blkpy_nbd *c);
 /* Stop the thread and disconnect. Every queue must be freed first. */
 void blkpy_nbd_close(struct blkpy_nbd *c);
 
-/* A completion queue: its eventfd is readable while completions wait. */
-struct blkpy_nbd_queue *blkpy_nbd_queue_new(struct blkpy_nbd *c);
-int blkpy_nbd_queue_fd(const struct blkpy_nbd_queue *q);
-/* Queue n ops (they complete in any order, flushes and discards after every earlier
- * op); 0 or -errno. */
-int blkpy_nbd_submit(struct blkpy_nbd_queue *q, const struct blkpy_nbd_op *ops, uint32_t n);
-/* Up to max completions: user_data and 0 or -errno each. */
-int blkpy_nbd_reap(struct blkpy_nbd_queue *q, uint64_t *user_data, int64_t *result,
-                   uint32_t max);
-void blkpy_nbd_queue_free(struct blkpy_nbd_queue *q);
+/* A completion queue of its own on the connection (diskq.h); NULL if out of memory. */
+struct blkpy_disk_queue *blkpy_nbd_queue_new(struct blkpy_nbd *c);
 /* CDEF-END */
 #endif

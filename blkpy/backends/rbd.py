@@ -15,9 +15,11 @@ and no other client can write while this one serves (README: exclusive lock).
 No copy in blkpy: reads and writes are ``rbd_aio_readv``/``rbd_aio_writev`` on the
 iovecs of the mapped guest pages (librbd itself copies a write into its own buffer,
 ``rbd_disable_zero_copy_writes``: its cache may keep the data after the guest has its
-answer and reuses the page). Completions come back without any Python callback
-thread: librbd queues them and signals an eventfd (``rbd_set_image_notification``), and
-the ring thread that sleeps on that fd collects them with ``rbd_poll_io_events``. A
+answer and reuses the page). The data path is in C (``blkpy/backends/rbdio.c``), behind
+the disk queues the native ring loop and the Python engine drive alike
+(``blkpy.backends.diskqueue``): each op's completion calls back into C on a librbd thread,
+which posts it to the queue that sent it and signals that queue's eventfd, so no Python
+runs per request and the rings sharing an image never see each other's completions. A
 discard is ``rbd_aio_write_zeroes`` (Disk.discard promises zeros: librbd's plain discard
 skips the parts of a range that do not cover its discard granularity), which still frees
 the objects it covers whole.
@@ -25,29 +27,17 @@ the objects it covers whole.
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import dataclasses
 import errno
 import logging
-import os
 import re
-import select
-import threading
 from collections.abc import Sequence
-from typing import NamedTuple
 
-from blkpy import engine as io
 from blkpy.backends.base import Disk, DiskError
-from blkpy.backends.librbd import (
-    EVENT_TYPE_EVENTFD,
-    FEATURE_EXCLUSIVE_LOCK,
-    Libs,
-    ffi,
-    load,
-    strerror,
-)
-from blkpy.engine import IoEngine, IoVector
+from blkpy.backends.diskqueue import DiskQueue, QueueEngine
+from blkpy.backends.librbd import FEATURE_EXCLUSIVE_LOCK, Libs, ffi, load, strerror
+from blkpy.engine import IoEngine, SyncEngine
+from blkpy.gntdev import native
 
 log = logging.getLogger("blkpy.rbd")
 
@@ -61,8 +51,6 @@ CONNECT_TIMEOUT_S = 10
 #: tail of the others)
 DISCARD_GRANULARITY = 4096
 _OPTION_NAME = re.compile(r"[A-Za-z0-9_ -]+")
-_REAP_MAX = 64
-_IOVEC_SIZE = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,9 +140,9 @@ def parse_target(target: str) -> RbdTarget:
 
 
 class RbdDisk(Disk):
-    """One open RBD image (or snapshot). The ring threads' engines share it: librbd
-    signals one eventfd per image, so completions are collected under a lock and handed
-    to the engine that submitted them (``_reap``)."""
+    """One open RBD image (or snapshot). Each ring's engine and native loop has a queue
+    of its own on it (``queue``); the synchronous calls serve the image tools and the
+    sync/thread engines."""
 
     def __init__(self, target: str, readonly: bool = False) -> None:
         self.target = parse_target(target)
@@ -162,11 +150,7 @@ class RbdDisk(Disk):
         # a snapshot is read-only whatever the device's mode: never ask librbd to write it
         self.readonly = readonly or self.target.snap is not None
         self._cluster = self._ioctx = self._image = ffi.NULL
-        self._efd = -1
-        self._lock = threading.Lock()
-        self._engines: dict[int, RbdEngine] = {}
-        self._next_engine = 0
-        self._comps = ffi.new(f"rbd_completion_t[{_REAP_MAX}]")
+        self._native = native.ffi.NULL
         self._closed = False
         try:
             self._open()
@@ -175,6 +159,7 @@ class RbdDisk(Disk):
             raise
         self.can_discard = not self.readonly
         self.discard_granularity = DISCARD_GRANULARITY
+        self._open_native()
 
     # ---- opening --------------------------------------------------------------------
 
@@ -230,12 +215,6 @@ class RbdDisk(Disk):
         self.size = size[0] - size[0] % self.sector_size
         if t.exclusive:
             self._acquire_lock()
-        efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        ret = rbd.rbd_set_image_notification(self._image, efd, EVENT_TYPE_EVENTFD)
-        if ret < 0:
-            os.close(efd)
-            raise self._fail("cannot set up completion notification", ret)
-        self._efd = efd
 
     def _open_image(self) -> None:
         t, rbd = self.target, self._libs.rbd
@@ -254,6 +233,18 @@ class RbdDisk(Disk):
         if ret < 0:
             raise self._fail(f"cannot open {t.spec}", ret)
         self._image = image[0]
+
+    def _open_native(self) -> None:
+        """The C data path on the image; without it (a build without librbd's headers)
+        the disk serves through the synchronous calls, and says so."""
+        msg = native.ffi.new("char[256]")
+        image = native.ffi.cast("void *", int(ffi.cast("uintptr_t", self._image)))
+        self._native = native.lib.blkpy_rbd_new(image, int(self.readonly), self.size, msg,
+                                                len(msg))
+        if self._native == native.ffi.NULL:
+            log.warning("rbd: %s: no asynchronous I/O, every request is synchronous: %s",
+                        self.target.spec, native.ffi.string(msg).decode(errors="replace"))
+        self.has_loop_queue = self._native != native.ffi.NULL
 
     def _acquire_lock(self) -> None:
         t, rbd = self.target, self._libs.rbd
@@ -279,10 +270,12 @@ class RbdDisk(Disk):
         if ret < 0:
             raise OSError(-ret, strerror(ret))
         self.size = size[0] - size[0] % self.sector_size
+        if self._native != native.ffi.NULL:
+            native.lib.blkpy_rbd_set_size(self._native, self.size)
         return self.size
 
     def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
-        """Blocking reads (the sync and thread engines); RbdEngine is the fast path."""
+        """Blocking reads (the sync and thread engines); the queues are the fast path."""
         self.check_range(offset, sum(len(b) for b in bufs))
         for buf in bufs:
             n = len(buf)
@@ -320,9 +313,18 @@ class RbdDisk(Disk):
             if ret < 0:
                 raise OSError(-ret, strerror(ret))
 
-    def engine(self) -> RbdEngine:
+    def queue(self) -> DiskQueue:
+        """A queue of its own on the image (one per ring's engine and loop)."""
+        return DiskQueue(native.lib.blkpy_rbd_queue_new(self._native), "an RBD queue")
+
+    def engine(self) -> IoEngine:
         """The I/O engine ``--engine auto`` uses (blkpy.engine.make_engine)."""
-        return RbdEngine(self)
+        return QueueEngine(self, self.queue()) if self.has_loop_queue else SyncEngine(self)
+
+    def loop_queue(self) -> DiskQueue | None:
+        # The ring loop sends reads, writes and flushes itself and answers each as it
+        # completes; the Python engine keeps discards and what the loop leaves.
+        return self.queue() if self.has_loop_queue else None
 
     def close(self) -> None:
         """Close the image (librbd writes its cache back and releases the exclusive lock),
@@ -331,14 +333,14 @@ class RbdDisk(Disk):
             return
         self._closed = True
         rados, rbd = self._libs.rados, self._libs.rbd
+        if self._native != native.ffi.NULL:  # its queues are gone: nothing in flight
+            native.lib.blkpy_rbd_free(self._native)
+            self._native = native.ffi.NULL
         if self._image != ffi.NULL:
             ret = rbd.rbd_close(self._image)
             if ret < 0:
                 log.error("rbd: closing %s: %s", self.target.spec, strerror(ret))
             self._image = ffi.NULL
-        if self._efd >= 0:  # librbd may signal it until the image is closed
-            os.close(self._efd)
-            self._efd = -1
         if self._ioctx != ffi.NULL:
             rados.rados_ioctx_destroy(self._ioctx)
             self._ioctx = ffi.NULL
@@ -346,11 +348,7 @@ class RbdDisk(Disk):
             rados.rados_shutdown(self._cluster)
             self._cluster = ffi.NULL
 
-    # ---- the engines' side -----------------------------------------------------------
-
-    @property
-    def event_fd(self) -> int:
-        return self._efd
+    # ---- locks ------------------------------------------------------------------------
 
     def is_lock_owner(self) -> bool:
         owner = ffi.new("int *")
@@ -358,206 +356,3 @@ class RbdDisk(Disk):
         if ret < 0:
             raise OSError(-ret, strerror(ret))
         return bool(owner[0])
-
-    def _register(self, eng: RbdEngine) -> int:
-        with self._lock:
-            eid = self._next_engine
-            self._next_engine += 1
-            self._engines[eid] = eng
-            return eid
-
-    def _unregister(self, eid: int) -> None:
-        with self._lock:
-            self._engines.pop(eid, None)
-
-    def _reap(self, caller: RbdEngine) -> None:
-        """Collect every completion librbd has queued and hand each to its engine; wake
-        the other engines that got some (they may be asleep on their own eventfd). The
-        image's eventfd is read before polling, so a completion queued after the poll
-        signals it again: none is left behind unsignalled."""
-        rbd, comps = self._libs.rbd, self._comps
-        others: set[RbdEngine] = set()
-        with self._lock:
-            with contextlib.suppress(BlockingIOError):
-                os.eventfd_read(self._efd)
-            while True:
-                n = rbd.rbd_poll_io_events(self._image, comps, _REAP_MAX)
-                for i in range(max(n, 0)):
-                    comp = comps[i]
-                    tag = int(ffi.cast("uintptr_t", rbd.rbd_aio_get_arg(comp)))
-                    ret = rbd.rbd_aio_get_return_value(comp)
-                    rbd.rbd_aio_release(comp)
-                    eng = self._engines.get(tag >> 32)
-                    if eng is None:  # never: an engine drains before it unregisters
-                        log.error("rbd: completion for a closed engine dropped")
-                        continue
-                    eng.inbox.append((tag & 0xFFFFFFFF, ret))
-                    if eng is not caller:
-                        others.add(eng)
-                if n < _REAP_MAX:
-                    break
-            # under the lock: an engine closes its eventfd only after it unregistered
-            for eng in others:
-                eng.signal()
-
-
-class _Op(NamedTuple):
-    """One entry of a submitted vector, in plain numbers."""
-
-    vec: IoVector
-    k: int
-    kind: int
-    offset: int
-    length: int
-    iov: int  # address of its first struct iovec
-    iov_count: int
-
-
-class RbdEngine(IoEngine):
-    """Asynchronous librbd I/O for one ring. Entries of a vector go to librbd as soon as
-    they are submitted and complete in any order; a FLUSH or DISCARD waits until every
-    entry before it has completed, and nothing after it starts before it completes (what
-    IOSQE_IO_DRAIN gives the io_uring engine: barriers and flushes stay ordered).
-
-    ``fileno()`` is an epoll fd over the image's eventfd and this engine's own: the ring
-    loop sleeps on it and wakes when librbd completes something, or when another ring's
-    engine collected completions for this one."""
-
-    def __init__(self, disk: RbdDisk) -> None:
-        super().__init__(disk)
-        self.rbd_disk = disk
-        self._rbd = disk._libs.rbd
-        self._own_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._epoll = select.epoll()
-        self._epoll.register(disk.event_fd, select.EPOLLIN)
-        self._epoll.register(self._own_efd, select.EPOLLIN)
-        self._id = disk._register(self)
-        #: (serial, return value) of this engine's completions, filled under the disk's lock
-        self.inbox: collections.deque[tuple[int, int]] = collections.deque()
-        self._backlog: collections.deque[_Op] = collections.deque()
-        self._started: dict[int, _Op] = {}
-        self._serial = 0
-        self._ordered = False  # a FLUSH/DISCARD is in librbd: nothing passes it
-        self._vectors = 0
-        self._done: list[IoVector] = []
-        self._comp = ffi.new("rbd_completion_t *")
-        self._closed = False
-
-    def fileno(self) -> int | None:
-        return self._epoll.fileno()
-
-    def signal(self) -> None:
-        os.eventfd_write(self._own_efd, 1)
-
-    @property
-    def in_flight(self) -> int:
-        return self._vectors
-
-    def submit(self, vec: IoVector) -> None:
-        self._vectors += 1
-        if not len(vec):
-            self._done.append(vec)
-            return
-        # plain Python numbers once per vector: numpy scalars cost more per entry
-        iov = vec.iov.ctypes.data
-        entries = zip(vec.kind.tolist(), vec.offset.tolist(), vec.length.tolist(),
-                      vec.iov_first.tolist(), vec.iov_count.tolist(), strict=True)
-        self._backlog.extend(_Op(vec, k, kind, off, n, iov + first * _IOVEC_SIZE, count)
-                             for k, (kind, off, n, first, count) in enumerate(entries))
-        self._pump()
-
-    def _pump(self) -> None:
-        backlog = self._backlog
-        while backlog and not self._ordered:
-            op = backlog[0]
-            ordered = op.kind >= io.FLUSH
-            if ordered and self._started:
-                return  # after everything before it has completed
-            backlog.popleft()
-            ret = self._start(op)
-            if ret <= 0:
-                op.vec.result[op.k] = ret
-                self._entry_done(op.vec)
-            else:
-                self._ordered = ordered
-
-    def _start(self, op: _Op) -> int:
-        """Hand one entry to librbd: 1 if started, else its result (0 or -errno)."""
-        disk, rbd, kind = self.rbd_disk, self._rbd, op.kind
-        if kind != io.READ and disk.readonly:
-            # the dispatcher refuses writes to a read-only device; a snapshot is
-            # read-only for librbd too: never reach it with one
-            return 0 if kind == io.FLUSH else -errno.EROFS
-        serial = self._serial
-        self._serial = (serial + 1) & 0xFFFFFFFF
-        ret = rbd.rbd_aio_create_completion(ffi.cast("void *", (self._id << 32) | serial),
-                                            ffi.NULL, self._comp)
-        if ret < 0:
-            return ret
-        comp = self._comp[0]
-        image = disk._image
-        if kind <= io.WRITE:
-            call = rbd.rbd_aio_readv if kind == io.READ else rbd.rbd_aio_writev
-            ret = call(image, ffi.cast("const struct iovec *", op.iov), op.iov_count,
-                       op.offset, comp)
-        elif kind == io.FLUSH:
-            ret = rbd.rbd_aio_flush(image, comp)
-        else:
-            ret = rbd.rbd_aio_write_zeroes(image, op.offset, op.length, comp, 0, 0)
-        if ret < 0:
-            rbd.rbd_aio_release(comp)
-            return ret
-        self._started[serial] = op
-        return 1
-
-    def _entry_done(self, vec: IoVector) -> None:
-        vec.pending -= 1
-        if vec.pending <= 0:
-            vec.pending = 0
-            self._done.append(vec)
-
-    def _collect(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self._own_efd)
-        # always: the image's eventfd may have been signalled for completions an earlier
-        # reap already took, and left readable it would keep the ring loop from sleeping
-        self.rbd_disk._reap(self)
-        inbox = self.inbox
-        while inbox:
-            serial, ret = inbox.popleft()
-            op = self._started.pop(serial, None)
-            if op is None:  # never: librbd completes each request once
-                log.error("rbd: completion of an unknown request ignored")
-                continue
-            if op.kind >= io.FLUSH:
-                self._ordered = False
-            if ret < 0:
-                op.vec.result[op.k] = ret
-            elif op.kind == io.READ and ret < op.length:
-                # past the end of an image shrunk under us: the rest reads as zeros
-                first = int(op.vec.iov_first[op.k])
-                io._zero_tail(op.vec.iov[first : first + op.iov_count], ret)
-            self._entry_done(op.vec)
-        self._pump()
-
-    def completions(self) -> list[IoVector]:
-        self._collect()
-        done, self._done = self._done, []
-        self._vectors -= len(done)
-        return done
-
-    def wait(self, timeout: float | None = None) -> list[IoVector]:
-        if not self._done and self._started:
-            self._epoll.poll(-1 if timeout is None else timeout)
-        return self.completions()
-
-    def close(self) -> None:
-        """Wait for everything submitted (librbd has no cancel), then leave the disk."""
-        if self._closed:
-            return
-        while self._backlog or self._started:
-            self.wait(1.0)
-        self._closed = True
-        self.rbd_disk._unregister(self._id)
-        self._epoll.close()
-        os.close(self._own_efd)

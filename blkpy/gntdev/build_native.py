@@ -11,8 +11,12 @@ ffibuilder = FFI()
 # sees, so the header stays the single source of truth for both the compiler and cffi.
 # gntdev.c: device ioctls, barriers, batched I/O; uring.c: the io_uring engine; ringloop.c: the
 # ring loop's common case without the interpreter; simfront.c: the simulated frontend's
-# request generator (so the load generator is never the bottleneck of a benchmark).
-UNITS = [HERE / "gntdev", HERE / "uring", HERE / "ringloop", HERE.parent / "sim" / "simfront", HERE.parent / "backends" / "nbdio"]
+# request generator (so the load generator is never the bottleneck of a benchmark);
+# diskq.c: network disks' queues, which the ring loop drives, over nbdio.c (libnbd) and
+# rbdio.c (librbd).
+BACKENDS = HERE.parent / "backends"
+UNITS = [HERE / "gntdev", HERE / "uring", HERE / "ringloop", HERE.parent / "sim" / "simfront",
+         BACKENDS / "diskq", BACKENDS / "nbdio", BACKENDS / "rbdio"]
 
 
 def _cdef(header: Path) -> str:

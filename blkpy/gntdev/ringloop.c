@@ -506,25 +506,23 @@ static void count_request(struct blkpy_ringloop *l, unsigned op, int flushing, i
     }
 }
 
-#include "nbdio.h"
+#include "diskq.h"
 
 /* Something to reap: io_uring's completion queue, or the network disk's. */
 static int async_ready(struct blkpy_ringloop *l)
 {
-    if (l->nbdq) {
-        struct pollfd p = {.fd = l->uring_efd, .events = POLLIN};
-        return poll(&p, 1, 0) > 0;
-    }
+    if (l->diskq)
+        return blkpy_queue_ready(l->diskq);
     return blkpy_uring_ready(l->uring);
 }
 
 /* Completions (user data, bytes moved or -errno); with min 1, waits for one. */
 static int async_reap(struct blkpy_ringloop *l, uint64_t *ud, int64_t *res, int max, int min)
 {
-    if (!l->nbdq)
+    if (!l->diskq)
         return blkpy_uring_reap(l->uring, ud, res, max, min);
     for (;;) {
-        int got = blkpy_nbd_reap(l->nbdq, ud, res, (uint32_t)max);
+        int got = blkpy_queue_reap(l->diskq, ud, res, (uint32_t)max);
         if (got != 0 || !min)
             return got;
         struct pollfd p = {.fd = l->uring_efd, .events = POLLIN};
@@ -548,13 +546,14 @@ static int submit_async(struct blkpy_ringloop *l, uint32_t slot, uint64_t id, un
     int32_t jentry = blkpy_journal_consume(l->ring, s);   /* before the I/O can start */
     blkpy_crash_point(0);
     int queued;
-    if (l->nbdq) {
-        struct blkpy_nbd_op nop = {
-            .kind = flushing ? 2 : op != OP_READ, .iov_count = flushing ? 0 : nseg,
+    if (l->diskq) {
+        struct blkpy_queue_op qop = {
+            .kind = flushing ? BLKPY_QOP_FLUSH : op != OP_READ ? BLKPY_QOP_WRITE : BLKPY_QOP_READ,
+            .iov_count = flushing ? 0 : nseg,
             .offset = uio.offset, .length = flushing ? 0 : (uint64_t)nbytes,
             .iov_addr = uio.iov_addr, .user_data = slot,
         };
-        queued = blkpy_nbd_submit(l->nbdq, &nop, 1) == 0;
+        queued = blkpy_queue_submit(l->diskq, &qop, 1) == 0;
     } else {
         queued = blkpy_uring_queue(l->uring, &uio, 1) == 1;
     }
@@ -598,8 +597,8 @@ static void reap_async(struct blkpy_ringloop *l, int wait)
         for (int k = 0; k < got; k++) {
             uint32_t slot = (uint32_t)ud[k];
             struct blkpy_rl_inflight *f = &l->inflight[slot];
-            if (l->nbdq && res[k] == 0)
-                res[k] = f->expected;   /* NBD answers 0 for a whole transfer */
+            if (l->diskq && res[k] == 0)
+                res[k] = f->expected;   /* a disk queue answers 0 for a whole transfer */
             /* A short transfer is an error here (the range was checked against the size,
              * so only a shrunken image gives one). */
             int64_t r = res[k] >= 0 && res[k] != f->expected ? -EIO : res[k];
@@ -786,7 +785,7 @@ static int serve_one(struct blkpy_ringloop *l, const uint8_t *s)
     struct iovec *iov = l->scratch->iov;
     uint32_t slot = 0;
     int use_async = 0;
-    if (l->uring || l->nbdq) {
+    if (l->uring || l->diskq) {
         unsigned eff = op == OP_INDIRECT ? (unsigned)io_op : op;
         unsigned want = op == OP_INDIRECT ? rd16(s + 2) : s[1];
         if (l->async_all) {
@@ -873,7 +872,7 @@ int blkpy_ringloop_open(struct blkpy_ringloop *l)
     l->scratch = calloc(1, sizeof *l->scratch);
     if (!l->scratch)
         return -ENOMEM;
-    if (l->uring || l->nbdq) {
+    if (l->uring || l->diskq) {
         uint32_t size = l->ring->size;
         if (l->iov_per_slot < MAX_SEGS)
             l->iov_per_slot = MAX_SEGS;
@@ -895,7 +894,7 @@ int blkpy_ringloop_open(struct blkpy_ringloop *l)
         return -err;
     }
     int fds[4] = {l->evtchn.kind != BLKPY_EVTCHN_PYTHON ? l->evtchn.fd : -1, l->wake_fd,
-                  l->io_fd, l->uring || l->nbdq ? l->uring_efd : -1};
+                  l->io_fd, l->uring || l->diskq ? l->uring_efd : -1};
     for (uint32_t k = 0; k < 4; k++) {
         if (fds[k] < 0)
             continue;
@@ -928,7 +927,7 @@ void blkpy_ringloop_close(struct blkpy_ringloop *l)
  * the loop never have I/O in flight at the same time (flush and barrier ordering holds). */
 static int hand_back(struct blkpy_ringloop *l, int why)
 {
-    if (l->uring || l->nbdq) {
+    if (l->uring || l->diskq) {
         if (l->uring)
             blkpy_uring_enter(l->uring);
         reap_async(l, 1);
@@ -1061,7 +1060,7 @@ int blkpy_ringloop_run(struct blkpy_ringloop *l, int may_sleep)
                 /* A private copy: the guest may rewrite the slot while we look at it. */
                 memcpy(s, slot_at(r, r->req_cons), r->entry_size);
                 int served = 0;
-                if (!l->py_in_flight && (l->disk_fd >= 0 || l->nbdq) && l->pgrants)
+                if (!l->py_in_flight && (l->disk_fd >= 0 || l->diskq) && l->pgrants)
                     served = serve_one(l, s);
                 if (served == -2) {   /* over the disk's limits: answer what is done, wait */
                     blkpy_ringloop_push(l);

@@ -15,9 +15,9 @@
 #include <stdint.h>
 
 /* CDEF-BEGIN */
-/* A network disk's completion queue (blkpy/backends/nbdio.h): with one, the loop serves
- * the disk's reads, writes and flushes asynchronously through it, like io_uring. */
-struct blkpy_nbd_queue;
+/* A network disk's queue (blkpy/backends/diskq.h: NBD, Ceph RBD): with one, the loop
+ * serves the disk's reads, writes and flushes asynchronously through it, like io_uring. */
+struct blkpy_disk_queue;
 /* Segments of an indirect request the loop serves itself (preadv takes 1024 iovecs);
  * longer ones go to Python, which refuses what it cannot do. */
 #define BLKPY_RL_MAX_INDIRECT_SEGS 1024
@@ -198,7 +198,7 @@ struct blkpy_ringloop {
      * io_uring_enter costs less than a preadv each, while single reads and buffered writes
      * (which io_uring punts to a worker) stay synchronous. NULL: all synchronous. */
     struct blkpy_uring *uring;
-    struct blkpy_nbd_queue *nbdq;    /* instead of a uring: a network disk's queue */
+    struct blkpy_disk_queue *diskq;  /* instead of a uring: a network disk's queue */
     uint8_t async_all;
     uint8_t _pad1[3];
     uint32_t async_reads_min;

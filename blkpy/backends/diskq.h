@@ -1,0 +1,81 @@
+/* A network disk's asynchronous queue, the one interface the ring loop and Python's engine
+ * drive whatever the client library behind it (NBD: nbdio.c, Ceph RBD: rbdio.c).
+ *
+ * Ops go in with submit; each comes back exactly once, in any order, as (user_data,
+ * 0 or -errno) from reap; the queue's eventfd is readable while completions wait. A whole
+ * transfer or nothing: a queue reports a short transfer as an error, or completes it
+ * itself (zeros past the end of a shrunken image). Flushes and discards start only after
+ * every earlier op of the queue has completed, and nothing after them starts before they
+ * complete (the engines' ordering contract, like IOSQE_IO_DRAIN).
+ *
+ * The completion list is common: the client library's threads post to it, the queue's
+ * one owner (a ring thread) reaps it. */
+#ifndef BLKPY_DISKQ_H
+#define BLKPY_DISKQ_H
+#include <stdint.h>
+
+/* CDEF-BEGIN */
+struct blkpy_disk_queue;
+
+/* One disk operation handed over from an IoVector entry or a ring request. */
+#define BLKPY_QOP_READ 0
+#define BLKPY_QOP_WRITE 1
+#define BLKPY_QOP_FLUSH 2
+#define BLKPY_QOP_ZERO 3      /* reads as zeros afterwards; the space may be released */
+#define BLKPY_QOP_TRIM 4      /* the range may be dropped (NBD only) */
+struct blkpy_queue_op {
+    uint32_t kind;
+    uint32_t iov_count;
+    uint64_t offset;
+    uint64_t length;
+    uint64_t iov_addr;    /* struct iovec array, alive until the op completes */
+    uint64_t user_data;
+};
+
+/* Queue n ops; 0 or -errno (then nothing was queued). */
+int blkpy_queue_submit(struct blkpy_disk_queue *q, const struct blkpy_queue_op *ops,
+                       uint32_t n);
+/* Up to max completions: user_data and 0 or -errno each. */
+int blkpy_queue_reap(struct blkpy_disk_queue *q, uint64_t *user_data, int64_t *result,
+                     uint32_t max);
+/* Completions wait (no system call: the ring loop asks on every spin). */
+int blkpy_queue_ready(struct blkpy_disk_queue *q);
+int blkpy_queue_fd(const struct blkpy_disk_queue *q);
+/* Waits for whatever is still in flight (the library would write into freed memory),
+ * then frees the queue. */
+void blkpy_queue_free(struct blkpy_disk_queue *q);
+/* CDEF-END */
+
+#include <pthread.h>
+
+/* A completed op; the first member of an implementation's op, freed by reap. */
+struct blkpy_queue_done {
+    struct blkpy_queue_done *next;
+    uint64_t user_data;
+    int64_t result;
+};
+
+struct blkpy_disk_queue {
+    /* the implementation: queue ops (0 or -errno, nothing queued), start what waited
+     * after completions were reaped (NULL: nothing waits), release its own part */
+    int (*submit)(struct blkpy_disk_queue *q, const struct blkpy_queue_op *ops, uint32_t n);
+    void (*pump)(struct blkpy_disk_queue *q);
+    void (*destroy)(struct blkpy_disk_queue *q);
+    int efd;
+    uint32_t outstanding;   /* submitted, not yet posted (atomic; changed under mu) */
+    uint32_t waiting;       /* posted, not yet reaped (atomic; changed under mu) */
+    pthread_mutex_t mu;
+    struct blkpy_queue_done *head, *tail;
+};
+
+/* Set up the common part (the implementation's hooks are the caller's); 0 or -errno. */
+int blkpy_queue_init(struct blkpy_disk_queue *q);
+/* Complete an op (any thread). The queue is not touched after the post returns, so
+ * blkpy_queue_free may run as soon as nothing is outstanding. */
+void blkpy_queue_post(struct blkpy_disk_queue *q, struct blkpy_queue_done *d);
+/* Ops submitted whose completion is not yet posted. */
+static inline uint32_t blkpy_queue_outstanding(struct blkpy_disk_queue *q)
+{
+    return __atomic_load_n(&q->outstanding, __ATOMIC_ACQUIRE);
+}
+#endif
