@@ -61,6 +61,9 @@ DOM0_PACKAGES = [
     "python3", "python3-numpy", "python3-cffi", "python3-ply", "python3-click", "python3-aiofiles",
     "kmod", "procps", "util-linux", "e2fsprogs", "qemu-utils", "psmisc",
     "gcc", "libc6-dev", "python3-dev",
+    # NBD disks (phase nbd): blkpy's native helper is compiled against libnbd's header and
+    # dlopens the library; the server is qemu-utils' qemu-nbd
+    "libnbd0", "libnbd-dev",
 ]
 
 

@@ -23,7 +23,7 @@ figure() { echo "LAB-FIGURE: $*"; }
 
 phase_limit() { # seconds a phase may take (under TCG) before boot.sh kills it
   case $1 in blkback) echo 300 ;; func) echo 600 ;; life) echo 600 ;; qcow2) echo 500 ;; stress) echo 900 ;; vbd3) echo 600 ;;
-    lifecycle) echo 1500 ;; *) echo 300 ;; esac
+    lifecycle) echo 1500 ;; nbd) echo 500 ;; *) echo 300 ;; esac
 }
 
 install_blkpy() {
@@ -115,6 +115,16 @@ relay_console() {
   sed -n 's/\r$//; s/^CHECK: /LAB-CHECK: '"$2"'./p; s/^FIGURE: /LAB-FIGURE: '"$2"'./p' "$log" 2>/dev/null \
     | tee -a /tmp/lab-checks.log
 }
+
+# no_blkback PHASE: unload xen-blkback if an earlier phase left it loaded (vbd3 does): it
+# would claim every backend/vbd device, blkpy's phy disks included
+no_blkback() {
+  lsmod | grep -q '^xen_blkback' && rmmod xen_blkback
+  check_cond "$1.no-blkback" "xen-blkback not loaded" -- sh -c '! lsmod | grep -q "^xen_blkback"'
+}
+
+# console_value NAME TAG: VALUE of the guest's last "TAG: VALUE" console line
+console_value() { sed -n "s/\r\$//; s/^$2: //p" "$(console_log "$1")" 2>/dev/null | tail -1; }
 
 cleanup_domains() {
   local d
