@@ -57,9 +57,6 @@ class Disk(abc.ABC):
         fd = self.direct_fd
         return None if fd is None else (fd, None)
 
-    #: whether ``loop_queue`` gives the native loop a queue of its own
-    has_loop_queue = False
-
     def loop_queue(self) -> Any:
         """For disks the native loop cannot reach through an fd (network disks): an
         asynchronous queue of their own it can send requests to and reap completions from

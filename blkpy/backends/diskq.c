@@ -34,10 +34,12 @@ void blkpy_queue_post(struct blkpy_disk_queue *q, struct blkpy_queue_done *d)
     q->tail = d;
     __atomic_store_n(&q->waiting, q->waiting + 1, __ATOMIC_RELEASE);
     __atomic_store_n(&q->outstanding, q->outstanding - 1, __ATOMIC_RELEASE);
-    /* Under the lock: once a poster unlocks it is done with the queue, so the owner,
-     * which frees the queue only when nothing is outstanding, never frees it under a
-     * poster still signalling. */
-    diskq_signal(q->efd);
+    /* Only the first completion waiting signals: the reaper takes them all (a system call
+     * per completion cost the library's thread at depth). Under the lock: once a poster
+     * unlocks it is done with the queue, so the owner, which frees the queue only when
+     * nothing is outstanding, never frees it under a poster still signalling. */
+    if (q->waiting == 1)
+        diskq_signal(q->efd);
     pthread_mutex_unlock(&q->mu);
 }
 

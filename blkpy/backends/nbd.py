@@ -254,8 +254,6 @@ class NbdDisk(Disk):
     def engine(self) -> QueueEngine:
         return QueueEngine(self, self.queue())
 
-    has_loop_queue = True
-
     def loop_queue(self) -> DiskQueue:
         # The ring loop sends reads, writes and flushes itself and answers each as it
         # completes; the Python engine keeps discards and what the loop leaves.

@@ -244,7 +244,6 @@ class RbdDisk(Disk):
         if self._native == native.ffi.NULL:
             log.warning("rbd: %s: no asynchronous I/O, every request is synchronous: %s",
                         self.target.spec, native.ffi.string(msg).decode(errors="replace"))
-        self.has_loop_queue = self._native != native.ffi.NULL
 
     def _acquire_lock(self) -> None:
         t, rbd = self.target, self._libs.rbd
@@ -319,12 +318,12 @@ class RbdDisk(Disk):
 
     def engine(self) -> IoEngine:
         """The I/O engine ``--engine auto`` uses (blkpy.engine.make_engine)."""
-        return QueueEngine(self, self.queue()) if self.has_loop_queue else SyncEngine(self)
+        return QueueEngine(self, self.queue()) if self._native else SyncEngine(self)
 
     def loop_queue(self) -> DiskQueue | None:
         # The ring loop sends reads, writes and flushes itself and answers each as it
         # completes; the Python engine keeps discards and what the loop leaves.
-        return self.queue() if self.has_loop_queue else None
+        return self.queue() if self._native else None
 
     def close(self) -> None:
         """Close the image (librbd writes its cache back and releases the exclusive lock),
