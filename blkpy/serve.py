@@ -182,17 +182,18 @@ class DeviceServer:
         #: disk is only a read-only look until the frontend connects and the lock is ours
         self._image_lock: ImageLock | None = None
         self._image_pending = False
+        run_dir, self._shm_dir = self.platform.state_dirs()
+        self._run_dir = Path(os.environ.get(RUN_DIR_ENV) or run_dir)
+        devid = self.path.rsplit("/", 1)[-1]
+        self.devid = int(devid) if devid.isascii() and devid.isdigit() else 0
+        #: what a successor needs if this process dies: the rings' journals, a qcow2
+        #: image's metadata not yet written back
+        self._state_dir = self._run_dir / f"vbd-{self.frontend_id}-{self.devid}"
         self.disk = self._open_disk()
         if self.disk.readonly and not self.readonly and not self._image_pending:
             # a read-only NBD export
             log.info("%s: %s is read-only: so is the device", self.path, self.image)
             self.readonly = True
-        run_dir, self._shm_dir = self.platform.state_dirs()
-        self._run_dir = Path(os.environ.get(RUN_DIR_ENV) or run_dir)
-        devid = self.path.rsplit("/", 1)[-1]
-        self.devid = int(devid) if devid.isascii() and devid.isdigit() else 0
-        #: the rings' journals: what a successor needs if this process dies
-        self._state_dir = self._run_dir / f"vbd-{self.frontend_id}-{self.devid}"
         self.qos = QosState()  # the disk's I/O limits, shared by its queues
         self._journals: list[RingJournal] = []
         self._handed_over = False
@@ -229,7 +230,9 @@ class DeviceServer:
 
     def _open_disk(self) -> Disk:
         try:
-            disk, self._image_lock = self._open_image(self.image, self.fmt)
+            # a successor of a serve that died applies what that one's memory held
+            disk, self._image_lock = self._open_image(self.image, self.fmt,
+                                                      take_over=bool(self.opts.resume))
             return disk
         except ImageBusy as exc:
             # Another process still has the image: the serve of the guest's old domain
@@ -243,7 +246,8 @@ class DeviceServer:
             return disk
 
     def _open_image(self, image: str, fmt: str, lock: bool = True,
-                    readonly: bool | None = None) -> tuple[Disk, ImageLock | None]:
+                    readonly: bool | None = None,
+                    take_over: bool = False) -> tuple[Disk, ImageLock | None]:
         """The disk and its lock (None for a network disk or ``lock=False``); raises
         ImageBusy if another process holds the image, ServeError for anything else."""
         readonly = self.readonly if readonly is None else readonly
@@ -255,7 +259,9 @@ class DeviceServer:
             if fmt == "raw":
                 options = {"sector_size": self.opts.sector_size, "direct": self.opts.direct_io}
             elif fmt == "qcow2":
-                options = {"cache_size": self.opts.qcow2_cache_size}
+                options = {"cache_size": self.opts.qcow2_cache_size,
+                           "restart_log": str(self._state_dir / "qcow2-metadata"),
+                           "take_over": take_over}
             return open_disk(image, fmt, readonly=readonly, **options), held
         except ImageBusy:
             raise

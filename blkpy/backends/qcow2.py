@@ -24,6 +24,7 @@ from blkpy.qcow2.header import COMPRESSION_ZSTD, MAGIC
 from blkpy.qcow2.l2 import Entry, Kind
 from blkpy.qcow2.metadata import DEFAULT_CACHE_SIZE, ClusterWrite, Metadata
 from blkpy.qcow2.plan import Op, Punch, Resize, Sync, SyncLost, Write
+from blkpy.qcow2.restart_log import RestartLog
 
 MAX_BACKING_DEPTH = 64  # QEMU's limit too; a deeper chain is most likely a loop
 #: clusters whose host offsets the native ring loop may know at once (a 2 MiB table:
@@ -143,18 +144,26 @@ class Qcow2Disk(Disk):
     thread) may share one disk, and allocations must not interleave."""
 
     def __init__(self, path: str, readonly: bool = False,
-                 cache_size: int = DEFAULT_CACHE_SIZE, _depth: int = 0) -> None:
+                 cache_size: int = DEFAULT_CACHE_SIZE, _depth: int = 0,
+                 restart_log: str | None = None, take_over: bool = False) -> None:
+        """``restart_log``: where a writable image keeps the metadata changes not yet
+        written back (blkpy.qcow2.restart_log), for a successor if this process dies;
+        ``take_over``: this process is that successor, so apply the record first (any
+        other open drops a record found there: it belongs to no running guest)."""
         self.path = path
         self.readonly = readonly
         self._lock = threading.Lock()
         self._fd = -1
         self.backing: Qcow2Disk | _RawBacking | None = None
+        self._restart_log: RestartLog | None = None
         try:
             self._fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
         except OSError as exc:
             raise DiskError(f"cannot open {path}: {exc.strerror}") from None
         try:
             self._storage = FileStorage(self._fd)
+            if restart_log is not None and not readonly and _depth == 0:
+                self._take_restart_log(restart_log, take_over)
             file_size = os.fstat(self._fd).st_size
             self.meta = Metadata(self._storage, file_size, writable=not readonly,
                                  cache_size=cache_size)
@@ -180,6 +189,27 @@ class Qcow2Disk(Disk):
         self._miss_end = -1  # where the last write the loop could not place ended
         self._ahead_clusters = 0  # how far ahead of a sequential writer to map
         self._learnt_generation = 0
+
+    def _take_restart_log(self, path: str, take_over: bool) -> None:
+        st = os.fstat(self._fd)
+        log = RestartLog(path, (st.st_dev, st.st_ino))
+        phases = log.latest() if take_over else None
+        for phase in phases or []:
+            # in the write-back's order, each phase durable before the next
+            self._storage.execute([*phase, Sync()])
+        log.clear()
+        self._restart_log = log
+
+    def _record_metadata(self) -> None:
+        """After a metadata change (lock held): keep what only memory holds for a
+        successor, or drop the record once a write-back made the image hold it all."""
+        log = self._restart_log
+        if log is None:
+            return
+        if self.meta.dirty:
+            log.record(self.meta.unsynced_phases())
+        elif log.live:
+            log.clear()
 
     def native_io(self) -> tuple[int, ExtentMap | None] | None:
         if self._extents is None or self._fd < 0:
@@ -368,6 +398,7 @@ class Qcow2Disk(Disk):
             try:
                 self._check_writable()
                 self._allocate(start, end - start)
+                self._record_metadata()
             except CorruptImage:
                 self.meta.mark_corrupt()
                 self._forget_all()
@@ -454,6 +485,7 @@ class Qcow2Disk(Disk):
         except CorruptImage:
             self.meta.mark_corrupt()
             raise
+        self._record_metadata()
 
     def _write(self, offset: int, length: int, views: list[memoryview]) -> None:
         meta = self.meta
@@ -535,6 +567,7 @@ class Qcow2Disk(Disk):
                 self._forget_all()
                 raise
             self._last_compressed = None
+            self._record_metadata()
 
     def flush(self) -> None:
         with self._lock:
@@ -546,6 +579,7 @@ class Qcow2Disk(Disk):
                 finally:
                     if self.meta.write_failed:
                         self._forget_all()
+                self._record_metadata()
 
     def close(self) -> None:
         with self._lock:
@@ -556,6 +590,7 @@ class Qcow2Disk(Disk):
             if (self._fd >= 0 and not self.readonly and hasattr(self, "meta")
                     and not self.meta.write_failed):
                 self.meta.flush()
+                self._record_metadata()
         finally:
             if self.backing is not None:
                 self.backing.close()

@@ -501,6 +501,16 @@ class Metadata:
             run(a.block_writes() + [Sync()] + [Punch(off, cs) for off in freed])
             a.blocks_written()
 
+    def unsynced_phases(self) -> list[list[Op]]:
+        """What a write-back would write now, phase by phase in its order, leaving every
+        change dirty (a restart record, blkpy.qcow2.restart_log). Deferred refcount
+        decrements are left out: losing them only leaks clusters."""
+        a = self.alloc
+        phases = [a.resize_op() + a.block_writes(), a.reftable_writes(),
+                  [Write(off, t.tobytes()) for off, t in self.l2_cache.dirty_tables()],
+                  self._l1_writes()]
+        return [p for p in phases if p]
+
     def _l1_writes(self) -> list[Op]:
         per_sector = 512 // 8
         ops: list[Op] = []

@@ -14,6 +14,7 @@ from blkpy.sim import toolstack
 from blkpy.sim.frontend import Frontend
 from blkpy.sim.host import SimHost
 from blkpy.xenbus import XenbusState
+from tests.qemu_img import as_raw, needs_qemu, qemu_img
 
 DISK = 8 << 20
 SLOTS = 64  # disjoint 64 KiB regions: requests in flight never overlap
@@ -98,3 +99,35 @@ def test_a_killed_serve_is_taken_over_without_the_guest_noticing(tmp_path, point
         host.remove_disk(spec)
         host.backends[-1].wait(10)
     assert image.read_bytes() == bytes(model)
+
+
+@needs_qemu
+@pytest.mark.parametrize("point", ["io-done", "pushed"])
+def test_a_killed_qcow2_serve_keeps_every_acknowledged_write(tmp_path, point):
+    """An overlay on a backing file: the guest's writes allocate clusters (copying the
+    rest of each from the backing file). The dead serve's cluster mappings were only in
+    its memory until the guest's next flush; its successor must still return every
+    write the guest was told had completed (the guest never flushes here)."""
+    rng = random.Random(hash(point) & 0xFFFF)
+    backing = tmp_path / "base.raw"
+    content = rng.randbytes(DISK)
+    backing.write_bytes(content)
+    image = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "raw", str(image))
+    model = bytearray(content)
+    with SimHost([]) as host:
+        guest = host.create_guest(1, memory_pages=4096)
+        spec = toolstack.DiskSpec(1, 51712, "xvda", f"qcow2:{image}")
+        host.add_disk(spec, start_backend=False)
+        first = host.start_backend(spec, env={"BLKPY_CRASH_AT": f"{point}:{rng.randrange(3, 25)}"})
+        fe = Frontend(guest, host.guest_xenstore(1), 51712)
+        fe.connect(timeout=15)
+        restarts: list = []
+        assert _workload(host, spec, fe, model, image, 600, rng, restarts) == 600
+        assert first.proc.returncode == -9
+        assert restarts, "no successor ran"
+        assert not fe.protocol_errors
+        fe.close()
+        host.remove_disk(spec)
+        host.backends[-1].wait(10)
+    assert as_raw(str(image), str(tmp_path / "out.raw")) == bytes(model)
