@@ -128,7 +128,10 @@ kind_upgrade() {
   for r in $(seq 1 "$ROUNDS"); do
     pids=""
     for d in $DISKS; do
-      (blkpy hotplug restart "$(domid)" $d > /tmp/lc-upgrade.$d 2>&1; echo $? >> /tmp/lc-upgrade.$d) &
+      # --timeout: under emulation a new serve needs 8-27 s to load before it asks for
+      # the hand-over (the default 30 s failed 2 of 20 upgrades that did complete)
+      (blkpy hotplug restart --timeout 120 "$(domid)" $d > /tmp/lc-upgrade.$d 2>&1
+       echo $? >> /tmp/lc-upgrade.$d) &
       pids="$pids $!"
     done
     wait $pids  # not a bare wait: the hotplug daemon is a child of this shell too
