@@ -13,6 +13,17 @@ from blkpy.backends.qcow2 import Qcow2Disk
 CLUSTER = 65536
 
 
+def _fresh(tmp_path) -> tuple[str, str]:
+    """An empty 1 MiB image and where its restart record goes."""
+    image = tmp_path / "disk.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(image), "1M")
+    return str(image), str(tmp_path / "qcow2-metadata")
+
+
+def _no_record(log: str) -> bool:
+    return not os.path.exists(log + ".0") and not os.path.exists(log + ".1")
+
+
 def _abandon(disk: Qcow2Disk) -> None:
     """What SIGKILL leaves: the file as written so far, no write-back, no close."""
     os.close(disk._fd)
@@ -44,37 +55,33 @@ def test_a_successor_keeps_writes_the_dead_process_never_wrote_back(tmp_path):
     expect[3 * CLUSTER:3 * CLUSTER + 4096] = b"\x22" * 4096
     assert got == expect
     second.close()
-    assert not os.path.exists(log + ".0") and not os.path.exists(log + ".1")
+    assert _no_record(log)
     check_clean(str(image))
     assert as_raw(str(image), str(tmp_path / "out.raw")) == bytes(expect)
 
 
 @needs_qemu
 def test_an_open_that_is_no_take_over_drops_the_record(tmp_path):
-    image = tmp_path / "disk.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", str(image), "1M")
-    log = str(tmp_path / "qcow2-metadata")
-    first = Qcow2Disk(str(image), restart_log=log)
+    image, log = _fresh(tmp_path)
+    first = Qcow2Disk(image, restart_log=log)
     first.writev(0, [memoryview(b"\x33" * 4096)])
     _abandon(first)
-    fresh = Qcow2Disk(str(image), restart_log=log)  # not a successor: the guest is gone
+    fresh = Qcow2Disk(image, restart_log=log)  # not a successor: the guest is gone
     got = bytearray(4096)
     fresh.readv(0, [memoryview(got)])
     assert got == bytes(4096)  # never flushed, never applied
-    assert not os.path.exists(log + ".0") and not os.path.exists(log + ".1")
+    assert _no_record(log)
     fresh.close()
 
 
 @needs_qemu
 def test_a_flush_leaves_nothing_to_take_over(tmp_path):
-    image = tmp_path / "disk.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", str(image), "1M")
-    log = str(tmp_path / "qcow2-metadata")
-    disk = Qcow2Disk(str(image), restart_log=log)
+    image, log = _fresh(tmp_path)
+    disk = Qcow2Disk(image, restart_log=log)
     disk.writev(0, [memoryview(b"\x44" * 4096)])
     assert os.path.exists(log + ".1")  # the allocation's record
     disk.flush()
-    assert not os.path.exists(log + ".0") and not os.path.exists(log + ".1")
+    assert _no_record(log)
     disk.writev(0, [memoryview(b"\x55" * 4096)])  # a rewrite in place: no metadata
-    assert not os.path.exists(log + ".0") and not os.path.exists(log + ".1")
+    assert _no_record(log)
     disk.close()
