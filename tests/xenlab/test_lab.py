@@ -36,9 +36,15 @@ EXPECTED_4_17 = {
     # the phase skips itself (check qcow2.create SKIP) while qcow2 creation does not work
     "qcow2": ["create", "xl-create", *GUEST_FUNC, *NO_LEFTOVERS, "multi-queue-ring",
               "check-q-a", "check-q-b", "dom0-sees-data"],
+    # a guest on two NBD exports qemu-nbd serves from dom0; xvda's server is killed and
+    # restarted under the guest's streams (job-reconnect)
+    "nbd": ["no-blkback", "servers", "xl-create", *GUEST_FUNC, "reconnect.present",
+            "server-restarted", "stop-written", "reconnect.stop-seen", "reconnect.io-errors",
+            "reconnect.data", "reconnect-held", *NO_LEFTOVERS, "serve-reconnected",
+            "dom0-sees-data", "dom0-sees-reconnect-data", "discard-hole", "ext4-fsck-dom0",
+            "servers-stopped"],
 }
-# Xen 4.20: blkpy's tap disks (raw xvda, qcow2 xvdb) beside blkback's phy disks (xvdc, xvdd),
-# then NBD disks
+# Xen 4.20: blkpy's tap disks (raw xvda, qcow2 xvdb) beside blkback's phy disks (xvdc, xvdd)
 EXPECTED_4_20 = {
     "vbd3": ["qcow2-create", "xl-create", "params", "blkpy-serves-vbd3", "side-by-side",
              *GUEST_FUNC, *guest_func("kb", "xvdc", "xvdd"),
@@ -46,12 +52,6 @@ EXPECTED_4_20 = {
              *[f"flushes-{d}" for d in DISKS_4],
              "destroy", "func-dom0-sees-data", "kb-dom0-sees-data", "discard-hole",
              "check-qcow2", *NO_LEFTOVERS],
-    # a guest on two NBD exports qemu-nbd serves from dom0; xvda's server is killed and
-    # restarted under the guest's streams (job-reconnect)
-    "nbd": ["no-blkback", "servers", "xl-create", *GUEST_FUNC, "reconnect.present", "server-restarted",
-            "stop-written", "reconnect.stop-seen", "reconnect.io-errors", "reconnect.data",
-            "reconnect-held", *NO_LEFTOVERS, "serve-reconnected", "dom0-sees-data",
-            "dom0-sees-reconnect-data", "discard-hole", "ext4-fsck-dom0", "servers-stopped"],
 }
 SUITE = suite_named().name
 EXPECTED = EXPECTED_4_20 if SUITE == "trixie" else EXPECTED_4_17
