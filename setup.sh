@@ -20,7 +20,8 @@ DEB_PACKAGES=(
     ceph-mon ceph-osd ceph-common  # rbd backend tests: a one-node Ceph (mon + memstore OSD, no
                                    #   mgr) and the rbd tool that checks what the guest wrote;
                                    #   ceph-common brings librbd1, which the backend dlopens
-    librbd-dev                     # <rbd/librbd.h>: a test checks blkpy's librbd declarations
+    librbd-dev                     # <rbd/librbd.h>: the rbd data path (rbdio.c) is typed by it;
+                                   #   a test checks blkpy's librbd declarations
 )
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
