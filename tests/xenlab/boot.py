@@ -52,12 +52,13 @@ class BootResult:
 
 def qemu_command(images: Images, run_dir: Path, src_dir: Path, *, smp: int = 2,
                  mem_mb: int = 3072, dom0_mem_mb: int = 1536, extra_dom0: str = "",
-                 accel: str = "tcg", cpu: str = CPU_MODEL) -> list[str]:
+                 accel: str = "tcg", cpu: str = CPU_MODEL, xen_args: str = "") -> list[str]:
     # smap=0: with Xen's SMAP enabled, a PV dom0 faults in its first microseconds under QEMU
     # 7.2 TCG ("d0v0 Unhandled: vec 14, #PF[0001]" ... "create_bounce_frame"); smep=0 alone
     # does not help. com1 carries Xen's and (via hvc0) dom0's console.
     xen_cmd = (f"console=com1 com1=115200,8n1 dom0_mem={dom0_mem_mb}M,max:{dom0_mem_mb}M "
-               f"dom0_max_vcpus={smp} loglvl=all guest_loglvl=all noreboot smap=0 smep=0")
+               f"dom0_max_vcpus={smp} loglvl=all guest_loglvl=all noreboot smap=0 smep=0 "
+               f"{xen_args}").strip()
     dom0_cmd = f"root=/dev/vda console=hvc0 earlyprintk=xen init=/sbin/blkpy-lab-init {extra_dom0}"
     return [
         "qemu-system-x86_64", "-accel", ACCELS[accel], "-machine", "pc", "-cpu", cpu,
@@ -76,10 +77,10 @@ def qemu_command(images: Images, run_dir: Path, src_dir: Path, *, smp: int = 2,
 
 def boot(images: Images, run_dir: Path, src_dir: Path, *, timeout: float,
          extra_dom0: str = "", echo: bool = True, accel: str = "tcg",
-         cpu: str = CPU_MODEL, smp: int = 2) -> BootResult:
+         cpu: str = CPU_MODEL, smp: int = 2, xen_args: str = "") -> BootResult:
     """Boot once; stream progress lines to stdout when ``echo``; never exceed ``timeout``."""
     cmd = qemu_command(images, run_dir, src_dir, extra_dom0=extra_dom0, accel=accel, cpu=cpu,
-                       smp=smp)
+                       smp=smp, xen_args=xen_args)
     (run_dir / "qemu.cmd").write_text(shlex.join(cmd) + "\n")
     serial = run_dir / "serial.log"
     serial.write_bytes(b"")

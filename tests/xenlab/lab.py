@@ -106,7 +106,8 @@ class LabLock:
 def run_lab(phases: list[str], timeout: float, echo: bool = True,
             debug: list[str] | None = None, accel: str = "tcg",
             cpu: str = CPU_MODEL, suite: str | None = None,
-            phase_env: dict[str, str] | None = None, smp: int = 2) -> BootResult:
+            phase_env: dict[str, str] | None = None, smp: int = 2,
+            xen_args: str = "") -> BootResult:
     """Build (cached), stage and boot once. Raises BuildError if the images cannot be made."""
     builder = ImageBuilder(suite=suite_named(suite))
     with LabLock(builder.cache):
@@ -118,7 +119,7 @@ def run_lab(phases: list[str], timeout: float, echo: bool = True,
         if echo:
             print(f"xenlab: images + staging {prep:.1f}s; run dir {run_dir}", flush=True)
         result = boot(images, run_dir, REPO, timeout=timeout, echo=echo, accel=accel,
-                      cpu=cpu, smp=smp)
+                      cpu=cpu, smp=smp, xen_args=xen_args)
     load_after = os.getloadavg()
     text = result.text
     # QEMU alone keeps about 2 cores busy: a higher load means other work shared the host,
@@ -159,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--smp", type=int, choices=(1, 2), default=2,
                      help="CPUs of the emulated machine, all dom0's (default %(default)s; "
                           "the phases with two-vCPU guests need 2)")
+    run.add_argument("--xen-args", default="",
+                     help="more options for Xen's command line (e.g. pv-l1tf=false)")
     run.add_argument("--lifecycle-kinds", default=None,
                      help="the lifecycle phase's kinds, comma-separated, in this order "
                           f"(default: {','.join(LIFECYCLE_KINDS)})")
@@ -197,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             phase_env["LAB_LIFECYCLE_ROUNDS"] = str(args.lifecycle_rounds)
         result = run_lab(phases, args.timeout, debug=debug, accel=args.accel,
-                         cpu=args.cpu, suite=suite.name, phase_env=phase_env, smp=args.smp)
+                         cpu=args.cpu, suite=suite.name, phase_env=phase_env, smp=args.smp,
+                         xen_args=args.xen_args)
     except BuildError as exc:
         print(f"xenlab: build failed: {exc}", file=sys.stderr)
         return 2

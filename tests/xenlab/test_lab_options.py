@@ -37,6 +37,12 @@ def test_accel_and_cpu_can_be_chosen():
     assert _after(cmd, "-cpu") == "max,-avx"
 
 
+def test_xen_args_reach_xen_s_command_line():
+    cmd = qemu_command(Images(Path("/images"), "6.1"), Path("/run"), Path("/src"),
+                       xen_args="pv-l1tf=false")
+    assert _after(cmd, "-append").endswith(" smep=0 pv-l1tf=false")
+
+
 def test_one_cpu_machine_gives_dom0_one_vcpu():
     cmd = qemu_command(Images(Path("/images"), "6.1"), Path("/run"), Path("/src"), smp=1)
     assert _after(cmd, "-smp") == "1"
