@@ -42,6 +42,31 @@ class Guest:
         self.last = time.monotonic()
         self.longest_gap = 0.0
 
+    def _complete(self) -> None:
+        self.ring.push()
+        for c in self.ring.poll(0.02):
+            assert c.status == 0, f"request failed with {c.status}"
+            sector, data = c.tag
+            off = sector * 512
+            if data is not None:
+                self.model[off:off + len(data)] = data.tobytes()
+            else:
+                assert c.data.tobytes() == bytes(self.model[off:off + c.nbytes])
+            del self.busy[c.id]
+            self.done += 1
+            now = time.monotonic()
+            self.longest_gap = max(self.longest_gap, now - self.last)
+            self.last = now
+
+    def drain(self, timeout: float = 60.0) -> None:
+        """Wait for the requests still in flight: a write the guest sent lands on the
+        image whether or not the guest waited for it, so the image matches the model only
+        once every write has been answered."""
+        deadline = time.monotonic() + timeout
+        while self.busy:
+            assert time.monotonic() < deadline, "the guest's I/O stalled"
+            self._complete()
+
     def run(self, requests: int, during=None, timeout: float = 60.0) -> None:
         target = self.done + requests
         deadline = time.monotonic() + timeout
@@ -59,20 +84,7 @@ class Guest:
                 else:
                     rid = self.ring.submit(BLKIF_OP_READ, sector, nbytes=8192, tag=(sector, None))
                 self.busy[rid] = region
-            self.ring.push()
-            for c in self.ring.poll(0.02):
-                assert c.status == 0, f"request failed with {c.status}"
-                sector, data = c.tag
-                off = sector * 512
-                if data is not None:
-                    self.model[off:off + len(data)] = data.tobytes()
-                else:
-                    assert c.data.tobytes() == bytes(self.model[off:off + c.nbytes])
-                del self.busy[c.id]
-                self.done += 1
-                now = time.monotonic()
-                self.longest_gap = max(self.longest_gap, now - self.last)
-                self.last = now
+            self._complete()
             if not acted and self.done >= target - requests // 2:
                 during()
                 acted = True
@@ -130,6 +142,7 @@ def test_killed_and_upgraded_serves_are_succeeded_under_a_live_guest(tmp_path):
         g.run(300, during=upgrade)
         wait_for(lambda: _serve_pid(host) != old, what="the upgraded serve")
         g.run(100)
+        g.drain()
         out, err = result["cli"].communicate(timeout=60)
         assert result["cli"].returncode == 0, err
         assert f"serve pid {old} handed over to pid" in out
