@@ -319,9 +319,15 @@ class Vbd:
         path. A miss on the same request twice goes to the reference path too."""
         off, length, write = self.loop.extent_miss()
         miss = (self.ring.req_cons, off, length)
-        if write and miss != self._last_miss and self.disk.map_for_write(off, length):
+        if not write or miss == self._last_miss:
+            mapped = False
+        else:
+            with self.disk.mapping_batch():
+                mapped = self.disk.map_for_write(off, length)
+                if mapped:
+                    self._map_ahead()
+        if mapped:
             self._last_miss = miss
-            self._map_ahead()
             self._ahead = self.disk.allocation_ahead(off, length)
             if self._ahead is not None:
                 self.loop.want_idle_work()

@@ -9,6 +9,7 @@ checks its own bounds: it is the last line before the host file.
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +74,12 @@ class Disk(abc.ABC):
         extent map (allocate them, keeping what the guest reads there), so the loop can
         serve the write itself. False: this request needs the format's own write path."""
         return False
+
+    def mapping_batch(self) -> contextlib.AbstractContextManager[None]:
+        """Around several ``map_for_write`` calls of one hand-back: a format may defer
+        what each would do once (qcow2 records its metadata for a successor once, at the
+        end). The loop writes nothing into the mapped clusters before it is left."""
+        return contextlib.nullcontext()
 
     def refresh_size(self) -> int:
         """Re-read the virtual size (an operator grew the image); returns it."""

@@ -40,19 +40,22 @@ MAX_PAYLOAD = 1 << 30
 
 def encode(generation: int, image_id: tuple[int, int], phases: Sequence[Sequence[Op]]) -> bytes:
     """One record: the write-back's operations, phase by phase, for one image file."""
-    body = bytearray()
+    parts: list[bytes] = []
     for phase in phases:
-        body += _PHASE.pack(len(phase))
+        parts.append(_PHASE.pack(len(phase)))
         for op in phase:
             if isinstance(op, Write):
-                body += _OP.pack(_WRITE, op.offset, len(op.data)) + op.data
+                parts += (_OP.pack(_WRITE, op.offset, len(op.data)), op.data)
             elif isinstance(op, Resize):
-                body += _OP.pack(_RESIZE, op.size, 0)
+                parts.append(_OP.pack(_RESIZE, op.size, 0))
             else:
                 raise ValueError(f"a restart record holds writes and resizes, not {op!r}")
     head = _HEAD.pack(MAGIC, VERSION, generation, image_id[0], image_id[1], len(phases),
-                      len(body))
-    return head + _CRC.pack(zlib.crc32(head + body)) + bytes(body)
+                      sum(len(b) for b in parts))
+    crc = zlib.crc32(head)
+    for b in parts:  # no copy of the tables just to checksum them
+        crc = zlib.crc32(b, crc)
+    return b"".join([head, _CRC.pack(crc), *parts])
 
 
 def decode(buf: bytes) -> tuple[int, tuple[int, int], list[list[Op]]] | None:
