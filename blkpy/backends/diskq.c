@@ -12,15 +12,24 @@ static void diskq_signal(int fd)
         ;
 }
 
-int blkpy_queue_init(struct blkpy_disk_queue *q)
+struct blkpy_disk_queue *blkpy_queue_new(size_t size,
+                                         int (*submit)(struct blkpy_disk_queue *,
+                                                       const struct blkpy_queue_op *,
+                                                       uint32_t),
+                                         void (*pump)(struct blkpy_disk_queue *))
 {
+    struct blkpy_disk_queue *q = calloc(1, size);
+    if (!q)
+        return NULL;
     q->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (q->efd < 0)
-        return -errno;
+    if (q->efd < 0) {
+        free(q);
+        return NULL;
+    }
+    q->submit = submit;
+    q->pump = pump;
     pthread_mutex_init(&q->mu, NULL);
-    q->head = q->tail = NULL;
-    q->outstanding = q->waiting = 0;
-    return 0;
+    return q;
 }
 
 void blkpy_queue_post(struct blkpy_disk_queue *q, struct blkpy_queue_done *d)
@@ -124,5 +133,5 @@ void blkpy_queue_free(struct blkpy_disk_queue *q)
     }
     close(q->efd);
     pthread_mutex_destroy(&q->mu);
-    q->destroy(q);
+    free(q);   /* the implementation's queue it is the first member of */
 }

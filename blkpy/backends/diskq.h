@@ -57,10 +57,9 @@ struct blkpy_queue_done {
 
 struct blkpy_disk_queue {
     /* the implementation: queue ops (0 or -errno, nothing queued), start what waited
-     * after completions were reaped (NULL: nothing waits), release its own part */
+     * after completions were reaped (NULL: nothing waits) */
     int (*submit)(struct blkpy_disk_queue *q, const struct blkpy_queue_op *ops, uint32_t n);
     void (*pump)(struct blkpy_disk_queue *q);
-    void (*destroy)(struct blkpy_disk_queue *q);
     int efd;
     uint32_t outstanding;   /* submitted, not yet posted (atomic; changed under mu) */
     uint32_t waiting;       /* posted, not yet reaped (atomic; changed under mu) */
@@ -68,8 +67,15 @@ struct blkpy_disk_queue {
     struct blkpy_queue_done *head, *tail;
 };
 
-/* Set up the common part (the implementation's hooks are the caller's); 0 or -errno. */
-int blkpy_queue_init(struct blkpy_disk_queue *q);
+/* A zeroed implementation queue of `size` bytes whose first member is the common part,
+ * set up with the implementation's hooks; NULL if out of memory or eventfds. Freed whole
+ * by blkpy_queue_free (an implementation keeps nothing of its own to release there:
+ * with nothing outstanding, its op lists are empty). */
+struct blkpy_disk_queue *blkpy_queue_new(size_t size,
+                                         int (*submit)(struct blkpy_disk_queue *,
+                                                       const struct blkpy_queue_op *,
+                                                       uint32_t),
+                                         void (*pump)(struct blkpy_disk_queue *));
 /* Complete an op (any thread). The queue is not touched after the post returns, so
  * blkpy_queue_free may run as soon as nothing is outstanding. */
 void blkpy_queue_post(struct blkpy_disk_queue *q, struct blkpy_queue_done *d);

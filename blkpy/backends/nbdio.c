@@ -873,24 +873,13 @@ static int nbdio_submit(struct blkpy_disk_queue *dq, const struct blkpy_queue_op
     return 0;
 }
 
-static void nbdio_queue_destroy(struct blkpy_disk_queue *dq)
-{
-    free(dq);
-}
-
 struct blkpy_disk_queue *blkpy_nbd_queue_new(struct blkpy_nbd *c)
 {
-    struct blkpy_nbd_queue *q = calloc(1, sizeof *q);
-    if (!q)
-        return NULL;
-    q->c = c;
-    q->dq.submit = nbdio_submit;
-    q->dq.destroy = nbdio_queue_destroy;
-    if (blkpy_queue_init(&q->dq)) {
-        free(q);
-        return NULL;
-    }
-    return &q->dq;
+    struct blkpy_nbd_queue *q = (struct blkpy_nbd_queue *)blkpy_queue_new(
+        sizeof(struct blkpy_nbd_queue), nbdio_submit, NULL);
+    if (q)
+        q->c = c;
+    return q ? &q->dq : NULL;
 }
 
 #endif /* BLKPY_HAVE_LIBNBD */

@@ -235,11 +235,6 @@ static int rbdio_submit(struct blkpy_disk_queue *dq, const struct blkpy_queue_op
     return 0;
 }
 
-static void rbdio_queue_destroy(struct blkpy_disk_queue *dq)
-{
-    free(dq);   /* nothing outstanding, so the backlog is empty */
-}
-
 struct blkpy_rbd *blkpy_rbd_new(void *image, int readonly, uint64_t size, char *msg,
                                 uint32_t msglen)
 {
@@ -271,18 +266,12 @@ void blkpy_rbd_free(struct blkpy_rbd *r)
 
 struct blkpy_disk_queue *blkpy_rbd_queue_new(struct blkpy_rbd *r)
 {
-    struct blkpy_rbd_queue *q = calloc(1, sizeof *q);
-    if (!q)
-        return NULL;
-    q->r = r;
-    q->dq.submit = rbdio_submit;
-    q->dq.pump = rbdio_pump;
-    q->dq.destroy = rbdio_queue_destroy;
-    if (blkpy_queue_init(&q->dq)) {
-        free(q);
-        return NULL;
-    }
-    return &q->dq;
+    /* (freed by blkpy_queue_free with nothing outstanding: the backlog is empty) */
+    struct blkpy_rbd_queue *q = (struct blkpy_rbd_queue *)blkpy_queue_new(
+        sizeof(struct blkpy_rbd_queue), rbdio_submit, rbdio_pump);
+    if (q)
+        q->r = r;
+    return q ? &q->dq : NULL;
 }
 
 #endif /* BLKPY_HAVE_LIBRBD */
