@@ -319,9 +319,8 @@ class Vbd:
         path. A miss on the same request twice goes to the reference path too."""
         off, length, write = self.loop.extent_miss()
         miss = (self.ring.req_cons, off, length)
-        if not write or miss == self._last_miss:
-            mapped = False
-        else:
+        mapped = False
+        if write and miss != self._last_miss:
             with self.disk.mapping_batch():
                 mapped = self.disk.map_for_write(off, length)
                 if mapped:

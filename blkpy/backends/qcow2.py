@@ -136,6 +136,14 @@ def _probe(path: str) -> str:
     return "qcow2" if magic == MAGIC.to_bytes(4, "big") else "raw"
 
 
+class _MappingBatch(threading.local):
+    """Per thread (each queue's ring thread maps its own hand-backs): how deep inside
+    ``mapping_batch`` it is, and whether an allocation there awaits its restart record."""
+
+    depth = 0
+    unrecorded = False
+
+
 class Qcow2Disk(Disk):
     """A qcow2 image (v2/v3) with its backing chain.
 
@@ -156,9 +164,7 @@ class Qcow2Disk(Disk):
         self._fd = -1
         self.backing: Qcow2Disk | _RawBacking | None = None
         self._restart_log: RestartLog | None = None
-        # per thread (each queue's ring thread maps its own hand-backs): inside
-        # mapping_batch, allocations are recorded at its end
-        self._batch = threading.local()
+        self._batch = _MappingBatch()
         try:
             self._fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
         except OSError as exc:
@@ -208,12 +214,12 @@ class Qcow2Disk(Disk):
         """One restart record for all the allocations of a hand-back (one per request
         cost 250 us each at queue depth 32)."""
         b = self._batch
-        b.depth = getattr(b, "depth", 0) + 1
+        b.depth += 1
         try:
             yield
         finally:
             b.depth -= 1
-            if not b.depth and getattr(b, "unrecorded", False):
+            if not b.depth and b.unrecorded:
                 with self._lock:
                     b.unrecorded = False
                     self._record_metadata()
@@ -416,7 +422,7 @@ class Qcow2Disk(Disk):
             try:
                 self._check_writable()
                 if self._allocate(start, end - start):
-                    if getattr(self._batch, "depth", 0):
+                    if self._batch.depth:
                         self._batch.unrecorded = True
                     else:
                         self._record_metadata()

@@ -485,8 +485,7 @@ class Metadata:
             run(a.reftable_writes() + [Sync()])
             a.reftable_written()
         if self.l2_cache.dirty:
-            ops: list[Op] = [Write(off, t.tobytes()) for off, t in self.l2_cache.dirty_tables()]
-            run(ops + [Sync()])
+            run(self._l2_writes() + [Sync()])
             self.l2_cache.mark_all_clean()
         if self._l1_dirty:
             run(self._l1_writes() + [Sync()])
@@ -506,10 +505,12 @@ class Metadata:
         change dirty (a restart record, blkpy.qcow2.restart_log). Deferred refcount
         decrements are left out: losing them only leaks clusters."""
         a = self.alloc
-        phases = [a.resize_op() + a.block_writes(), a.reftable_writes(),
-                  [Write(off, t.tobytes()) for off, t in self.l2_cache.dirty_tables()],
+        phases = [a.resize_op() + a.block_writes(), a.reftable_writes(), self._l2_writes(),
                   self._l1_writes()]
         return [p for p in phases if p]
+
+    def _l2_writes(self) -> list[Op]:
+        return [Write(off, t.tobytes()) for off, t in self.l2_cache.dirty_tables()]
 
     def _l1_writes(self) -> list[Op]:
         per_sector = 512 // 8

@@ -113,7 +113,10 @@ class RestartLog:
         for k in (0, 1):
             try:
                 with open(self._slot(k), "rb") as f:
-                    rec = decode(f.read(MAX_PAYLOAD + _HEAD.size + _CRC.size + 1))
+                    # never a buffer as big as the limit, whatever the file claims
+                    if os.fstat(f.fileno()).st_size > MAX_PAYLOAD + _HEAD.size + _CRC.size:
+                        continue
+                    rec = decode(f.read())
             except OSError:
                 continue
             if rec is None or rec[1] != self.image_id:
@@ -128,12 +131,16 @@ class RestartLog:
         """Keep ``phases`` as the newest record (the other slot keeps the one before)."""
         self._generation += 1
         blob = encode(self._generation, self.image_id, phases)
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        fd = os.open(self._slot(self._generation), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC,
-                     0o600)
+        slot = self._slot(self._generation)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+        try:
+            fd = os.open(slot, flags, 0o600)
+        except FileNotFoundError:  # the first record: its directory too
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            fd = os.open(slot, flags, 0o600)
         try:
             if os.pwrite(fd, blob, 0) != len(blob):
-                raise OSError(f"short write of {self._slot(self._generation)}")
+                raise OSError(f"short write of {slot}")
             os.ftruncate(fd, len(blob))
         finally:
             os.close(fd)
