@@ -107,13 +107,16 @@ def _setup_logging(level: str, device: str | None = None) -> None:
               "seeing a state change (the hotplug daemon does this by itself).")
 @click.option("--replace", type=click.IntRange(1), metavar="PID", help="Upgrade: once "
               "loaded, have serve PID of the same device hand it over, then take it over.")
+@click.option("--standby-fd", type=click.IntRange(0), hidden=True, help="A standby "
+              "successor (the hotplug daemon's): ready, it waits for a byte on this pipe "
+              "before it takes the device over.")
 def serve(backend_path: str, platform_name: str, xenstore_path: str | None,
           sim_dir: str | None, fmt: str | None, image: str | None, engine: str,
           grant_mode: str, persistent: bool, max_persistent_grants: int,
           max_indirect_segments: int,
           max_ring_page_order: int, max_queues: int, poll_us: int, sector_size: str,
           direct_io: bool, qcow2_cache_mb: int, stats_file: str | None,
-          log_level: str, resume: bool, replace: int | None) -> None:
+          log_level: str, resume: bool, replace: int | None, standby_fd: int | None) -> None:
     """Serve one virtual block device: BACKEND_PATH is its backend directory, e.g.
     backend/vbd/<domid>/<devid> (relative paths are under /local/domain/<self>)."""
     # A serve never speaks TLS: without this, asyncio loads OpenSSL (~4 MiB resident per
@@ -132,7 +135,7 @@ def serve(backend_path: str, platform_name: str, xenstore_path: str | None,
         max_indirect_segments=max_indirect_segments, max_ring_page_order=max_ring_page_order,
         max_queues=max_queues, poll_us=poll_us, sector_size=int(sector_size),
         direct_io=direct_io, qcow2_cache_size=qcow2_cache_mb << 20, stats_file=stats_file,
-        resume=resume, replace=replace,
+        resume=resume, replace=replace, standby_fd=standby_fd,
     )
     try:
         kwargs = {"sim_dir": sim_dir} if platform_name == "sim" else {}

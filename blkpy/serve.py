@@ -28,7 +28,7 @@ import aiofiles
 import aiofiles.os
 
 from blkpy import ring
-from blkpy.backends import Disk, DiskError, network_format, open_disk
+from blkpy.backends import Disk, DiskError, load_format, network_format, open_disk
 from blkpy.backends.lock import ImageBusy, ImageLock, lock_image
 from blkpy.defaults import (
     EXIT_HANDED_OVER,
@@ -111,6 +111,9 @@ class ServeOptions:
     resume: bool = False
     #: a running serve of the device to replace (an upgrade): hand-over, then resume
     replace: int | None = None
+    #: a standby successor: wait for the hotplug daemon's word on this pipe before taking
+    #: the device over (``--resume``), or exit at its end of file
+    standby_fd: int | None = None
     qcow2_cache_size: int = 4 << 20
     stats_file: str | None = None
 
@@ -154,7 +157,9 @@ class DeviceServer:
     """Serves backend directory ``backend_path`` until the device goes away."""
 
     def __init__(self, platform: Platform, xs: XenstoreClient, backend_path: str,
-                 options: ServeOptions | None = None) -> None:
+                 options: ServeOptions | None = None, open_image: bool = True) -> None:
+        """``open_image`` False: everything but the image (``open_image()`` opens it), for
+        a successor that gets ready while its predecessor still has the device."""
         self.platform = platform
         self.xs = xs
         self.opts = options or ServeOptions()
@@ -189,11 +194,11 @@ class DeviceServer:
         #: what a successor needs if this process dies: the rings' journals, a qcow2
         #: image's metadata not yet written back
         self._state_dir = self._run_dir / f"vbd-{self.frontend_id}-{self.devid}"
-        self.disk = self._open_disk()
-        if self.disk.readonly and not self.readonly and not self._image_pending:
-            # a read-only NBD export
-            log.info("%s: %s is read-only: so is the device", self.path, self.image)
-            self.readonly = True
+        self.disk: Disk
+        if open_image:
+            self.open_image()
+        else:
+            load_format(self.fmt)
         self.qos = QosState()  # the disk's I/O limits, shared by its queues
         self._journals: list[RingJournal] = []
         self._handed_over = False
@@ -227,6 +232,13 @@ class DeviceServer:
         self.fmt = self.opts.fmt or fmt
         if not self.image:
             raise ServeError(f"{self.path}: no image (params node empty and no --image)")
+
+    def open_image(self) -> None:
+        self.disk = self._open_disk()
+        if self.disk.readonly and not self.readonly and not self._image_pending:
+            # a read-only NBD export
+            log.info("%s: %s is read-only: so is the device", self.path, self.image)
+            self.readonly = True
 
     def _open_disk(self) -> Disk:
         try:
@@ -311,13 +323,7 @@ class DeviceServer:
 
     def run(self) -> int:
         """Serve until the device is removed or SIGTERM; returns the exit status."""
-        status = asyncio.run(self._main())
-        if self._handed_over:
-            # The successor waits for this process to be gone before it opens the image:
-            # skip the interpreter's teardown, the guest is waiting.
-            logging.shutdown()
-            os._exit(status)
-        return status
+        return asyncio.run(self._main())
 
     async def _main(self) -> int:
         self._loop = asyncio.get_running_loop()
@@ -337,6 +343,12 @@ class DeviceServer:
             return await self._done
         finally:
             self._teardown()
+            if self._handed_over:
+                # The successor waits for this process to be gone before it opens the
+                # image, and the image is closed: skip the event loop's and the
+                # interpreter's teardown, the guest is waiting.
+                logging.shutdown()
+                os._exit(EXIT_HANDED_OVER)
 
     def start(self) -> None:
         """Watch what the handshake depends on, publish the features and go to InitWait.
@@ -389,6 +401,8 @@ class DeviceServer:
 
     def _on_terminate(self) -> None:
         log.info("%s: terminating: closing the device", self.path)
+        if not self._paused:  # (a paused serve has closed its image)
+            self.disk.give_up()
         self._disconnect()
         with contextlib.suppress(XenstoreError, ConnectionError):
             self._write_state(XenbusState.CLOSED)
@@ -838,13 +852,31 @@ def serve(backend_path: str, platform: Platform, xenstore_path: str | None,
     except OSError as exc:
         raise ServeError(f"cannot connect to xenstore at {path}: {exc}") from None
     with xs:
+        if options.standby_fd is not None:
+            if not _await_turn(options.standby_fd):
+                return 0  # the hotplug daemon no longer needs this standby
+            from blkpy.hotplug.watcher import set_cmdline
+
+            set_cmdline(["blkpy", "serve", backend_path, "--resume"])  # a serve now
+        server = DeviceServer(platform, xs, backend_path, options,
+                              open_image=not options.replace)
         if options.replace:
-            # Everything is imported and connected: only now stop the predecessor, so
-            # the guest waits for its drain and our attach, not for an interpreter start.
-            # The image is opened after it exited (a qcow2 image has one writer).
+            # Everything is imported, connected and read, the image's format loaded: only
+            # now stop the predecessor, so that the guest waits for its drain and our
+            # attach, not for an interpreter start. The image is opened once it has
+            # exited (a qcow2 image has one writer; its metadata is complete only then).
             _replace(options.replace)
-        server = DeviceServer(platform, xs, backend_path, options)
+            server.open_image()
         return server.run()
+
+
+def _await_turn(fd: int) -> bool:
+    """A standby (forked by the hotplug daemon, ready but for the image): wait until the
+    daemon says the device's serve died (True) or no longer needs it (False: EOF)."""
+    try:
+        return os.read(fd, 1) == b"g"
+    finally:
+        os.close(fd)
 
 
 def _replace(pid: int, timeout: float = 30.0) -> None:

@@ -3,6 +3,9 @@ caller (never guessed from the contents: a guest could write a qcow2 header into
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+
 from blkpy.backends.base import CorruptImage, Disk, DiskError, UnsupportedImage
 
 FORMATS = ("raw", "qcow2")
@@ -31,6 +34,17 @@ def open_disk(path: str, fmt: str, readonly: bool = False, **options: object) ->
         return RbdDisk(path, readonly=readonly)
     raise DiskError(f"unknown image format {fmt!r} "
                     f"(expected one of {', '.join(FORMATS + NETWORK_FORMATS)})")
+
+
+def load_format(fmt: str) -> None:
+    """Import ``fmt``'s implementation now, without opening anything: a serve that takes a
+    device over imports it before the guest waits for it (under emulation an import costs
+    seconds). An implementation that cannot load is left for ``open_disk`` to report."""
+    modules = {"raw": "blkpy.backends.raw", "qcow2": "blkpy.backends.qcow2",
+               "nbd": "blkpy.backends.nbd", "rbd": "blkpy.backends.rbd"}
+    if fmt in modules:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(modules[fmt])
 
 
 def network_format(target: str) -> str | None:
@@ -75,6 +89,7 @@ __all__ = [
     "DiskError",
     "UnsupportedImage",
     "check_target",
+    "load_format",
     "network_format",
     "open_disk",
     "probe_format",
