@@ -147,9 +147,14 @@ def install(directory: str, python: str | None, systemd_dir: str | None,
                    "the xenstored socket).")
 @click.option("--serve-arg", "serve_args", multiple=True, metavar="ARG",
               help="Extra argument for every serve (repeatable).")
+@click.option("--standby-delay", type=click.FloatRange(0), default=2.0, show_default=True,
+              help="Seconds a forked serve runs before its device gets a standby successor "
+                   "(forked and ready, it takes over at once when the serve dies).")
+@click.option("--no-standby", is_flag=True, help="No standby successors: a serve that dies "
+              "is succeeded by a serve forked then.")
 def daemon(xenstore_path: str | None, domid: int, platform_name: str, log_dir: str | None,
            serve_command: str | None, orphan_grace: float, lock_file: str | None,
-           serve_args: tuple[str, ...]) -> None:
+           serve_args: tuple[str, ...], standby_delay: float, no_standby: bool) -> None:
     """Start `blkpy serve` for every new block-blkpy device until SIGTERM."""
     from blkpy.hotplug.watcher import (
         AlreadyRunning,
@@ -173,6 +178,7 @@ def daemon(xenstore_path: str | None, domid: int, platform_name: str, log_dir: s
     with connected_xenstore(xenstore_path) as xs:
         watcher = DeviceWatcher(xs, domid=domid,  # type: ignore[arg-type]
                                 serve_command=shlex.split(serve_command) if serve_command else None,
-                                serve_args=args, log_dir=log_dir, orphan_grace=orphan_grace)
+                                serve_args=args, log_dir=log_dir, orphan_grace=orphan_grace,
+                                standby_delay=None if no_standby else standby_delay)
         status = watcher.run()
     sys.exit(status)

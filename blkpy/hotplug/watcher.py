@@ -17,15 +17,26 @@ modules once: under emulation a fresh Python needs many seconds to import numpy 
 path, more than libxl's 10 s wait for InitWait when several disks start at once. The forked
 child runs exactly what ``blkpy serve`` runs (the same click command). ``--serve-command``
 execs a command instead.
+
+A forked serve's device also gets a standby: a second child, forked once the serve has run
+for a moment, that has done all a successor can do before its predecessor is gone (the
+fork's copying, the command line, logging, the platform's devices, its own xenstore
+connection) and waits on a pipe. When the serve dies the watcher, woken by SIGCHLD, writes
+one byte and the standby takes the device over (``--resume``); the guest's wait is the
+takeover itself, not a process start. The standby is not a serve: its command line says
+``blkpy standby``. Closing its pipe (device gone, watcher stopping or gone) ends it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
+import gc
 import logging
 import os
 import posixpath
+import select
 import signal
 import subprocess
 import sys
@@ -48,6 +59,9 @@ STOP_GRACE_S = 10.0
 #: successors per device within RESTART_WINDOW_S before the daemon gives up on it
 RESTART_BUDGET = 5
 RESTART_WINDOW_S = 60.0
+#: a device's standby is forked once its serve has run this long: not while the serve
+#: starts or takes over, which need the CPU first
+STANDBY_DELAY_S = 2.0
 
 
 def is_blkpy_script(script: str | None) -> bool:
@@ -101,15 +115,18 @@ def set_cmdline(argv: list[str]) -> bool:
         return False
 
 
-def _serve_in_child(argv: list[str], log_path: Path | None, inherited: list[int]) -> NoReturn:
-    """Body of a forked serve: detach from the watcher, then run the `blkpy` CLI on argv."""
+def _serve_in_child(argv: list[str], log_path: Path | None, inherited: list[int],
+                    title: list[str] | None = None) -> NoReturn:
+    """Body of a forked serve: detach from the watcher, then run the `blkpy` CLI on argv
+    (``title``: the command line ps shows instead of ``blkpy`` + argv)."""
     code = 1
     try:
-        set_cmdline(["blkpy", *argv])
+        set_cmdline(title or ["blkpy", *argv])
         os.setsid()
-        for fd in inherited:  # the watcher's xenstore connection is not ours
+        signal.set_wakeup_fd(-1)
+        for fd in inherited:  # the watcher's xenstore connection, pipes... are not ours
             os.close(fd)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
@@ -137,13 +154,31 @@ def _serve_in_child(argv: list[str], log_path: Path | None, inherited: list[int]
 
 
 def preload_serve() -> None:
-    """Import what a forked serve needs, once, in the watcher."""
+    """Import what a forked serve needs, once, in the watcher (the image formats too: a
+    successor would import them while the guest waits), then freeze what is loaded: the
+    collector of a forked child then leaves those objects alone instead of copying every
+    page they live on."""
     try:
         import blkpy.cli  # noqa: F401
         import blkpy.gntdev.linux  # noqa: F401
         import blkpy.serve  # noqa: F401
+        from blkpy.backends import load_format
+
+        for fmt in ("raw", "qcow2"):
+            load_format(fmt)
     except ImportError as exc:  # the child will report it properly
         log.warning("cannot preload serve's modules: %s", exc)
+    gc.collect()
+    gc.freeze()
+
+
+@dataclasses.dataclass
+class Standby:
+    """A device's ready successor, waiting for its word on a pipe."""
+
+    proc: ForkedServe
+    go: int  # the pipe's write end: b"g" = take over; closed = not needed
+    started: float
 
 
 @dataclasses.dataclass
@@ -162,7 +197,10 @@ class DeviceWatcher:
     def __init__(self, xs: XenstoreClient, *, domid: int = 0,
                  serve_command: Sequence[str] | None = None,
                  serve_args: Sequence[str] = (), log_dir: str | None = None,
-                 orphan_grace: float = ORPHAN_GRACE_S) -> None:
+                 orphan_grace: float = ORPHAN_GRACE_S,
+                 standby_delay: float | None = STANDBY_DELAY_S) -> None:
+        """``standby_delay`` None: no standby successors (they exist only for forked
+        serves)."""
         self.xs = xs
         self.domid = domid
         self.roots = {kind: f"/local/domain/{domid}/backend/{kind}" for kind in BACKEND_KINDS}
@@ -178,6 +216,10 @@ class DeviceWatcher:
         self.stopping = False
         #: when successors were started, per device (a crash loop is stopped)
         self.restarts: dict[str, list[float]] = {}
+        self.standby_delay = standby_delay if self.serve_command is None else None
+        self.standbys: dict[str, Standby] = {}
+        #: SIGCHLD's wake-up pipe (read end, write end) while ``run`` runs
+        self._wake: tuple[int, int] | None = None
 
     # ---- scanning -------------------------------------------------------------------------
 
@@ -204,6 +246,7 @@ class DeviceWatcher:
         for rel in self.seen - present:
             self.seen.discard(rel)
             child = self.children.get(rel)
+            self.cancel_standby(rel)
             if child is not None and child.orphaned_at is None:
                 child.orphaned_at = now
                 log.info("%s: backend directory removed; serve pid %d has %.0f s to exit",
@@ -229,11 +272,7 @@ class DeviceWatcher:
         """Start the serve of ``rel``; ``resume``: a successor taking the device over;
         ``fresh``: exec a new interpreter (an upgrade runs the code now on disk) even
         where serves are forked."""
-        log_path = None
-        if self.log_dir is not None:
-            log_path = self.log_dir / ("serve-" + rel.replace("backend/vbd/", "")
-                                       .replace("backend/", "").replace("/", "-")
-                                       + ".log")
+        log_path = self._log_path(rel)
         try:
             proc = self._spawn(rel, log_path, (["--resume"] if resume else []) + (extra or []),
                                fresh)
@@ -246,6 +285,12 @@ class DeviceWatcher:
         self.children[rel] = Child(rel, proc, time.monotonic())
         log.info("%s: started serve pid %d", rel, proc.pid)
 
+    def _log_path(self, rel: str) -> Path | None:
+        if self.log_dir is None:
+            return None
+        return self.log_dir / ("serve-" + rel.replace("backend/vbd/", "")
+                               .replace("backend/", "").replace("/", "-") + ".log")
+
     def _spawn(self, rel: str, log_path: Path | None, extra: list[str],
                fresh: bool) -> subprocess.Popen[bytes] | ForkedServe:
         if self.serve_command is None and not fresh:
@@ -254,7 +299,7 @@ class DeviceWatcher:
             pid = os.fork()
             if pid == 0:
                 _serve_in_child(["serve", rel, *self.serve_args, *extra], log_path,
-                                [self.xs.fileno()])
+                                self._private_fds())
             return ForkedServe(pid)
         command = self.serve_command or [sys.executable, "-m", "blkpy", "serve"]
         stderr = open(log_path, "ab") if log_path else None  # noqa: SIM115 - the child's
@@ -266,7 +311,82 @@ class DeviceWatcher:
             if stderr is not None:
                 stderr.close()
 
+    def _private_fds(self) -> list[int]:
+        """The watcher's descriptors a forked child must close: its xenstore connection,
+        SIGCHLD's pipe, the standbys' pipes (a standby must see its pipe's end when the
+        watcher closes it)."""
+        return [self.xs.fileno(), *(self._wake or ()), *(s.go for s in self.standbys.values())]
+
+    # ---- standbys ---------------------------------------------------------------------------
+
+    def start_standbys(self) -> None:
+        """Fork a standby for each device whose serve has run STANDBY_DELAY_S without one."""
+        if self.standby_delay is None or self.stopping:
+            return
+        now = time.monotonic()
+        for rel, child in self.children.items():
+            if ("#" in rel or rel in self.standbys or child.orphaned_at is not None
+                    or now - child.started < self.standby_delay or child.proc.poll() is not None):
+                continue
+            self._fork_standby(rel)
+
+    def _fork_standby(self, rel: str) -> None:
+        log_path = self._log_path(rel)
+        read_end, go = os.pipe2(os.O_CLOEXEC)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            os.close(read_end)
+            os.close(go)
+            log.error("%s: cannot fork a standby: %s", rel, exc.strerror)
+            return
+        if pid == 0:
+            os.set_inheritable(read_end, True)
+            _serve_in_child(["serve", rel, *self.serve_args, "--resume",
+                             "--standby-fd", str(read_end)], log_path,
+                            [*self._private_fds(), go], title=["blkpy", "standby", rel])
+        os.close(read_end)
+        self.standbys[rel] = Standby(ForkedServe(pid), go, time.monotonic())
+        log.debug("%s: standby pid %d", rel, pid)
+
+    def cancel_standby(self, rel: str) -> None:
+        """The device needs no standby any more: close its pipe (it exits)."""
+        standby = self.standbys.pop(rel, None)
+        if standby is None:
+            return
+        os.close(standby.go)
+        # reaped by the loop like a serve, under a name that gets no successor
+        self.children[f"{rel}#standby{standby.proc.pid}"] = Child(
+            f"{rel}#standby", standby.proc, standby.started, orphaned_at=time.monotonic())
+
+    def _wake_standby(self, rel: str) -> ForkedServe | None:
+        """Tell the device's standby to take over; its process, or None if it has none
+        (or it is gone)."""
+        standby = self.standbys.pop(rel, None)
+        if standby is None:
+            return None
+        try:
+            os.write(standby.go, b"g")
+        except OSError:  # it died: BrokenPipeError
+            standby.proc.kill()
+            standby.proc.wait()
+            return None
+        finally:
+            os.close(standby.go)
+        return standby.proc
+
+    # ---- reaping ----------------------------------------------------------------------------
+
     def reap(self) -> None:
+        for rel, standby in list(self.standbys.items()):
+            status = standby.proc.poll()
+            if status is not None:  # it should only wait: something is wrong with it
+                log.warning("%s: standby pid %d ended (%s)", rel, standby.proc.pid,
+                            f"exit status {status}" if status >= 0 else f"signal {-status}")
+                del self.standbys[rel]
+                os.close(standby.go)
         for rel, child in list(self.children.items()):
             status = child.proc.poll()
             if status is None:
@@ -274,8 +394,9 @@ class DeviceWatcher:
             del self.children[rel]
             how = f"exit status {status}" if status >= 0 else f"signal {-status}"
             level = logging.INFO if status in (0, EXIT_HANDED_OVER) else logging.WARNING
-            log.log(level, "%s: serve pid %d ended (%s) after %.1f s", rel, child.proc.pid,
-                    how, time.monotonic() - child.started)
+            log.log(level, "%s: %s pid %d ended (%s) after %.1f s", rel,
+                    "standby" if "#standby" in rel else "serve", child.proc.pid, how,
+                    time.monotonic() - child.started)
             self._supervise(rel, child, status)
 
     def _supervise(self, rel: str, child: Child, status: int) -> None:
@@ -284,21 +405,35 @@ class DeviceWatcher:
         the guest sees a pause, not a state change. A clean exit (device removed, frontend
         gone), a serve that never connected and a failed takeover get none, nor a device
         whose serves keep dying."""
-        if (self.stopping or "#" in rel or child.orphaned_at is not None or rel not in self.seen
-                or status in (0, EXIT_TAKEOVER_FAILED)):
+        if "#" in rel or self.stopping:
             return
+        if not self._needs_successor(rel, child, status):
+            self.cancel_standby(rel)
+            return
+        if status != EXIT_HANDED_OVER:  # a crash: the standby is ready (a hand-over that
+            proc = self._wake_standby(rel)  # nobody asked for gets the code on disk)
+            if proc is not None:
+                self.children[rel] = Child(rel, proc, time.monotonic())
+                log.info("%s: standby pid %d takes the device over", rel, proc.pid)
+                return
+        log.info("%s: starting a successor to take the device over", rel)
+        self.start(rel, resume=True, fresh=status == EXIT_HANDED_OVER)
+
+    def _needs_successor(self, rel: str, child: Child, status: int) -> bool:
+        if (child.orphaned_at is not None or rel not in self.seen
+                or status in (0, EXIT_TAKEOVER_FAILED)):
+            return False
         state = (self.xs.read_str(f"/local/domain/{self.domid}/{rel}/state") or "").strip()
         if state != "4":  # never connected (e.g. it could not open its image): nothing to keep
-            return
+            return False
         now = time.monotonic()
         recent = [t for t in self.restarts.get(rel, []) if now - t < RESTART_WINDOW_S]
         if status != EXIT_HANDED_OVER and len(recent) >= RESTART_BUDGET:
             log.error("%s: %d serves died within %.0f s; not starting another", rel,
                       len(recent), RESTART_WINDOW_S)
-            return
+            return False
         self.restarts[rel] = [*recent, now]
-        log.info("%s: starting a successor to take the device over", rel)
-        self.start(rel, resume=True, fresh=status == EXIT_HANDED_OVER)
+        return True
 
     def terminate_orphans(self) -> None:
         now = time.monotonic()
@@ -317,6 +452,8 @@ class DeviceWatcher:
                 child.proc.kill()
 
     def stop_all(self, grace: float = STOP_GRACE_S) -> None:
+        for rel in list(self.standbys):
+            self.cancel_standby(rel)
         for child in self.children.values():
             if child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGTERM)
@@ -332,6 +469,16 @@ class DeviceWatcher:
 
     # ---- the loop -------------------------------------------------------------------------
 
+    def _wait(self, timeout: float) -> bool:
+        """Wait for a xenstore event or a signal (a child's end); True for an event."""
+        assert self._wake is not None
+        ready, _, _ = select.select([self.xs.fileno(), self._wake[0]], [], [], timeout)
+        if self._wake[0] in ready:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._wake[0], 256):
+                    pass
+        return bool(ready) and self.xs.wait_event(0) is not None
+
     def request_stop(self, *_: object) -> None:
         self.stopping = True
 
@@ -339,6 +486,10 @@ class DeviceWatcher:
         """Watch until SIGTERM/SIGINT (or ``request_stop``); returns the exit status."""
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        # a child's end wakes the loop at once (a dead serve's guest is waiting)
+        self._wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wake[1])
+        signal.signal(signal.SIGCHLD, lambda *_: None)
         if self.serve_command is None:
             preload_serve()
         for root in self.roots.values():
@@ -347,14 +498,19 @@ class DeviceWatcher:
         try:
             while not self.stopping:
                 # every write under the root is an event: drain them, then scan once
-                if self.xs.events() or self.xs.wait_event(poll_interval) is not None:
+                if self.xs.events() or self._wait(poll_interval):
                     self.xs.events()
                     self.scan()
                     self.check_restart_requests()
                 self.reap()
                 self.terminate_orphans()
+                self.start_standbys()
         finally:
             self.stop_all()
+            signal.set_wakeup_fd(-1)
+            for fd in self._wake:
+                os.close(fd)
+            self._wake = None
             log.info("stopped")
         return 0
 

@@ -1,7 +1,8 @@
 """The hotplug daemon keeps a guest's disk alive across its serve's death and across an
 upgrade: a serve killed with SIGKILL is succeeded by one that takes the rings over from
-their journals (`blkpy serve --resume`), and `blkpy hotplug restart` hands a device to a
-new serve. A guest doing verified I/O all along sees no error and no state change."""
+their journals (`blkpy serve --resume`): the device's standby, ready before the death, or
+one forked then; and `blkpy hotplug restart` hands a device to a new serve. A guest doing
+verified I/O all along sees no error and no state change."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from blkpy.ring import BLKIF_OP_READ, BLKIF_OP_WRITE
 from blkpy.sim import toolstack
@@ -91,13 +93,14 @@ class Guest:
 
 
 @contextlib.contextmanager
-def _daemon(host: SimHost, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+def _daemon(host: SimHost, tmp_path: Path,
+            extra: tuple[str, ...] = ()) -> Iterator[subprocess.Popen[bytes]]:
     """`blkpy hotplug daemon` for the simulated host, serve logs in tmp_path."""
     with open(tmp_path / "daemon.log", "wb") as log:
         daemon = subprocess.Popen(
             [*BLKPY, "hotplug", "daemon", "--xenstore", host.socket, "--platform", "sim",
              "--serve-arg=--sim-dir", f"--serve-arg={host.sim_dir}",
-             "--log-dir", str(tmp_path), "--lock-file", str(tmp_path / "lock")],
+             "--log-dir", str(tmp_path), "--lock-file", str(tmp_path / "lock"), *extra],
             stderr=log, env=host.env())
     try:
         yield daemon
@@ -110,14 +113,29 @@ def _serve_pid(host: SimHost) -> int:
     return int(host.xs.read_str(f"{BACKEND}/kthread-pid"))
 
 
-def test_killed_and_upgraded_serves_are_succeeded_under_a_live_guest(tmp_path):
+def _standbys(rel: str) -> list[int]:
+    """Pids of the processes that show as the device's standby (`blkpy standby REL`)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+                if argv[:3] == [b"blkpy", b"standby", rel.encode()]:
+                    pids.append(int(entry))
+    return pids
+
+
+@pytest.mark.parametrize("standby", [True, False], ids=["standby", "forked-at-death"])
+def test_killed_and_upgraded_serves_are_succeeded_under_a_live_guest(tmp_path, standby):
     rng = random.Random(7)
     image = tmp_path / "disk.img"
     content = rng.randbytes(DISK)
     image.write_bytes(content)
     model = bytearray(content)
     daemon_log = tmp_path / "daemon.log"
-    with SimHost() as host, _daemon(host, tmp_path):
+    rel = BACKEND.split("/", 4)[-1]
+    extra = ("--standby-delay", "0.2") if standby else ("--no-standby",)
+    with SimHost() as host, _daemon(host, tmp_path, extra):
         guest = host.create_guest(1, memory_pages=4096)
         spec = toolstack.DiskSpec(1, 51712, "xvda", str(image), script="block-blkpy")
         host.add_disk(spec, start_backend=False)
@@ -127,6 +145,8 @@ def test_killed_and_upgraded_serves_are_succeeded_under_a_live_guest(tmp_path):
         g.run(200)
         for _ in range(3):  # killed mid-I/O, three times
             victim = _serve_pid(host)
+            if standby:  # the daemon forks it once the serve has run 0.2 s
+                wait_for(lambda: len(_standbys(rel)) == 1, what="a standby")
             g.run(300, during=lambda v=victim: os.kill(v, signal.SIGKILL))
             wait_for(lambda v=victim: _serve_pid(host) != v, what="a successor")
         crash_gap = g.longest_gap
@@ -150,13 +170,20 @@ def test_killed_and_upgraded_serves_are_succeeded_under_a_live_guest(tmp_path):
         assert host.backend_state(spec) == XenbusState.CONNECTED
         assert fe.state == XenbusState.CONNECTED and not fe.protocol_errors
         # What the guest waited, for the report (the targets are 1 s and 200 ms).
-        print(f"longest stall: kill -9 {crash_gap * 1000:.0f} ms, "
+        print(f"longest stall: kill -9 {crash_gap * 1000:.0f} ms "
+              f"({'standby' if standby else 'forked at death'}), "
               f"upgrade {g.longest_gap * 1000:.0f} ms")
         fe.close()
         host.remove_disk(spec)
+        # the device's standby goes with it
+        wait_for(lambda: not _standbys(rel), what="the standby's end")
     assert image.read_bytes() == bytes(model)
     text = daemon_log.read_text()
-    assert text.count("starting a successor") == 3, text[-3000:]
+    if standby:
+        assert text.count("takes the device over") == 3, text[-3000:]
+        assert "starting a successor" not in text, text[-3000:]
+    else:
+        assert text.count("starting a successor") == 3, text[-3000:]
     assert text.count("upgrade: a new serve replaces") == 1, text[-3000:]
 
 
