@@ -101,6 +101,11 @@ class Disk(abc.ABC):
         """Make the range read as zeros and release its space if possible."""
         raise NotImplementedError
 
+    def give_up(self) -> None:
+        """The process is going away (SIGTERM): a network disk stops waiting for a lost
+        server, so what waits for it fails now and closing does not wait either."""
+        return None  # a local disk never waits for anyone
+
     @abc.abstractmethod
     def close(self) -> None:
         """Flush metadata and release the file(s); idempotent."""

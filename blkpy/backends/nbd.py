@@ -263,6 +263,14 @@ class NbdDisk(Disk):
         """Break the connection as a network failure would (tests): it reconnects."""
         lib.blkpy_nbd_drop(self._conn)
 
+    def give_up(self) -> None:
+        """Requests waiting for a lost connection fail now, not after reconnect-delay,
+        and a server holding requests without a reply is dropped after 2 s: a serve told
+        to stop whose server is gone exits at once (closing waits for every request, and
+        its flush would wait for the connection)."""
+        if not self._closed:
+            lib.blkpy_nbd_give_up(self._conn)
+
     def refresh_size(self) -> int:
         # `blkpy serve` calls this every few seconds: the place to report the connection's
         # ups and downs without a cost on the data path.

@@ -42,6 +42,7 @@ struct blkpy_nbd *blkpy_nbd_open(const char *uri, int readonly, int64_t connect_
 void blkpy_nbd_get_info(struct blkpy_nbd *c, struct blkpy_nbd_info *info) { (void)c, (void)info; }
 void blkpy_nbd_get_stats(struct blkpy_nbd *c, struct blkpy_nbd_stats *s) { (void)c, (void)s; }
 void blkpy_nbd_drop(struct blkpy_nbd *c) { (void)c; }
+void blkpy_nbd_give_up(struct blkpy_nbd *c) { (void)c; }
 void blkpy_nbd_close(struct blkpy_nbd *c) { (void)c; }
 struct blkpy_disk_queue *blkpy_nbd_queue_new(struct blkpy_nbd *c) { (void)c; return NULL; }
 
@@ -110,6 +111,8 @@ enum { NBDIO_UP, NBDIO_DOWN, NBDIO_EXPIRED };
 #define NBDIO_BACKOFF_MIN_MS 20
 #define NBDIO_BACKOFF_MAX_MS 1000
 #define NBDIO_DISCONNECT_MS 2000
+/* After blkpy_nbd_give_up: how long a request may wait for a reply. */
+#define NBDIO_GIVE_UP_STALL_MS 2000
 
 struct nbdio_op {
     struct blkpy_queue_done done;   /* first: the completion list frees the op */
@@ -165,6 +168,7 @@ struct blkpy_nbd {
     int thread_started;
     int stop;
     int drop;
+    int give_up;   /* blkpy_nbd_give_up was called (atomic) */
     int idle;   /* the connection thread is asleep in poll (under mu) */
 };
 
@@ -173,6 +177,20 @@ static int64_t nbdio_now_ms(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int nbdio_giving_up(struct blkpy_nbd *c)
+{
+    return __atomic_load_n(&c->give_up, __ATOMIC_ACQUIRE);
+}
+
+/* How long requests may go without a reply before the connection is dropped (0: no
+ * limit). */
+static int64_t nbdio_stall_ms(struct blkpy_nbd *c)
+{
+    if (nbdio_giving_up(c) && (c->stall_ms <= 0 || c->stall_ms > NBDIO_GIVE_UP_STALL_MS))
+        return NBDIO_GIVE_UP_STALL_MS;
+    return c->stall_ms;
 }
 
 static void nbdio_signal(int fd)
@@ -611,7 +629,7 @@ static void nbdio_lost(struct blkpy_nbd *c)
     nbdio_account(c);   /* the aborted commands go to the retry list */
     struct nbd_handle *old = c->h;
     c->h = NULL;
-    if (c->reconnect_ms <= 0)
+    if (c->reconnect_ms <= 0 || nbdio_giving_up(c))
         nbdio_expire(c);
     L(nbd_close)(old);
 }
@@ -628,6 +646,9 @@ static void nbdio_reconnect(struct blkpy_nbd *c)
     int backoff = NBDIO_BACKOFF_MIN_MS;
     char msg[256];
     while (!__atomic_load_n(&c->stop, __ATOMIC_ACQUIRE)) {
+        /* (before an attempt too: one to an unanswering host takes connect_ms) */
+        if (c->state == NBDIO_DOWN && nbdio_giving_up(c))
+            nbdio_expire(c);
         struct nbd_handle *h = nbdio_connect(c->uri, c->connect_ms, &c->stop, msg,
                                              sizeof msg);
         if (h) {
@@ -642,7 +663,8 @@ static void nbdio_reconnect(struct blkpy_nbd *c)
             nbdio_pump(c);
             return;
         }
-        if (c->state == NBDIO_DOWN && nbdio_now_ms() - c->down_since_ms >= c->reconnect_ms)
+        if (c->state == NBDIO_DOWN && (nbdio_giving_up(c) ||
+                                       nbdio_now_ms() - c->down_since_ms >= c->reconnect_ms))
             nbdio_expire(c);
         nbdio_wait_kick(c, backoff);
         backoff = backoff * 2 < NBDIO_BACKOFF_MAX_MS ? backoff * 2 : NBDIO_BACKOFF_MAX_MS;
@@ -680,13 +702,14 @@ static void *nbdio_thread(void *arg)
         struct pollfd p[2] = {{L(nbd_aio_get_fd)(h), nbdio_events(h), 0},
                               {c->kick_fd, POLLIN, 0}};
         int timeout = more ? 0 : -1;
-        if (!more && c->in_flight && c->stall_ms > 0) {
-            int64_t left = c->progress_ms + c->stall_ms - nbdio_now_ms();
+        int64_t stall_ms = nbdio_stall_ms(c);
+        if (!more && c->in_flight && stall_ms > 0) {
+            int64_t left = c->progress_ms + stall_ms - nbdio_now_ms();
             timeout = left <= 0 ? 0 : left > 1000000 ? 1000000 : (int)left;
         }
         int n = poll(p, 2, timeout);
-        if (n == 0 && c->in_flight && c->stall_ms > 0 &&
-            nbdio_now_ms() - c->progress_ms >= c->stall_ms) {
+        if (n == 0 && c->in_flight && stall_ms > 0 &&
+            nbdio_now_ms() - c->progress_ms >= stall_ms) {
             /* The server holds requests without answering (stopped, or a network that
              * drops packets without a reset): treat it as a lost connection, so they
              * are retried on a new one, or fail once the reconnect delay runs out. */
@@ -777,6 +800,12 @@ void blkpy_nbd_get_stats(struct blkpy_nbd *c, struct blkpy_nbd_stats *stats)
 void blkpy_nbd_drop(struct blkpy_nbd *c)
 {
     __atomic_store_n(&c->drop, 1, __ATOMIC_RELEASE);
+    nbdio_signal(c->kick_fd);
+}
+
+void blkpy_nbd_give_up(struct blkpy_nbd *c)
+{
+    __atomic_store_n(&c->give_up, 1, __ATOMIC_RELEASE);
     nbdio_signal(c->kick_fd);
 }
 

@@ -54,6 +54,11 @@ void blkpy_nbd_get_info(struct blkpy_nbd *c, struct blkpy_nbd_info *info);
 void blkpy_nbd_get_stats(struct blkpy_nbd *c, struct blkpy_nbd_stats *stats);
 /* Drop the current connection as if the network had (tests); it reconnects. */
 void blkpy_nbd_drop(struct blkpy_nbd *c);
+/* The process is going away (SIGTERM): stop waiting for the server. What waits for a
+ * lost connection fails now rather than after the reconnect delay, and a connection
+ * holding requests without a reply is dropped after 2 s rather than the request
+ * timeout; a live connection's requests complete as usual. */
+void blkpy_nbd_give_up(struct blkpy_nbd *c);
 /* Stop the thread and disconnect. Every queue must be freed first. */
 void blkpy_nbd_close(struct blkpy_nbd *c);
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -267,6 +268,42 @@ def test_requests_fail_after_the_reconnect_delay_and_work_again_later(tmp_path: 
                 time.sleep(0.2)
                 status = frontend.read(0, 4096, timeout=30).status
             assert status == blkif.BLKIF_RSP_OKAY
+    finally:
+        server.stop()
+        host.close()
+
+
+@pytest.mark.parametrize("how", ["idle", "read in flight", "server stopped answering"])
+def test_sigterm_ends_a_serve_whose_server_is_gone(tmp_path: Path, how: str) -> None:
+    """SIGTERM ends the serve within seconds although its server went away: neither a
+    guest's request waiting for the connection nor the flush before the disconnect waits
+    out reconnect-delay (30 s by default; the serve looked deaf to SIGTERM for that long),
+    nor a request a server holds without answering the 60 s request-timeout."""
+    host = sim_host()
+    argv = ["--filter=delay", "memory", "16M", "rdelay=60"] if "answering" in how \
+        else ["memory", "16M"]
+    server = nbdkit(tmp_path, *argv)
+    try:
+        server.start()
+        spec = DiskSpec(GUEST, DEVID, "xvda", server.target)
+        backend = host.add_disk(spec)
+        assert backend is not None
+        frontend = Frontend(host.guests[GUEST], host.guest_xenstore(GUEST), DEVID)
+        assert host.wait_backend_state(spec, XenbusState.INIT_WAIT, timeout=30)
+        frontend.connect(timeout=30)
+        assert frontend.write(0, b"\x5a" * 4096).status == blkif.BLKIF_RSP_OKAY
+        if "answering" not in how:
+            server.stop(kill=True)
+        if how != "idle":
+            threading.Thread(target=frontend.read, args=(0, 4096), kwargs={"timeout": 90},
+                             daemon=True).start()
+            time.sleep(0.5)  # the read reaches the serve, which holds it
+        start = time.monotonic()
+        backend.proc.send_signal(signal.SIGTERM)
+        status = backend.wait(15)
+        took = time.monotonic() - start
+        assert status == 0, backend.log()[-3000:]
+        assert took < 8, (took, backend.log()[-3000:])
     finally:
         server.stop()
         host.close()
