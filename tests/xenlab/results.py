@@ -118,6 +118,10 @@ def format_stalls(figures: dict[str, Figure], checks: dict[str, Check]) -> list[
                 if target else "no target")
         outcomes = [f"{what} {checks[f'lifecycle.{kind}.{what}'].outcome}"
                     for what in ("io-errors", "data") if f"lifecycle.{kind}.{what}" in checks]
+        # a kind this host cannot run (xl migrate without shadow paging) says so here too
+        outcomes += [f"{c.name.rsplit('.', 1)[-1]} SKIP (not runnable here, see above)"
+                     for c in checks.values()
+                     if c.name.startswith(f"lifecycle.{kind}.") and c.outcome == "SKIP"]
         lines.append(f"  {kind:9} stall {fig.value:6.0f} ms  {goal:24} {'  '.join(outcomes)}")
     return ["guest stall per kind (lifecycle):", *lines] if lines else []
 

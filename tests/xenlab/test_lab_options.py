@@ -11,7 +11,7 @@ import pytest
 
 from .boot import CPU_MODEL, qemu_command
 from .images import SUITES, Images
-from .lab import known_phases, main, suite_phases
+from .lab import known_phases, main, suite_phases, xen_build_option
 from .results import format_summary, parse_checks, parse_figures, xentop_rows
 
 DOM0 = Path(__file__).parent / "dom0"
@@ -99,6 +99,27 @@ def test_summary_shows_xentop_beside_the_guest():
     assert xentop_rows(figures) == {"xvda": {"rd_req": (120, 120), "wr_sect": (5200, 5208)}}
     summary = format_summary(parse_checks(text), figures)
     assert "xvda  rd_req 120:120" in summary and "wr_sect 5200:5208 (guest +8)" in summary
+
+
+def test_xen_build_option_reads_kconfig():
+    config = ("CONFIG_PV=y\n# CONFIG_PV32 is not set\n# CONFIG_SHADOW_PAGING is not set\n"
+              'CONFIG_NR_CPUS=256\nCONFIG_CC_VERSION_TEXT="gcc (Debian 12.2.0-14) 12.2.0"\n')
+    assert xen_build_option(config, "CONFIG_PV") == "y"
+    assert xen_build_option(config, "CONFIG_SHADOW_PAGING") == "n"
+    assert xen_build_option(config, "CONFIG_HVM") == "n"
+    assert xen_build_option(config, "CONFIG_NR_CPUS") == "256"
+
+
+def test_a_kind_the_host_cannot_run_says_so_in_the_stall_table():
+    text = ("LAB-CHECK: lifecycle.migrate.xl-migrate SKIP not runnable on this Xen build: ...\n"
+            "LAB-CHECK: lifecycle.migrate.io-errors PASS 0 failed requests\n"
+            "LAB-FIGURE: lifecycle.migrate.stall-ms 610 ms longest request of 148\n"
+            "LAB-FIGURE: lifecycle.kill.stall-ms 700 ms longest request of 816\n")
+    summary = format_summary(parse_checks(text), parse_figures(text))
+    assert "checks: 1 passed, 0 failed, 1 skipped" in summary
+    row = next(line for line in summary.splitlines() if line.startswith("  migrate   stall"))
+    assert "io-errors PASS" in row and "xl-migrate SKIP (not runnable here" in row
+    assert "target <= 1000 ms met" in summary
 
 
 def test_suites_and_their_phases(capsys):
