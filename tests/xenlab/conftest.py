@@ -1,6 +1,8 @@
 """One lab boot per pytest session (marker ``xenlab``): every test reads its own check from
 the same serial log. BLKPY_XENLAB_RUN=<run dir> parses an earlier run instead of booting;
-BLKPY_XENLAB_SUITE=trixie boots the Xen 4.20 host (its phases) instead of 4.17's."""
+BLKPY_XENLAB_SUITE=trixie boots the Xen 4.20 host (its phases) instead of 4.17's;
+BLKPY_XENLAB_EXTRA_PHASES=lifecycle adds that phase (BLKPY_XENLAB_LIFECYCLE_ROUNDS, _KINDS:
+its rounds and kinds), as CI does."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import pytest
 
 from .boot import BootResult
 from .images import BuildError, suite_named
-from .lab import DEFAULT_TIMEOUT, run_lab, suite_phases
+from .lab import DEFAULT_TIMEOUT, run_lab, session_phases
 from .results import Check, Figure, parse_checks, parse_figures
 
 
@@ -39,8 +41,11 @@ def lab() -> LabRun:
         timeout = float(os.environ.get("BLKPY_XENLAB_TIMEOUT", DEFAULT_TIMEOUT))
         try:
             suite = suite_named().name
-            result = run_lab(suite_phases(suite), timeout, suite=suite)
+            phases, phase_env = session_phases(suite)
+            result = run_lab(phases, timeout, suite=suite, phase_env=phase_env)
         except BuildError as exc:
             pytest.fail(f"xenlab images could not be built: {exc}", pytrace=False)
+        except ValueError as exc:
+            pytest.fail(str(exc), pytrace=False)
     text = result.text
     return LabRun(result, parse_checks(text), parse_figures(text))

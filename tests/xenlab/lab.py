@@ -100,6 +100,32 @@ def suite_phases(suite: str) -> list[str]:
     return list(SUITE_PHASES[suite])
 
 
+def session_phases(suite: str, env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """The phases and phase variables of the pytest session's boot (tests/xenlab/conftest):
+    the host's defaults, plus the phases ``BLKPY_XENLAB_EXTRA_PHASES`` names (comma-separated,
+    e.g. ``lifecycle`` in CI) and ``BLKPY_XENLAB_LIFECYCLE_ROUNDS``/``_KINDS`` (as
+    ``--lifecycle-rounds``/``--lifecycle-kinds``)."""
+    env = os.environ if env is None else env
+    phases = suite_phases(suite)
+    extra = [p for p in env.get("BLKPY_XENLAB_EXTRA_PHASES", "").split(",") if p]
+    unknown = sorted(set(extra) - set(known_phases(suite)))
+    if unknown:
+        raise ValueError(f"BLKPY_XENLAB_EXTRA_PHASES: unknown phase(s) {', '.join(unknown)}")
+    phases += [p for p in extra if p not in phases]
+    phase_env = {}
+    rounds = env.get("BLKPY_XENLAB_LIFECYCLE_ROUNDS")
+    if rounds:
+        if not rounds.isdigit() or int(rounds) < 1:
+            raise ValueError(f"BLKPY_XENLAB_LIFECYCLE_ROUNDS={rounds!r}: want a count >= 1")
+        phase_env["LAB_LIFECYCLE_ROUNDS"] = rounds
+    kinds = [k for k in env.get("BLKPY_XENLAB_LIFECYCLE_KINDS", "").split(",") if k]
+    if kinds:
+        if set(kinds) - set(LIFECYCLE_KINDS):
+            raise ValueError(f"BLKPY_XENLAB_LIFECYCLE_KINDS: some of {','.join(LIFECYCLE_KINDS)}")
+        phase_env["LAB_LIFECYCLE_KINDS"] = " ".join(kinds)
+    return phases, phase_env
+
+
 def known_phases(suite: str) -> list[str]:
     """What a host may be asked for: its own, the 4.17 ones (4.20 runs them too), those
     both run and the extras."""
