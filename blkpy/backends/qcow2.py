@@ -621,6 +621,8 @@ class Qcow2Disk(Disk):
                 self.meta.flush()
                 self._record_metadata()
         finally:
+            if self._restart_log is not None:
+                self._restart_log.close()
             if self.backing is not None:
                 self.backing.close()
                 self.backing = None

@@ -502,12 +502,12 @@ class Metadata:
 
     def unsynced_phases(self) -> list[list[Op]]:
         """What a write-back would write now, phase by phase in its order, leaving every
-        change dirty (a restart record, blkpy.qcow2.restart_log). Deferred refcount
-        decrements are left out: losing them only leaks clusters."""
+        change dirty (a restart record, blkpy.qcow2.restart_log). Each phase keeps its
+        index, empty or not. Deferred refcount decrements are left out: losing them only
+        leaks clusters."""
         a = self.alloc
-        phases = [a.resize_op() + a.block_writes(), a.reftable_writes(), self._l2_writes(),
-                  self._l1_writes()]
-        return [p for p in phases if p]
+        return [a.resize_op() + a.block_writes(), a.reftable_writes(), self._l2_writes(),
+                self._l1_writes()]
 
     def _l2_writes(self) -> list[Op]:
         return [Write(off, t.tobytes()) for off, t in self.l2_cache.dirty_tables()]
