@@ -103,8 +103,8 @@ def suite_phases(suite: str) -> list[str]:
 def session_phases(suite: str, env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
     """The phases and phase variables of the pytest session's boot (tests/xenlab/conftest):
     the host's defaults, plus the phases ``BLKPY_XENLAB_EXTRA_PHASES`` names (comma-separated,
-    e.g. ``lifecycle`` in CI) and ``BLKPY_XENLAB_LIFECYCLE_ROUNDS``/``_KINDS`` (as
-    ``--lifecycle-rounds``/``--lifecycle-kinds``)."""
+    e.g. ``lifecycle`` in CI) and ``BLKPY_XENLAB_LIFECYCLE_ROUNDS``/``_KINDS``/``_BLOCKS`` (as
+    ``--lifecycle-rounds``/``--lifecycle-kinds``/``--lifecycle-blocks``)."""
     env = os.environ if env is None else env
     phases = suite_phases(suite)
     extra = [p for p in env.get("BLKPY_XENLAB_EXTRA_PHASES", "").split(",") if p]
@@ -113,11 +113,12 @@ def session_phases(suite: str, env: dict[str, str] | None = None) -> tuple[list[
         raise ValueError(f"BLKPY_XENLAB_EXTRA_PHASES: unknown phase(s) {', '.join(unknown)}")
     phases += [p for p in extra if p not in phases]
     phase_env = {}
-    rounds = env.get("BLKPY_XENLAB_LIFECYCLE_ROUNDS")
-    if rounds:
-        if not rounds.isdigit() or int(rounds) < 1:
-            raise ValueError(f"BLKPY_XENLAB_LIFECYCLE_ROUNDS={rounds!r}: want a count >= 1")
-        phase_env["LAB_LIFECYCLE_ROUNDS"] = rounds
+    for name in ("ROUNDS", "BLOCKS"):
+        value = env.get(f"BLKPY_XENLAB_LIFECYCLE_{name}")
+        if value:
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"BLKPY_XENLAB_LIFECYCLE_{name}={value!r}: want a count >= 1")
+            phase_env[f"LAB_LIFECYCLE_{name}"] = value
     kinds = [k for k in env.get("BLKPY_XENLAB_LIFECYCLE_KINDS", "").split(",") if k]
     if kinds:
         if set(kinds) - set(LIFECYCLE_KINDS):
@@ -216,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"(default: {','.join(LIFECYCLE_KINDS)})")
     run.add_argument("--lifecycle-rounds", type=int, default=None,
                      help="upgrades and kills per disk in the lifecycle phase (default 10)")
+    run.add_argument("--lifecycle-blocks", type=int, default=None,
+                     help="blocks each of the lifecycle guest's streams rewrites in turn and "
+                          "checks at each kind's end (default 16)")
     args = ap.parse_args(argv)
     try:
         suite = suite_named(args.suite)
@@ -248,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
                 print("xenlab: --lifecycle-rounds must be at least 1", file=sys.stderr)
                 return 2
             phase_env["LAB_LIFECYCLE_ROUNDS"] = str(args.lifecycle_rounds)
+        if args.lifecycle_blocks is not None:
+            if args.lifecycle_blocks < 1:
+                print("xenlab: --lifecycle-blocks must be at least 1", file=sys.stderr)
+                return 2
+            phase_env["LAB_LIFECYCLE_BLOCKS"] = str(args.lifecycle_blocks)
         result = run_lab(phases, args.timeout, debug=debug, accel=args.accel,
                          cpu=args.cpu, suite=suite.name, phase_env=phase_env, smp=args.smp,
                          xen_args=args.xen_args)

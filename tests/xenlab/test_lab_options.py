@@ -79,6 +79,25 @@ def test_lifecycle_choices_reach_the_phase(tmp_path, monkeypatch):
     assert seen == {"LAB_LIFECYCLE_KINDS": "kill upgrade", "LAB_LIFECYCLE_ROUNDS": "3"}
     script = (DOM0 / "phase-lifecycle.sh").read_text()
     assert "LAB_LIFECYCLE_KINDS" in script and "LAB_LIFECYCLE_ROUNDS" in script
+    assert "lcblocks=${LAB_LIFECYCLE_BLOCKS" in script
+    assert "lcblocks=" in (DOM0.parent / "domU" / "job-lifecycle").read_text()
+
+
+def test_ci_adds_a_short_lifecycle_to_a_session():
+    """CI's variables (.ci/run) become the session's phases and the phase's variables."""
+    from .lab import session_phases
+
+    env = {"BLKPY_XENLAB_EXTRA_PHASES": "lifecycle", "BLKPY_XENLAB_LIFECYCLE_ROUNDS": "2",
+           "BLKPY_XENLAB_LIFECYCLE_BLOCKS": "4"}
+    phases, phase_env = session_phases("bookworm", env)
+    assert phases == [*suite_phases("bookworm"), "lifecycle"]
+    assert phase_env == {"LAB_LIFECYCLE_ROUNDS": "2", "LAB_LIFECYCLE_BLOCKS": "4"}
+    assert session_phases("trixie", {}) == (["vbd3"], {})
+    for bad in ({"BLKPY_XENLAB_EXTRA_PHASES": "reboot"},
+                {"BLKPY_XENLAB_LIFECYCLE_ROUNDS": "0"},
+                {"BLKPY_XENLAB_LIFECYCLE_KINDS": "kill,nap"}):
+        with pytest.raises(ValueError):
+            session_phases("bookworm", bad)
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="no C compiler")

@@ -27,7 +27,7 @@ start_daemon || exit 1
 # one vCPU, one single-page ring per disk: with two queues, then with 4-page rings, dom0
 # processes (serves connecting, bash, xl) died of damaged memory within seconds of the
 # guest's first I/O (tests/xenlab/README.md); the sim covers both
-mkcfg lc /tmp/lc.cfg "labjob=lifecycle" \
+mkcfg lc /tmp/lc.cfg "labjob=lifecycle lcblocks=${LAB_LIFECYCLE_BLOCKS:-16}" \
   "format=raw,vdev=xvda,access=rw,backendtype=phy,script=block-blkpy,target=raw:$RAW" \
   "format=raw,vdev=xvdb,access=rw,backendtype=phy,script=block-blkpy,target=qcow2:$QCOW" \
   "format=raw,vdev=xvdc,access=rw,backendtype=phy,script=block-blkpy,target=raw:$CTL"
