@@ -873,6 +873,7 @@ def serve(backend_path: str, platform: Platform, xenstore_path: str | None,
             # now stop the predecessor, so that the guest waits for its drain and our
             # attach, not for an interpreter start. The image is opened once it has
             # exited (a qcow2 image has one writer; its metadata is complete only then).
+            _take_priority_of(options.replace)
             t0 = time.monotonic()
             _replace(options.replace)
             t1 = time.monotonic()
@@ -881,6 +882,21 @@ def serve(backend_path: str, platform: Platform, xenstore_path: str | None,
                      server.path, options.replace, (t1 - t0) * 1000,
                      (time.monotonic() - t1) * 1000)
         return server.run()
+
+
+def _take_priority_of(pid: int) -> None:
+    """An upgrade's new serve may have loaded at a lower priority (the hotplug daemon starts
+    it niced, so that the serve still answering the guest keeps the CPU): from now on it is
+    the device's serve, at its predecessor's priority."""
+    try:
+        target, ours = os.getpriority(os.PRIO_PROCESS, pid), os.getpriority(os.PRIO_PROCESS, 0)
+        if ours != target:
+            os.setpriority(os.PRIO_PROCESS, 0, target)  # this thread; later ones inherit it
+            log.info("loaded at niceness %d; now at serve pid %d's, %d", ours, pid, target)
+    except ProcessLookupError:
+        pass  # gone already: keep ours
+    except PermissionError as exc:
+        log.warning("cannot take serve pid %d's priority: %s", pid, exc.strerror)
 
 
 def _await_turn(fd: int) -> bool:

@@ -59,6 +59,10 @@ STOP_GRACE_S = 10.0
 #: successors per device within RESTART_WINDOW_S before the daemon gives up on it
 RESTART_BUDGET = 5
 RESTART_WINDOW_S = 60.0
+#: an upgrade's new serve loads (a fresh interpreter: seconds of CPU, ~50x more under
+#: emulation) at this niceness, so that the serve it replaces keeps the CPU meanwhile; it
+#: takes its predecessor's priority before the hand-over
+LOAD_NICENESS = 10
 #: a device's standby is forked once its serve has run this long: not while the serve
 #: starts or takes over, which need the CPU first
 STANDBY_DELAY_S = 2.0
@@ -151,6 +155,10 @@ def _serve_in_child(argv: list[str], log_path: Path | None, inherited: list[int]
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _lower_priority() -> None:
+    os.nice(LOAD_NICENESS)
 
 
 def preload_serve() -> None:
@@ -303,10 +311,13 @@ class DeviceWatcher:
             return ForkedServe(pid)
         command = self.serve_command or [sys.executable, "-m", "blkpy", "serve"]
         stderr = open(log_path, "ab") if log_path else None  # noqa: SIM115 - the child's
+        # (only where the serve can raise its priority again: root)
+        lower = fresh and "--replace" in extra and os.geteuid() == 0
         try:
             return subprocess.Popen([*command, rel, *self.serve_args, *extra],
                                     stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-                                    start_new_session=True)
+                                    start_new_session=True,
+                                    preexec_fn=_lower_priority if lower else None)
         finally:
             if stderr is not None:
                 stderr.close()

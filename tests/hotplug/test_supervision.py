@@ -125,6 +125,18 @@ def _standbys(rel: str) -> list[int]:
     return pids
 
 
+def _thread_niceness(pid: int) -> dict[str, int]:
+    """The niceness of a serve's main thread and of its data path's threads, by name."""
+    found = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            if tid == str(pid) or name.startswith(("blkpy-ring", "blkpy-io")):
+                stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+                found[f"{name}/{tid}"] = int(stat.rsplit(")", 1)[1].split()[16])
+    return found
+
+
 @pytest.mark.parametrize("standby", [True, False], ids=["standby", "forked-at-death"])
 def test_killed_and_upgraded_serves_are_succeeded_under_a_live_guest(tmp_path, standby):
     rng = random.Random(7)
@@ -166,7 +178,12 @@ def test_killed_and_upgraded_serves_are_succeeded_under_a_live_guest(tmp_path, s
         out, err = result["cli"].communicate(timeout=60)
         assert result["cli"].returncode == 0, err
         assert f"serve pid {old} handed over to pid" in out
-        assert _serve_pid(host) != old
+        new = _serve_pid(host)
+        assert new != old
+        # it loaded niced (as root), and serves at its predecessor's priority: the daemon's
+        if os.geteuid() == 0:
+            assert _thread_niceness(new) and set(_thread_niceness(new).values()) == \
+                {os.getpriority(os.PRIO_PROCESS, 0)}, _thread_niceness(new)
         assert host.backend_state(spec) == XenbusState.CONNECTED
         assert fe.state == XenbusState.CONNECTED and not fe.protocol_errors
         # What the guest waited, for the report (the targets are 1 s and 200 ms).
@@ -185,6 +202,9 @@ def test_killed_and_upgraded_serves_are_succeeded_under_a_live_guest(tmp_path, s
     else:
         assert text.count("starting a successor") == 3, text[-3000:]
     assert text.count("upgrade: a new serve replaces") == 1, text[-3000:]
+    if os.geteuid() == 0:  # the daemon lowers an upgrade's new serve only where it can
+        assert "loaded at niceness 10; now at serve pid" in \
+            (tmp_path / "serve-1-51712.log").read_text()
 
 
 def test_vbd3_disks_are_served_beside_a_phy_disk_left_to_the_kernel(tmp_path):
