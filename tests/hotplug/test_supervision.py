@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -203,8 +204,8 @@ def test_killed_and_upgraded_serves_are_succeeded_under_a_live_guest(tmp_path, s
         assert text.count("starting a successor") == 3, text[-3000:]
     assert text.count("upgrade: a new serve replaces") == 1, text[-3000:]
     if os.geteuid() == 0:  # the daemon lowers an upgrade's new serve only where it can
-        assert "loaded at niceness 10; now at serve pid" in \
-            (tmp_path / "serve-1-51712.log").read_text()
+        assert re.search(r"loaded at niceness \d+; now at serve pid \d+'s",
+                         (tmp_path / "serve-1-51712.log").read_text())
 
 
 def test_vbd3_disks_are_served_beside_a_phy_disk_left_to_the_kernel(tmp_path):
