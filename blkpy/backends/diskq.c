@@ -28,6 +28,7 @@ struct blkpy_disk_queue *blkpy_queue_new(size_t size,
     }
     q->submit = submit;
     q->pump = pump;
+    q->drive_fd = -1;
     pthread_mutex_init(&q->mu, NULL);
     return q;
 }

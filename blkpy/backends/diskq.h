@@ -60,6 +60,13 @@ struct blkpy_disk_queue {
      * after completions were reaped (NULL: nothing waits) */
     int (*submit)(struct blkpy_disk_queue *q, const struct blkpy_queue_op *ops, uint32_t n);
     void (*pump)(struct blkpy_disk_queue *q);
+    /* optional: a queue whose completions the owner's thread can read off the wire
+     * itself. While it watches (watch 1 ... watch 0, counted), it calls drive whenever
+     * drive_fd is readable, and whenever it waits for completions (the library's own
+     * thread then leaves that to it: no hop to that thread and back per request). */
+    int drive_fd;   /* -1: none */
+    void (*drive)(struct blkpy_disk_queue *q);
+    void (*watch)(struct blkpy_disk_queue *q, int on);
     int efd;
     uint32_t outstanding;   /* submitted, not yet posted (atomic; changed under mu) */
     uint32_t waiting;       /* posted, not yet reaped (atomic; changed under mu) */
@@ -76,6 +83,21 @@ struct blkpy_disk_queue *blkpy_queue_new(size_t size,
                                                        const struct blkpy_queue_op *,
                                                        uint32_t),
                                          void (*pump)(struct blkpy_disk_queue *));
+/* The optional hooks above; harmless on any queue. */
+static inline int blkpy_queue_drive_fd(const struct blkpy_disk_queue *q)
+{
+    return q->drive ? q->drive_fd : -1;
+}
+static inline void blkpy_queue_drive(struct blkpy_disk_queue *q)
+{
+    if (q->drive)
+        q->drive(q);
+}
+static inline void blkpy_queue_watch(struct blkpy_disk_queue *q, int on)
+{
+    if (q->watch)
+        q->watch(q, on);
+}
 /* Complete an op (any thread). The queue is not touched after the post returns, so
  * blkpy_queue_free may run as soon as nothing is outstanding. */
 void blkpy_queue_post(struct blkpy_disk_queue *q, struct blkpy_queue_done *d);

@@ -1,10 +1,19 @@
-/* blkpy's NBD client core (see nbdio.h). One thread per connection owns the libnbd
- * handle and everything about the commands (issuing, ordering, accounting, retrying):
- * submitters only append ops to `incoming` under `mu` and wake it if it sleeps, so the
- * ring thread never waits for the handle or for a send. `mu` also guards the connection
- * state and the export's info as other threads read them; `done_mu` guards the list
- * libnbd's completion callbacks append to (they run inside libnbd calls of the
- * connection thread); completed ops go to their queue's completion list (diskq.c). */
+/* blkpy's NBD client core (see nbdio.h). Whoever holds `drive_mu` drives the libnbd
+ * handle and does everything about the commands (issuing, ordering, accounting,
+ * retrying): the connection thread, or a submitting or watching thread. Submitters
+ * append ops to `incoming` under `mu`, then issue them themselves if `drive_mu` is free
+ * (libnbd sends at once), else wake the connection thread if it sleeps. A ring loop that
+ * watches the connection reads the replies itself (`drive`, when `sock_ep`, an epoll set
+ * holding the current socket, is readable in its own epoll set): the connection thread
+ * then leaves the socket to it, and a request at queue depth 1 costs no thread switch
+ * beyond the server's. The connection thread keeps what may block or take time:
+ * reconnecting, sends the socket could not take at once, the stall timer.
+ *
+ * `drive_mu` is never held across a blocking call. `mu` guards `incoming`, the
+ * connection state and the export's info as other threads read them (the state changes
+ * under both); `done_mu` guards the list libnbd's completion callbacks append to (they
+ * run inside libnbd calls, under `drive_mu`, whose holder accounts them before letting
+ * go); completed ops go to their queue's completion list (diskq.c). */
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
@@ -12,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -148,6 +158,7 @@ struct blkpy_nbd {
     int readonly;
     int64_t connect_ms, reconnect_ms, stall_ms;
     int64_t progress_ms;                      /* last reply, or when the wait began */
+    pthread_mutex_t drive_mu;                 /* the handle and what follows, to `done` */
     pthread_mutex_t mu;
     struct nbd_handle *h;
     int state;
@@ -164,6 +175,8 @@ struct blkpy_nbd {
     pthread_mutex_t done_mu;
     struct nbdio_cmd *done;                   /* finished by libnbd, not yet accounted */
     int kick_fd;
+    int sock_ep;                              /* epoll set of the current socket */
+    int watchers;                             /* ring loops reading replies (atomic) */
     pthread_t thread;
     int thread_started;
     int stop;
@@ -328,7 +341,7 @@ static void nbdio_cmd_end(struct blkpy_nbd *c, struct nbdio_cmd *cmd, int err)
         nbdio_op_end(c, op, 0);
 }
 
-/* libnbd's completion callback: record, hand to the connection thread. */
+/* libnbd's completion callback (inside a libnbd call under drive_mu): record. */
 static int nbdio_callback(void *user_data, int *error)
 {
     struct nbdio_cmd *cmd = user_data;
@@ -338,12 +351,10 @@ static int nbdio_callback(void *user_data, int *error)
     cmd->next = c->done;
     c->done = cmd;
     pthread_mutex_unlock(&c->done_mu);
-    if (!c->thread_started || !pthread_equal(pthread_self(), c->thread))
-        nbdio_signal(c->kick_fd);
-    return 1;   /* retire the command: we keep no cookie */
+    return 1;   /* retire the command: we keep no cookie; drive_mu's holder accounts it */
 }
 
-/* Connection thread, state UP. */
+/* drive_mu held, state UP. */
 static void nbdio_issue(struct blkpy_nbd *c, struct nbdio_cmd *cmd)
 {
     nbd_completion_callback cb = {.callback = nbdio_callback, .user_data = cmd};
@@ -379,7 +390,6 @@ static void nbdio_issue(struct blkpy_nbd *c, struct nbdio_cmd *cmd)
         cmd->next = c->done;
         c->done = cmd;
         pthread_mutex_unlock(&c->done_mu);
-        nbdio_signal(c->kick_fd);
     }
 }
 
@@ -400,7 +410,7 @@ static struct nbdio_cmd *nbdio_cmd_new(struct blkpy_nbd *c, struct nbdio_op *op,
 }
 
 /* Split op into commands (address-contiguous runs of its iovec for reads and writes),
- * then issue them. Connection thread, state UP. */
+ * then issue them. drive_mu held, state UP. */
 static void nbdio_start(struct blkpy_nbd *c, struct nbdio_op *op)
 {
     const struct blkpy_nbd_info *in = &c->info;
@@ -496,7 +506,7 @@ static int nbdio_is_fence(const struct nbdio_op *op)
 
 /* Issue waiting ops in order. A flush or discard waits until everything before it has
  * completed and runs alone (the engines' ordering contract, like IOSQE_IO_DRAIN): NBD's
- * flush covers only writes the server has already answered. Connection thread. */
+ * flush covers only writes the server has already answered. drive_mu held. */
 static void nbdio_pump(struct blkpy_nbd *c)
 {
     while (c->wait_head && c->state == NBDIO_UP && !c->fence && !c->n_retry) {
@@ -536,9 +546,10 @@ static int nbdio_retryable(int err)
     return err == ENOTCONN || err == ESHUTDOWN;
 }
 
-/* Account what libnbd finished, then issue what can go. */
+/* Account what libnbd finished, then issue what can go (drive_mu held). */
 static void nbdio_account(struct blkpy_nbd *c)
 {
+again:
     pthread_mutex_lock(&c->done_mu);
     struct nbdio_cmd *list = c->done;
     c->done = NULL;
@@ -560,6 +571,33 @@ static void nbdio_account(struct blkpy_nbd *c)
         nbdio_cmd_end(c, cmd, cmd->err);
     }
     nbdio_pump(c);
+    if (__atomic_load_n(&c->done, __ATOMIC_RELAXED))   /* an issue that failed at once */
+        goto again;
+}
+
+/* The connection thread is needed: a send the socket did not take at once (it polls for
+ * POLLOUT), a dead connection, commands to retry. drive_mu held. */
+static int nbdio_needs_thread(struct blkpy_nbd *c)
+{
+    if (c->state != NBDIO_UP || !c->h)
+        return 0;
+    if (c->n_retry || __atomic_load_n(&c->drop, __ATOMIC_RELAXED))
+        return 1;
+    struct nbd_handle *h = c->h;
+    return (L(nbd_aio_get_direction)(h) & LIBNBD_AIO_DIRECTION_WRITE) ||
+           L(nbd_aio_is_dead)(h) == 1 || L(nbd_aio_is_closed)(h) == 1;
+}
+
+/* Let go of drive_mu, everything accounted, waking the connection thread if needed. */
+static void nbdio_drive_unlock(struct blkpy_nbd *c)
+{
+    if (c->state == NBDIO_UP)   /* what a submitter left as it found drive_mu taken */
+        nbdio_take_incoming(c);
+    nbdio_account(c);
+    int kick = nbdio_needs_thread(c);
+    pthread_mutex_unlock(&c->drive_mu);
+    if (kick)
+        nbdio_signal(c->kick_fd);
 }
 
 static int nbdio_by_seq(const void *a, const void *b)
@@ -619,6 +657,7 @@ static void nbdio_expire(struct blkpy_nbd *c)
 
 /* ---- the connection thread --------------------------------------------------------- */
 
+/* drive_mu held. */
 static void nbdio_lost(struct blkpy_nbd *c)
 {
     /* Down first, so that accounting issues nothing new on the dead handle. */
@@ -631,6 +670,9 @@ static void nbdio_lost(struct blkpy_nbd *c)
     c->h = NULL;
     if (c->reconnect_ms <= 0 || nbdio_giving_up(c))
         nbdio_expire(c);
+    int fd = L(nbd_aio_get_fd)(old);
+    if (fd >= 0)
+        epoll_ctl(c->sock_ep, EPOLL_CTL_DEL, fd, NULL);
     L(nbd_close)(old);
 }
 
@@ -641,18 +683,32 @@ static void nbdio_wait_kick(struct blkpy_nbd *c, int ms)
         nbdio_drain_fd(c->kick_fd);
 }
 
+/* Ring loops' epoll sets hold sock_ep, which holds the current socket. */
+static void nbdio_watch_socket(struct blkpy_nbd *c)
+{
+    struct epoll_event ev = {.events = EPOLLIN};
+    int fd = L(nbd_aio_get_fd)(c->h);
+    if (fd >= 0)
+        epoll_ctl(c->sock_ep, EPOLL_CTL_ADD, fd, &ev);
+}
+
 static void nbdio_reconnect(struct blkpy_nbd *c)
 {
     int backoff = NBDIO_BACKOFF_MIN_MS;
     char msg[256];
     while (!__atomic_load_n(&c->stop, __ATOMIC_ACQUIRE)) {
         /* (before an attempt too: one to an unanswering host takes connect_ms) */
-        if (c->state == NBDIO_DOWN && nbdio_giving_up(c))
+        if (c->state == NBDIO_DOWN && nbdio_giving_up(c)) {
+            pthread_mutex_lock(&c->drive_mu);
             nbdio_expire(c);
+            nbdio_drive_unlock(c);
+        }
         struct nbd_handle *h = nbdio_connect(c->uri, c->connect_ms, &c->stop, msg,
                                              sizeof msg);
         if (h) {
+            pthread_mutex_lock(&c->drive_mu);
             c->h = h;
+            nbdio_watch_socket(c);
             pthread_mutex_lock(&c->mu);
             nbdio_fill_info(h, &c->info);
             c->state = NBDIO_UP;
@@ -661,11 +717,15 @@ static void nbdio_reconnect(struct blkpy_nbd *c)
             nbdio_reissue(c);
             nbdio_take_incoming(c);
             nbdio_pump(c);
+            nbdio_drive_unlock(c);
             return;
         }
         if (c->state == NBDIO_DOWN && (nbdio_giving_up(c) ||
-                                       nbdio_now_ms() - c->down_since_ms >= c->reconnect_ms))
+                                       nbdio_now_ms() - c->down_since_ms >= c->reconnect_ms)) {
+            pthread_mutex_lock(&c->drive_mu);
             nbdio_expire(c);
+            nbdio_drive_unlock(c);
+        }
         nbdio_wait_kick(c, backoff);
         backoff = backoff * 2 < NBDIO_BACKOFF_MAX_MS ? backoff * 2 : NBDIO_BACKOFF_MAX_MS;
     }
@@ -675,10 +735,11 @@ static void *nbdio_thread(void *arg)
 {
     struct blkpy_nbd *c = arg;
     while (!__atomic_load_n(&c->stop, __ATOMIC_ACQUIRE)) {
-        if (c->state != NBDIO_UP) {
+        if (c->state != NBDIO_UP) {   /* (only this thread sets it UP) */
             nbdio_reconnect(c);
             continue;
         }
+        pthread_mutex_lock(&c->drive_mu);
         struct nbd_handle *h = c->h;   /* only this thread replaces it */
         if (__atomic_exchange_n(&c->drop, 0, __ATOMIC_ACQ_REL) ||
             (c->n_retry && L(nbd_aio_is_ready)(h) == 1)) {
@@ -691,23 +752,33 @@ static void *nbdio_thread(void *arg)
         if (L(nbd_aio_is_dead)(h) == 1 || L(nbd_aio_is_closed)(h) == 1 ||
             L(nbd_aio_get_fd)(h) < 0) {
             nbdio_lost(c);
+            nbdio_drive_unlock(c);
             continue;
         }
-        /* Submitters wake us only while we sleep (a kick costs the submitting thread a
-         * wake-up of this one): nothing queued before we say so may be left behind. */
+        /* Submitters wake us only while we sleep and they cannot issue themselves (a
+         * kick costs the submitting thread a wake-up of this one): nothing queued before
+         * we say so may be left behind. */
         pthread_mutex_lock(&c->mu);
         int more = c->in_head != NULL;
         c->idle = !more;
         pthread_mutex_unlock(&c->mu);
-        struct pollfd p[2] = {{L(nbd_aio_get_fd)(h), nbdio_events(h), 0},
+        /* While a ring loop watches, replies are its to read: only a send the socket
+         * did not take at once is ours. */
+        short events = nbdio_events(h);
+        if (__atomic_load_n(&c->watchers, __ATOMIC_ACQUIRE) > 0)
+            events &= POLLOUT;
+        struct pollfd p[2] = {{events ? L(nbd_aio_get_fd)(h) : -1, events, 0},
                               {c->kick_fd, POLLIN, 0}};
-        int timeout = more ? 0 : -1;
-        int64_t stall_ms = nbdio_stall_ms(c);
-        if (!more && c->in_flight && stall_ms > 0) {
-            int64_t left = c->progress_ms + stall_ms - nbdio_now_ms();
-            timeout = left <= 0 ? 0 : left > 1000000 ? 1000000 : (int)left;
-        }
+        /* Other threads issue commands without waking us: with none in flight, look
+         * again after the stall time anyway (a stall is then seen within twice it). */
+        int64_t stall_ms = nbdio_stall_ms(c), left = stall_ms;
+        if (c->in_flight && stall_ms > 0)
+            left = c->progress_ms + stall_ms - nbdio_now_ms();
+        int timeout = more ? 0 : stall_ms <= 0 ? -1 : left <= 0 ? 0
+                    : left > 1000000 ? 1000000 : (int)left;
+        pthread_mutex_unlock(&c->drive_mu);
         int n = poll(p, 2, timeout);
+        pthread_mutex_lock(&c->drive_mu);
         if (n == 0 && c->in_flight && stall_ms > 0 &&
             nbdio_now_ms() - c->progress_ms >= stall_ms) {
             /* The server holds requests without answering (stopped, or a network that
@@ -715,19 +786,27 @@ static void *nbdio_thread(void *arg)
              * are retried on a new one, or fail once the reconnect delay runs out. */
             __atomic_fetch_add(&c->stats.stalls, 1, __ATOMIC_RELAXED);
             __atomic_store_n(&c->drop, 1, __ATOMIC_RELEASE);
+            pthread_mutex_unlock(&c->drive_mu);
             continue;
         }
-        if (n < 0 && errno != EINTR)
-            nbdio_wait_kick(c, 10);
         if (n > 0 && (p[1].revents & POLLIN))
             nbdio_drain_fd(c->kick_fd);
-        if (n > 0 && p[0].revents)
-            nbdio_notify(h, p[0].revents);
+        if (n > 0 && p[0].revents) {
+            /* Asked again under drive_mu: another thread may have read or sent since,
+             * and libnbd takes a read event in the middle of a send as the sign of a
+             * reply to pause it for (without one, the send stays paused). */
+            struct pollfd q = {p[0].fd, nbdio_events(h), 0};
+            if (poll(&q, 1, 0) > 0)
+                nbdio_notify(h, q.revents);
+        }
         pthread_mutex_lock(&c->mu);
         c->idle = 0;
         pthread_mutex_unlock(&c->mu);
         nbdio_take_incoming(c);
         nbdio_account(c);
+        pthread_mutex_unlock(&c->drive_mu);
+        if (n < 0 && errno != EINTR)
+            nbdio_wait_kick(c, 10);
     }
     return NULL;
 }
@@ -750,17 +829,25 @@ struct blkpy_nbd *blkpy_nbd_open(const char *uri, int readonly, int64_t connect_
     c->connect_ms = connect_ms;
     c->reconnect_ms = reconnect_ms;
     c->stall_ms = stall_ms;
+    pthread_mutex_init(&c->drive_mu, NULL);
     pthread_mutex_init(&c->mu, NULL);
     pthread_mutex_init(&c->done_mu, NULL);
+    c->sock_ep = -1;
     c->kick_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (c->kick_fd < 0) {
         snprintf(msg, msglen, "eventfd: %s", strerror(errno));
+        goto fail;
+    }
+    c->sock_ep = epoll_create1(EPOLL_CLOEXEC);
+    if (c->sock_ep < 0) {
+        snprintf(msg, msglen, "epoll_create1: %s", strerror(errno));
         goto fail;
     }
     c->h = nbdio_connect(uri, connect_ms, NULL, msg, msglen);
     if (!c->h)
         goto fail;
     nbdio_fill_info(c->h, &c->info);
+    nbdio_watch_socket(c);
     int err = pthread_create(&c->thread, NULL, nbdio_thread, c);
     if (err) {
         snprintf(msg, msglen, "pthread_create: %s", strerror(err));
@@ -772,6 +859,8 @@ struct blkpy_nbd *blkpy_nbd_open(const char *uri, int readonly, int64_t connect_
 fail:
     if (c->kick_fd >= 0)
         close(c->kick_fd);
+    if (c->sock_ep >= 0)
+        close(c->sock_ep);
     free(c->uri);
     free(c);
     return NULL;
@@ -842,6 +931,8 @@ void blkpy_nbd_close(struct blkpy_nbd *c)
         free(cmd);
     }
     close(c->kick_fd);
+    close(c->sock_ep);
+    pthread_mutex_destroy(&c->drive_mu);
     pthread_mutex_destroy(&c->mu);
     pthread_mutex_destroy(&c->done_mu);
     free(c->uri);
@@ -874,9 +965,9 @@ static int nbdio_submit(struct blkpy_disk_queue *dq, const struct blkpy_queue_op
         *link = op;
         link = &op->next;
     }
-    /* The connection thread issues them: libnbd's handle is then driven by one thread
-     * only, and a submitter never waits for the handle's lock (held while that thread
-     * reads replies) nor for a send. */
+    /* Issued here if no other thread drives the handle (libnbd sends at once, nothing
+     * blocks), else by whoever does: a submitter never waits for the handle, nor for a
+     * send the socket does not take at once (the connection thread finishes it). */
     int kick = 0;
     pthread_mutex_lock(&c->mu);
     while (first) {
@@ -895,20 +986,56 @@ static int nbdio_submit(struct blkpy_disk_queue *dq, const struct blkpy_queue_op
             kick = c->idle;
         }
     }
-    c->idle &= !kick;   /* one kick wakes it */
     pthread_mutex_unlock(&c->mu);
-    if (kick)
+    if (pthread_mutex_trylock(&c->drive_mu) == 0) {
+        if (c->state == NBDIO_UP) {   /* else reconnecting: the thread takes them */
+            nbdio_take_incoming(c);
+            nbdio_pump(c);
+        }
+        nbdio_drive_unlock(c);
+    } else if (kick) {   /* the holder may be the thread, about to sleep */
         nbdio_signal(c->kick_fd);
+    }
     return 0;
+}
+
+/* A watching ring loop: the socket is readable (or it waits for completions). */
+static void nbdio_drive(struct blkpy_disk_queue *dq)
+{
+    struct blkpy_nbd *c = ((struct blkpy_nbd_queue *)dq)->c;
+    pthread_mutex_lock(&c->drive_mu);
+    if (c->state == NBDIO_UP && c->h &&
+        (L(nbd_aio_get_direction)(c->h) & LIBNBD_AIO_DIRECTION_READ)) {
+        /* Only with bytes there (another thread may have read them since the caller
+         * looked): libnbd takes a read event in the middle of a send as a reason to
+         * pause it for a reply, and one that never comes leaves the send paused with
+         * the server waiting for the rest of it. */
+        struct pollfd p = {L(nbd_aio_get_fd)(c->h), POLLIN, 0};
+        if (p.fd >= 0 && poll(&p, 1, 0) > 0)
+            nbdio_notify(c->h, p.revents);
+    }
+    nbdio_drive_unlock(c);
+}
+
+static void nbdio_watch(struct blkpy_disk_queue *dq, int on)
+{
+    struct blkpy_nbd *c = ((struct blkpy_nbd_queue *)dq)->c;
+    /* The last one gone: the thread must poll the socket again. */
+    if (__atomic_add_fetch(&c->watchers, on ? 1 : -1, __ATOMIC_ACQ_REL) == 0)
+        nbdio_signal(c->kick_fd);
 }
 
 struct blkpy_disk_queue *blkpy_nbd_queue_new(struct blkpy_nbd *c)
 {
     struct blkpy_nbd_queue *q = (struct blkpy_nbd_queue *)blkpy_queue_new(
         sizeof(struct blkpy_nbd_queue), nbdio_submit, NULL);
-    if (q)
-        q->c = c;
-    return q ? &q->dq : NULL;
+    if (!q)
+        return NULL;
+    q->c = c;
+    q->dq.drive_fd = c->sock_ep;
+    q->dq.drive = nbdio_drive;
+    q->dq.watch = nbdio_watch;
+    return &q->dq;
 }
 
 #endif /* BLKPY_HAVE_LIBNBD */

@@ -525,9 +525,13 @@ static int async_reap(struct blkpy_ringloop *l, uint64_t *ud, int64_t *res, int 
         int got = blkpy_queue_reap(l->diskq, ud, res, (uint32_t)max);
         if (got != 0 || !min)
             return got;
-        struct pollfd p = {.fd = l->uring_efd, .events = POLLIN};
-        if (poll(&p, 1, -1) < 0 && errno != EINTR)
+        /* A queue the loop reads the wire of itself (it watches it while it runs). */
+        struct pollfd p[2] = {{.fd = l->uring_efd, .events = POLLIN},
+                              {.fd = blkpy_queue_drive_fd(l->diskq), .events = POLLIN}};
+        if (poll(p, 2, -1) < 0 && errno != EINTR)
             return -errno;
+        if (p[1].revents)
+            blkpy_queue_drive(l->diskq);
     }
 }
 
@@ -893,9 +897,10 @@ int blkpy_ringloop_open(struct blkpy_ringloop *l)
         blkpy_ringloop_close(l);
         return -err;
     }
-    int fds[4] = {l->evtchn.kind != BLKPY_EVTCHN_PYTHON ? l->evtchn.fd : -1, l->wake_fd,
-                  l->io_fd, l->uring || l->diskq ? l->uring_efd : -1};
-    for (uint32_t k = 0; k < 4; k++) {
+    int fds[5] = {l->evtchn.kind != BLKPY_EVTCHN_PYTHON ? l->evtchn.fd : -1, l->wake_fd,
+                  l->io_fd, l->uring || l->diskq ? l->uring_efd : -1,
+                  l->diskq ? blkpy_queue_drive_fd(l->diskq) : -1};
+    for (uint32_t k = 0; k < 5; k++) {
         if (fds[k] < 0)
             continue;
         struct epoll_event ev = {.events = EPOLLIN, .data.u32 = k};
@@ -1026,20 +1031,28 @@ static void qos_sleep(struct blkpy_ringloop *l)
         nanosleep(&ts, NULL);
         left -= step;
         if (l->c_in_flight) {
+            if (l->diskq)
+                blkpy_queue_drive(l->diskq);
             reap_async(l, 0);
             blkpy_ringloop_push(l);
         }
     }
 }
 
-int blkpy_ringloop_run(struct blkpy_ringloop *l, int may_sleep)
+static int ringloop_run(struct blkpy_ringloop *l, int may_sleep)
 {
     struct blkpy_back_ring *r = l->ring;
     uint8_t s[MAX_SLOT];
+    int sent = 0;   /* requests went to a disk queue since it was last read */
     for (;;) {
         if (__atomic_load_n(&l->stop, __ATOMIC_ACQUIRE))
             return hand_back(l, BLKPY_LOOP_WAKE);
         if (l->c_in_flight) {
+            /* At depth, replies to earlier requests wait on the wire while a batch is
+             * sent: read them before the next batch, not only once the ring is empty. */
+            if (l->diskq && sent)
+                blkpy_queue_drive(l->diskq);
+            sent = 0;
             reap_async(l, 0);
             blkpy_ringloop_push(l);
         }
@@ -1082,6 +1095,7 @@ int blkpy_ringloop_run(struct blkpy_ringloop *l, int may_sleep)
             }
             if (l->uring)
                 count_submits(l, blkpy_uring_enter(l->uring));
+            sent = 1;
             blkpy_ringloop_push(l);
             if (l->notify_pending)
                 return BLKPY_LOOP_NOTIFY;
@@ -1104,7 +1118,7 @@ int blkpy_ringloop_run(struct blkpy_ringloop *l, int may_sleep)
             return hand_back(l, BLKPY_LOOP_IDLE);
         if (l->evtchn.kind == BLKPY_EVTCHN_PYTHON)
             return hand_back(l, BLKPY_LOOP_EVTCHN);
-        struct epoll_event evs[4];
+        struct epoll_event evs[5];
         int64_t t0 = now_ns();
         uint32_t waited_for_io = l->c_in_flight;
         if (l->woke_on_event) {   /* the event brought no request */
@@ -1113,7 +1127,7 @@ int blkpy_ringloop_run(struct blkpy_ringloop *l, int may_sleep)
             l->spurious_wakeups++;
         }
         l->sleeps++;
-        int got = epoll_wait(l->epoll_fd, evs, 4, -1);
+        int got = epoll_wait(l->epoll_fd, evs, 5, -1);
         /* Waiting for the device says nothing about how soon the guest sends more, and
          * an event storm's short sleeps say nothing either. */
         if (!waited_for_io && l->spurious_run < SPURIOUS_FREE)
@@ -1135,6 +1149,8 @@ int blkpy_ringloop_run(struct blkpy_ringloop *l, int may_sleep)
                 uint64_t count;   /* completions: reaped at the top of the loop */
                 if (read(l->uring_efd, &count, sizeof count) < 0 && errno != EAGAIN)
                     return hand_back(l, BLKPY_LOOP_WAKE);
+            } else if (which == 4) {
+                blkpy_queue_drive(l->diskq);   /* replies on the wire: read them */
             } else {
                 python = 1;
             }
@@ -1142,4 +1158,17 @@ int blkpy_ringloop_run(struct blkpy_ringloop *l, int may_sleep)
         if (python)
             return hand_back(l, BLKPY_LOOP_WAKE);
     }
+}
+
+/* A network disk's queue is watched while the loop runs: the loop reads the replies off
+ * the wire itself (diskq.h), and lets the library's thread have them back between runs
+ * (Python's engine waits on its own queue then). */
+int blkpy_ringloop_run(struct blkpy_ringloop *l, int may_sleep)
+{
+    if (!l->diskq)
+        return ringloop_run(l, may_sleep);
+    blkpy_queue_watch(l->diskq, 1);
+    int why = ringloop_run(l, may_sleep);
+    blkpy_queue_watch(l->diskq, 0);
+    return why;
 }
