@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -454,6 +455,46 @@ def test_engine_retries_what_a_dropped_connection_had_in_flight(tmp_path: Path) 
         assert stats["reconnects"] == 1 and stats["retried"] >= 1
         engine.close()
         nbd.close()
+
+
+def _free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_tcp_targets_reach_a_server_on_a_port(tmp_path: Path) -> None:
+    """nbd:HOST:PORT[:exportname=X] and nbd://HOST:PORT/X, against nbdkit listening on
+    loopback TCP (the other tests use unix sockets)."""
+    need("nbdkit")
+    port = _free_tcp_port()
+    with open(tmp_path / "nbdkit.log", "wb") as log:
+        proc = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1",
+                                 "-p", str(port), "memory", "4M"], stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            assert proc.poll() is None, (tmp_path / "nbdkit.log").read_text()
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.monotonic() < deadline, "nbdkit did not listen"
+            time.sleep(0.02)
+        data = bytearray(os.urandom(8192))
+        for k, target in enumerate([f"nbd:127.0.0.1:{port}",
+                                    f"nbd:127.0.0.1:{port}:exportname=disk",
+                                    f"nbd://127.0.0.1:{port}/disk"]):
+            nbd = NbdDisk(target)
+            assert nbd.size == 4 * MIB and not nbd.readonly
+            nbd.writev(k * 8192, [memoryview(data)])
+            nbd.flush()
+            back = bytearray(8192)
+            nbd.readv(k * 8192, [memoryview(back)])
+            assert back == data, target
+            nbd.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_tls_psk(tmp_path: Path) -> None:
