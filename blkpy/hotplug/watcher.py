@@ -226,6 +226,8 @@ class DeviceWatcher:
         self.restarts: dict[str, list[float]] = {}
         self.standby_delay = standby_delay if self.serve_command is None else None
         self.standbys: dict[str, Standby] = {}
+        #: standbys told to go, by pid: (device, process, since when)
+        self.retired: dict[int, tuple[str, ForkedServe, float]] = {}
         #: SIGCHLD's wake-up pipe (read end, write end) while ``run`` runs
         self._wake: tuple[int, int] | None = None
 
@@ -368,9 +370,22 @@ class DeviceWatcher:
         if standby is None:
             return
         os.close(standby.go)
-        # reaped by the loop like a serve, under a name that gets no successor
-        self.children[f"{rel}#standby{standby.proc.pid}"] = Child(
-            f"{rel}#standby", standby.proc, standby.started, orphaned_at=time.monotonic())
+        # It exits when it reads the pipe's end, which may be some time away if it is still
+        # getting ready: never a signal (a standby is no serve, and a lab or operator reads
+        # "ended (signal" in this log as a crash); SIGKILL only if it hangs.
+        self.retired[standby.proc.pid] = (rel, standby.proc, time.monotonic())
+
+    def reap_retired(self, wait: float = ORPHAN_GRACE_S + STOP_GRACE_S) -> None:
+        now = time.monotonic()
+        for pid, (rel, proc, since) in list(self.retired.items()):
+            status = proc.poll()
+            if status is None and now - since > wait:
+                log.error("%s: standby pid %d did not exit; SIGKILL", rel, pid)
+                proc.kill()
+                status = proc.wait()
+            if status is not None:
+                del self.retired[pid]
+                log.debug("%s: standby pid %d gone (status %d)", rel, pid, status)
 
     def _wake_standby(self, rel: str) -> ForkedServe | None:
         """Tell the device's standby to take over; its process, or None if it has none
@@ -391,6 +406,7 @@ class DeviceWatcher:
     # ---- reaping ----------------------------------------------------------------------------
 
     def reap(self) -> None:
+        self.reap_retired()
         for rel, standby in list(self.standbys.items()):
             status = standby.proc.poll()
             if status is not None:  # it should only wait: something is wrong with it
@@ -405,9 +421,8 @@ class DeviceWatcher:
             del self.children[rel]
             how = f"exit status {status}" if status >= 0 else f"signal {-status}"
             level = logging.INFO if status in (0, EXIT_HANDED_OVER) else logging.WARNING
-            log.log(level, "%s: %s pid %d ended (%s) after %.1f s", rel,
-                    "standby" if "#standby" in rel else "serve", child.proc.pid, how,
-                    time.monotonic() - child.started)
+            log.log(level, "%s: serve pid %d ended (%s) after %.1f s", rel, child.proc.pid,
+                    how, time.monotonic() - child.started)
             self._supervise(rel, child, status)
 
     def _supervise(self, rel: str, child: Child, status: int) -> None:
@@ -469,9 +484,10 @@ class DeviceWatcher:
             if child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
-        while self.children and time.monotonic() < deadline:
+        while (self.children or self.retired) and time.monotonic() < deadline:
             self.reap()
             time.sleep(0.1)
+        self.reap_retired(wait=0)
         for child in self.children.values():
             log.error("%s: serve pid %d did not stop; SIGKILL", child.relpath, child.proc.pid)
             child.proc.kill()
