@@ -17,6 +17,7 @@ DEB_PACKAGES=(
     libnbd-bin fuse3               #   under the backend: nbdfuse puts it in a FUSE file
     libnbd-dev                     # nbd backend: libnbd's C API (in place into guest pages);
                                    #   its tests serve through nbdkit and qemu-nbd (qemu-utils)
+    gnutls-bin                     #   certtool: X.509 certificates for the NBD TLS test
     ceph-mon ceph-osd ceph-common  # rbd backend tests: a one-node Ceph (mon + memstore OSD, no
                                    #   mgr) and the rbd tool that checks what the guest wrote;
                                    #   ceph-common brings librbd1, which the backend dlopens

@@ -463,23 +463,34 @@ def _free_tcp_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_tcp_targets_reach_a_server_on_a_port(tmp_path: Path) -> None:
-    """nbd:HOST:PORT[:exportname=X] and nbd://HOST:PORT/X, against nbdkit listening on
-    loopback TCP (the other tests use unix sockets)."""
+@contextlib.contextmanager
+def nbdkit_tcp(tmp_path: Path, *args: str) -> Iterator[int]:
+    """nbdkit listening on a free loopback TCP port (yielded), stopped by its pid."""
     need("nbdkit")
     port = _free_tcp_port()
-    with open(tmp_path / "nbdkit.log", "wb") as log:
+    log_path = tmp_path / "nbdkit-tcp.log"
+    with open(log_path, "wb") as log:
         proc = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1",
-                                 "-p", str(port), "memory", "4M"], stdout=log, stderr=log)
+                                 "-p", str(port), *args], stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 15
         while True:
-            assert proc.poll() is None, (tmp_path / "nbdkit.log").read_text()
+            assert proc.poll() is None, log_path.read_text()
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     break
             assert time.monotonic() < deadline, "nbdkit did not listen"
             time.sleep(0.02)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_tcp_targets_reach_a_server_on_a_port(tmp_path: Path) -> None:
+    """nbd:HOST:PORT[:exportname=X] and nbd://HOST:PORT/X, against nbdkit listening on
+    loopback TCP (the other tests use unix sockets)."""
+    with nbdkit_tcp(tmp_path, "memory", "4M") as port:
         data = bytearray(os.urandom(8192))
         for k, target in enumerate([f"nbd:127.0.0.1:{port}",
                                     f"nbd:127.0.0.1:{port}:exportname=disk",
@@ -492,9 +503,6 @@ def test_tcp_targets_reach_a_server_on_a_port(tmp_path: Path) -> None:
             nbd.readv(k * 8192, [memoryview(back)])
             assert back == data, target
             nbd.close()
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_tls_psk(tmp_path: Path) -> None:
@@ -514,6 +522,57 @@ def test_tls_psk(tmp_path: Path) -> None:
         nbd.close()
         with pytest.raises(DiskError):
             NbdDisk(server.target)
+
+
+def _x509(directory: Path, name: str) -> Path:
+    """A CA (``name``) and a server certificate for localhost signed by it, in
+    ``directory`` under nbdkit's file names; the CA's certificate alone in
+    ``directory/client``, as a client's tls-certificates directory."""
+    directory.mkdir()
+    (directory / "client").mkdir()
+
+    def tool(*args: str, template: str | None = None) -> None:
+        if template is not None:
+            (directory / "template").write_text(template)
+            args = (*args, "--template", str(directory / "template"))
+        subprocess.run(["certtool", *args], check=True, capture_output=True, timeout=60)
+
+    ca_key, ca = directory / "ca-key.pem", directory / "ca-cert.pem"
+    key, cert = directory / "server-key.pem", directory / "server-cert.pem"
+    tool("--generate-privkey", "--outfile", str(ca_key))
+    tool("--generate-self-signed", "--load-privkey", str(ca_key), "--outfile", str(ca),
+         template=f"cn = {name}\nca\ncert_signing_key\nexpiration_days = 2\n")
+    tool("--generate-privkey", "--outfile", str(key))
+    tool("--generate-certificate", "--load-ca-certificate", str(ca), "--load-ca-privkey",
+         str(ca_key), "--load-privkey", str(key), "--outfile", str(cert),
+         template="cn = localhost\ndns_name = localhost\ntls_www_server\n"
+                  "encryption_key\nsigning_key\nexpiration_days = 2\n")
+    key.chmod(0o600)
+    (directory / "client" / "ca-cert.pem").write_bytes(ca.read_bytes())
+    return directory
+
+
+def test_tls_x509_certificates(tmp_path: Path) -> None:
+    """An export that requires TLS with X.509 certificates, over TCP (where libnbd
+    verifies the server: on a unix socket it does not by default): a client trusting
+    the server's CA (tls-certificates=DIR) reads and writes over TLS; one trusting
+    another CA is refused in one line."""
+    need("certtool")
+    server_dir = _x509(tmp_path / "pki", "blkpy test CA")
+    other = _x509(tmp_path / "other", "another CA")
+    with nbdkit_tcp(tmp_path, "--tls=require", f"--tls-certificates={server_dir}",
+                    "memory", "4M") as port:
+        nbd = NbdDisk(f"nbds://localhost:{port}/?tls-certificates={server_dir / 'client'}")
+        assert nbd.info().tls == 1
+        data = bytearray(os.urandom(4096))
+        nbd.writev(4096, [memoryview(data)])
+        back = bytearray(4096)
+        nbd.readv(4096, [memoryview(back)])
+        assert back == data
+        nbd.close()
+        with pytest.raises(DiskError) as info:
+            NbdDisk(f"nbds://localhost:{port}/?tls-certificates={other / 'client'}")
+        assert "\n" not in str(info.value)
 
 
 def test_a_flush_waits_for_the_writes_before_it_and_holds_back_what_follows(
