@@ -43,7 +43,8 @@ SYNC, HYBRID, ASYNC = "sync", "hybrid", "async"
 ASYNC_READS_MIN = 2
 
 #: counters the loop keeps that mean the same as VbdStats fields
-STAT_FIELDS = ("rd_req", "wr_req", "f_req", "rd_sect", "wr_sect", "errors", "batches")
+STAT_FIELDS = ("rd_req", "wr_req", "f_req", "ds_req", "rd_sect", "wr_sect", "errors",
+               "batches")
 #: the loop's own figures of merit (notifications, sleeps, polling)
 LOOP_FIELDS = ("notifies", "wakeups", "sleeps", "polls_hit", "polls_missed", "io_errors",
                "spurious_wakeups", "late_acks", "c_in_flight", "submits")

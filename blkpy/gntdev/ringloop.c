@@ -497,6 +497,8 @@ static void count_request(struct blkpy_ringloop *l, unsigned op, int flushing, i
     if (flushing) {
         l->f_req++;
         l->wr_sect += (uint64_t)nbytes >> 9;
+    } else if (op == OP_DISCARD) {
+        l->ds_req++;
     } else if (op == OP_READ) {
         l->rd_req++;
         l->rd_sect += (uint64_t)nbytes >> 9;
@@ -552,7 +554,8 @@ static int submit_async(struct blkpy_ringloop *l, uint32_t slot, uint64_t id, un
     int queued;
     if (l->diskq) {
         struct blkpy_queue_op qop = {
-            .kind = flushing ? BLKPY_QOP_FLUSH : op != OP_READ ? BLKPY_QOP_WRITE : BLKPY_QOP_READ,
+            .kind = flushing ? BLKPY_QOP_FLUSH : op == OP_DISCARD ? BLKPY_QOP_ZERO
+                  : op != OP_READ ? BLKPY_QOP_WRITE : BLKPY_QOP_READ,
             .iov_count = flushing ? 0 : nseg,
             .offset = uio.offset, .length = flushing ? 0 : (uint64_t)nbytes,
             .iov_addr = uio.iov_addr, .user_data = slot,
@@ -782,8 +785,15 @@ static int serve_one(struct blkpy_ringloop *l, const uint8_t *s)
         return 0;   /* refused: Python answers it and logs why */
     unsigned op = s[0];
     int flushing = op == OP_BARRIER || op == OP_FLUSH;
-    if (op == OP_DISCARD)
-        return 0;
+    if (op == OP_DISCARD) {
+        /* A network disk's queue zeroes the range (what Disk.discard promises: NBD
+         * WRITE_ZEROES, RBD write-zeroes), fenced like a flush; not throttled, as QEMU
+         * throttles no discard. Other disks' discards are Python's. */
+        if (!l->diskq || !l->async_all)
+            return 0;
+        uint32_t dslot = l->free_slots[l->n_free - 1];   /* never empty (below) */
+        return submit_async(l, dslot, rd64(s + l->abi.id_off), op, rsp_op, 0, 0, nbytes, s);
+    }
 
     uint8_t *descs = l->scratch->descs;
     struct iovec *iov = l->scratch->iov;

@@ -219,7 +219,7 @@ struct blkpy_ringloop {
     int64_t poll_ns;                 /* the current budget */
     uint32_t notify_pending;         /* BLKPY_EVTCHN_PYTHON: Python must notify */
     /* counters (Python adds them to its own) */
-    uint64_t rd_req, wr_req, f_req, rd_sect, wr_sect, errors, batches, max_batch_seen;
+    uint64_t rd_req, wr_req, f_req, ds_req, rd_sect, wr_sect, errors, batches, max_batch_seen;
     uint64_t notifies, wakeups, sleeps, polls_hit, polls_missed, io_errors;
     int32_t last_io_errno;
     /* Event-storm defence: event-channel wake-ups in a row that found no request, and

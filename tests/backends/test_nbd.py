@@ -355,6 +355,35 @@ def test_reads_writes_and_flushes_are_served_by_the_native_loop(tmp_path: Path) 
         host.close()
 
 
+def test_discards_are_served_by_the_native_loop_too(tmp_path: Path) -> None:
+    """A guest's discard is the loop's as well (an NBD WRITE_ZEROES, fenced behind the
+    writes before it): the range reads back as zeros, the server saw zero requests, and
+    the loop's counters took it (before, every discard went back to Python, which first
+    waited for everything the loop had in flight)."""
+    stats = tmp_path / "stats.txt"
+    host = sim_host()
+    try:
+        with nbdkit(tmp_path, "--filter=stats", "memory", "16M",
+                    f"statsfile={stats}") as server, \
+                attached(host, server.target) as (frontend, backend):
+            assert frontend.info is not None and frontend.info.discard
+            _writes_flush_reads(frontend, 19)  # Python maps the guest's pages first
+            before = backend.stats()["loops"][0]
+            data = b"\x77" * (64 << 10)
+            assert frontend.write(4096, data).status == blkif.BLKIF_RSP_OKAY
+            assert frontend.discard(4096 + 16, 64).status == blkif.BLKIF_RSP_OKAY
+            back = bytes(frontend.read(4096, len(data)).data)
+            assert back == data[:8192] + bytes(32768) + data[40960:]
+            after = backend.stats()["loops"][0]
+            served = {k: after[k] - before[k] for k in ("ds_req", "wr_req", "rd_req",
+                                                           "errors")}
+            assert served == {"ds_req": 1, "wr_req": 1, "rd_req": 1, "errors": 0}, served
+    finally:
+        host.close()
+    ops = _stats_file(stats)
+    assert int(ops.get("zero", "0").replace(",", "")) >= 1, stats.read_text()
+
+
 def test_four_queues_share_one_connection(tmp_path: Path) -> None:
     """A multi-queue guest: each ring's engine has its own completion queue on the disk's
     one connection (flushes then cover every queue's writes, whatever the server's
