@@ -15,7 +15,8 @@ this package's small fault plugin, ``nbdkit_faults.py``) behind nbdfuse, i.e. a 
 kernel FUSE mount whose reads, writes, trims and flushes return EIO for the byte ranges or
 time windows the campaign chooses. Device-mapper ``error``/``flakey`` would be the
 classic layer but needs the kernel's dm driver, which containers usually lack; FUSE only
-needs /dev/fuse. The invariants: requests untouched by a fault are answered OKAY, data
+needs /dev/fuse. The invariants: requests untouched by a fault are answered OKAY (a read
+is touched when its host pages are: the host's page cache reads whole pages), data
 requests inside a fault are answered ERROR (never OKAY for data that was not stored),
 the serve process stays alive, flushes succeed again once the faults stop, every read
 and the final image agree with the oracle, and ``qemu-img check`` is clean.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import mmap
 import os
 import select
 import shutil
@@ -69,6 +71,10 @@ GUEST_BASE_DOMID = 10
 DEVID = 51712  # xvda
 _TIMEOUT = 20.0  # a request or handshake the backend does not answer in this long is a finding
 _PLUGIN = os.path.join(os.path.dirname(__file__), "nbdkit_faults.py")
+#: the unit in which the host's page cache reads the fault layer's file: a read from the
+#: FUSE file fetches whole pages, so it fails when its pages touch failing bytes, even if
+#: the bytes it asked for do not (writes, trims and zeroes reach the layer byte for byte)
+HOST_PAGE = mmap.PAGESIZE
 
 
 # ---- the oracle ----------------------------------------------------------------------
@@ -261,15 +267,21 @@ class Storm:
     def expect(self, op: int, offset: int, nbytes: int) -> bool | None:
         """Whether a request submitted now must fail (True), must succeed (False) or may do
         either (None). A write always moves data, so on failing storage it must fail. A
-        read may come from the page cache, a qcow2 read may be a hole or need to write
-        dirty metadata back (cache eviction), a discard may change metadata only."""
+        read may come from the page cache, or fail beside failing bytes (the host reads the
+        whole page, HOST_PAGE), a qcow2 read may be a hole or need to write dirty metadata
+        back (cache eviction), a discard may change metadata only."""
         stops = self.sync_lost and (op == FLUSH or (op != READ and not self.raw))
         if self.fault is None:
             return None if stops else False
         if self.fault == "ranges":
-            if not any(offset < e and s < offset + nbytes for s, e in self.fault_ranges):
-                return False  # a raw image: host bytes are guest bytes
-            return True if op == WRITE else None
+            if any(offset < e and s < offset + nbytes for s, e in self.fault_ranges):
+                return True if op == WRITE else None
+            if op == READ and nbytes:  # the host reads whole pages: a shared one fails it
+                start = offset - offset % HOST_PAGE
+                end = -(-(offset + nbytes) // HOST_PAGE) * HOST_PAGE
+                if any(start < e and s < end for s, e in self.fault_ranges):
+                    return None
+            return False  # a raw image: host bytes are guest bytes
         if op == WRITE:
             return True
         if self.fault == "writes" and self.raw and op in (READ, FLUSH):
@@ -415,6 +427,9 @@ class Storm:
     def _complete(self, c: Completion, p: _Pending) -> None:
         ok = c.status == OKAY
         where = f"{OP_NAMES[p.op]} of {p.nbytes} bytes at 0x{p.offset:x}"
+        if self.fault == "ranges":  # the ranges are drawn anew each run: say which
+            where += " (host failing " + ", ".join(f"0x{s:x}-0x{e:x}"
+                                                    for s, e in self.fault_ranges) + ")"
         if c.status == blkif.BLKIF_RSP_EOPNOTSUPP and p.op == DISCARD:
             pass  # the storage cannot punch holes: blkfront turns discard off
         elif c.status not in (OKAY, ERROR):

@@ -125,6 +125,22 @@ def test_storm_flags_errors_without_fault_and_success_on_failing_storage():
         "spurious error", "spurious error", "lost error"]
 
 
+def test_storm_lets_a_read_fail_that_shares_a_host_page_with_failing_bytes():
+    # the host page cache reads the fault layer's file a page at a time: a read beside the
+    # failing bytes fails with them (a flaky "spurious error" before the judge knew it)
+    storm, log = _storm()
+    page = crashes.HOST_PAGE
+    storm.fault, storm.fault_ranges = "ranges", [(2 * page + page - SECTOR, 3 * page)]
+    _answer(storm, READ, 2 * page, SECTOR, ERROR)  # the same page: the host's error
+    _answer(storm, READ, 2 * page - SECTOR, 2 * SECTOR, ERROR)  # straddles into it
+    _answer(storm, READ, 2 * page, SECTOR, OKAY, bytes(SECTOR))  # or a cached page
+    assert log.total == 0
+    _answer(storm, READ, page, SECTOR, ERROR)  # the page before: nothing failed there
+    _answer(storm, WRITE, 2 * page, SECTOR, ERROR)  # writes reach the layer byte for byte
+    assert [f.problem.split(":")[0] for f in log.findings] == ["spurious error"] * 2
+    assert "host failing 0x" in log.findings[0].problem
+
+
 def test_storm_takes_unsupported_discard_for_what_it_is():
     storm, log = _storm()
     _answer(storm, DISCARD, 0, 4096, EOPNOTSUPP)
@@ -181,6 +197,30 @@ def test_faulty_storage_fails_exactly_where_told(tmp_path):
         storage.stop()
     data = image.read_bytes()
     assert data[:8192] == b"a" * 4096 + b"b" * 4096 and data[12288:16384] == b"d" * 4096
+
+
+@needs_fault_layer
+def test_faulty_storage_reads_whole_host_pages(tmp_path):
+    """What Storm.expect allows for: a read beside failing bytes fails when they share a
+    host page (the page cache fetches the whole page); writes and other pages do not."""
+    page = crashes.HOST_PAGE
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4 * page))
+    storage = FaultyStorage(str(image), str(tmp_path))
+    try:
+        fd = os.open(storage.path, os.O_RDWR)
+        try:
+            storage.set_faults("ranges", [(3 * page - SECTOR, 3 * page)])
+            with pytest.raises(OSError) as exc:
+                os.pread(fd, SECTOR, 2 * page)  # not cached: the whole page is fetched
+            assert exc.value.errno == errno.EIO
+            assert os.pread(fd, SECTOR, page) == bytes(SECTOR)
+            os.pwrite(fd, b"e" * SECTOR, 2 * page)
+        finally:
+            os.close(fd)
+    finally:
+        storage.stop()
+    assert image.read_bytes()[2 * page:2 * page + SECTOR] == b"e" * SECTOR
 
 
 # ---- the campaign ------------------------------------------------------------------------
