@@ -272,17 +272,6 @@ _UIO_DTYPE = np.dtype(
 )
 
 
-def _zero_tail(iov: np.ndarray, skip: int) -> None:
-    """Zero what a short read (end of file) left unfilled after ``skip`` bytes."""
-    for addr, length in iov:
-        addr, length = int(addr), int(length)
-        if skip >= length:
-            skip -= length
-            continue
-        ffi.memmove(ffi.cast("char *", addr + skip), bytes(length - skip), length - skip)
-        skip = 0
-
-
 def _sync_result(disk: Disk, res: int) -> int:
     """A flush's result: once one sync of the disk failed, none may succeed again."""
     lost = getattr(disk, "sync_lost", None)
@@ -394,9 +383,13 @@ class UringEngine(IoEngine):
                 vec.result[entry] = res
             elif res == vec.length[entry]:
                 vec.result[entry] = 0
-            elif kind == READ:  # end of file: the rest reads as zeros
-                first = int(vec.iov_first[entry])
-                _zero_tail(vec.iov[first : first + int(vec.iov_count[entry])], res)
+            elif kind == READ:
+                # Short: the end of the file, or an I/O error after the first pages (the
+                # kernel returns what it copied). Read again synchronously, which retries
+                # and tells the two apart (zeros past the end, the error otherwise).
+                fd = self.disk.direct_fd
+                assert fd is not None  # only raw files' entries go to the ring
+                _run_direct(fd, vec, entry, entry + 1)
             else:
                 vec.result[entry] = -errno.EIO
             self._in_ring -= 1

@@ -125,6 +125,53 @@ def test_auto_engine_is_uring_for_o_direct_and_sync_on_the_page_cache(tmp_path):
         direct.close()
 
 
+@pytest.mark.parametrize("name", sorted(io.ENGINES))
+def test_a_read_cut_short_by_the_end_of_the_file_reads_zeros(name, raw_image):
+    disk = RawDisk(raw_image)
+    with open(raw_image, "r+b") as f:
+        f.write(b"\x11" * 8192)
+        f.truncate(4096)  # shrunk under the disk: the second page is past the end
+    buf = np.full(8192, 0xEE, np.uint8)
+    try:
+        eng = io.make_engine(name, disk) if name != "uring" or _uring_available() else None
+        if eng is None:
+            pytest.skip("io_uring unavailable")
+        vec = _vector([(io.READ, 0, 8192)], buf)
+        _run(eng, vec)
+    finally:
+        disk.close()
+    assert vec.result.tolist() == [0]
+    assert bytes(buf) == b"\x11" * 4096 + bytes(4096)
+
+
+@pytest.mark.parametrize("name", sorted(io.ENGINES))
+def test_a_read_cut_short_by_a_host_error_fails(name, tmp_path):
+    """The kernel answers a buffered read whose later page fails with the bytes before it:
+    a short read that is an error, not the end of the file (no zeros for the guest)."""
+    from blkpy.fuzz.crashes import FaultyStorage, fault_layer_missing
+
+    missing = fault_layer_missing()
+    if missing is not None:
+        pytest.skip(f"host faults: {missing}")
+    if name == "uring" and not _uring_available():
+        pytest.skip("io_uring unavailable")
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\x11" * (4 * 4096))
+    storage = FaultyStorage(str(image), str(tmp_path))
+    buf = np.zeros(8192, np.uint8)
+    try:
+        disk = RawDisk(storage.path)
+        try:
+            storage.set_faults("ranges", [(2 * 4096, 2 * 4096 + 512)])
+            vec = _vector([(io.READ, 4096, 8192)], buf)
+            _run(io.make_engine(name, disk), vec)
+        finally:
+            disk.close()
+    finally:
+        storage.stop()
+    assert vec.result.tolist() == [-errno.EIO]
+
+
 def _uring_available() -> bool:
     try:
         io.UringEngine(MemoryDisk()).close()
