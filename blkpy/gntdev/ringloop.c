@@ -1053,7 +1053,7 @@ static int ringloop_run(struct blkpy_ringloop *l, int may_sleep)
 {
     struct blkpy_back_ring *r = l->ring;
     uint8_t s[MAX_SLOT];
-    int sent = 0;   /* requests went to a disk queue since it was last read */
+    int sent = 0;   /* a batch went out while replies to earlier ones could be waiting */
     for (;;) {
         if (__atomic_load_n(&l->stop, __ATOMIC_ACQUIRE))
             return hand_back(l, BLKPY_LOOP_WAKE);
@@ -1077,6 +1077,7 @@ static int ringloop_run(struct blkpy_ringloop *l, int may_sleep)
                 n = l->max_batch;
             l->batches++;
             l->cur_batch = n;
+            uint32_t earlier = l->c_in_flight;
             if (n > l->max_batch_seen)
                 l->max_batch_seen = n;
             for (uint32_t i = 0; i < n; i++) {
@@ -1105,7 +1106,7 @@ static int ringloop_run(struct blkpy_ringloop *l, int may_sleep)
             }
             if (l->uring)
                 count_submits(l, blkpy_uring_enter(l->uring));
-            sent = 1;
+            sent = earlier != 0;   /* (at depth 1, nothing can be waiting yet) */
             blkpy_ringloop_push(l);
             if (l->notify_pending)
                 return BLKPY_LOOP_NOTIFY;
