@@ -12,6 +12,18 @@ static void diskq_signal(int fd)
         ;
 }
 
+/* The queue this thread is driving (blkpy_queue_drive): posts to it need no signal. */
+static __thread struct blkpy_disk_queue *diskq_draining;
+
+void blkpy_queue_drive(struct blkpy_disk_queue *q)
+{
+    if (!q->drive)
+        return;
+    diskq_draining = q;
+    q->drive(q);
+    diskq_draining = NULL;
+}
+
 struct blkpy_disk_queue *blkpy_queue_new(size_t size,
                                          int (*submit)(struct blkpy_disk_queue *,
                                                        const struct blkpy_queue_op *,
@@ -45,11 +57,14 @@ void blkpy_queue_post(struct blkpy_disk_queue *q, struct blkpy_queue_done *d)
     __atomic_store_n(&q->waiting, q->waiting + 1, __ATOMIC_RELEASE);
     __atomic_store_n(&q->outstanding, q->outstanding - 1, __ATOMIC_RELEASE);
     /* Only the first completion waiting signals: the reaper takes them all (a system call
-     * per completion cost the library's thread at depth). Under the lock: once a poster
-     * unlocks it is done with the queue, so the owner, which frees the queue only when
-     * nothing is outstanding, never frees it under a poster still signalling. */
-    if (q->waiting == 1)
+     * per completion cost the library's thread at depth); none when the reaper itself is
+     * driving the queue (it reaps next). Under the lock: once a poster unlocks it is done
+     * with the queue, so the owner, which frees the queue only when nothing is
+     * outstanding, never frees it under a poster still signalling. */
+    if (!q->signalled && q != diskq_draining) {
         diskq_signal(q->efd);
+        q->signalled = 1;
+    }
     pthread_mutex_unlock(&q->mu);
 }
 
@@ -100,12 +115,17 @@ int blkpy_queue_reap(struct blkpy_disk_queue *q, uint64_t *user_data, int64_t *r
             q->tail = NULL;
         __atomic_store_n(&q->waiting, q->waiting - n, __ATOMIC_RELEASE);
         /* Posts signal under the lock too: the fd is readable exactly while completions
-         * wait, so a waiter never spins on a stale signal. */
+         * wait (but those a drive posted for the reaper), so a waiter never spins on a
+         * stale signal. */
         uint64_t v;
-        while (read(q->efd, &v, sizeof v) < 0 && errno == EINTR)
-            ;
-        if (d)   /* left for the next call */
+        if (q->signalled && !d) {
+            while (read(q->efd, &v, sizeof v) < 0 && errno == EINTR)
+                ;
+            q->signalled = 0;
+        } else if (d && !q->signalled) {   /* left for the next call */
             diskq_signal(q->efd);
+            q->signalled = 1;
+        }
         pthread_mutex_unlock(&q->mu);
     }
     if (q->pump)   /* what waited for these (a flush behind writes) may start now */

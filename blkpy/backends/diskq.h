@@ -68,6 +68,7 @@ struct blkpy_disk_queue {
     void (*drive)(struct blkpy_disk_queue *q);
     void (*watch)(struct blkpy_disk_queue *q, int on);
     int efd;
+    int signalled;          /* efd written and not read since (under mu) */
     uint32_t outstanding;   /* submitted, not yet posted (atomic; changed under mu) */
     uint32_t waiting;       /* posted, not yet reaped (atomic; changed under mu) */
     pthread_mutex_t mu;
@@ -88,11 +89,9 @@ static inline int blkpy_queue_drive_fd(const struct blkpy_disk_queue *q)
 {
     return q->drive ? q->drive_fd : -1;
 }
-static inline void blkpy_queue_drive(struct blkpy_disk_queue *q)
-{
-    if (q->drive)
-        q->drive(q);
-}
+/* The caller reaps this queue next: what the drive completes on it is posted without a
+ * signal (an eventfd write and read per drive for nothing). */
+void blkpy_queue_drive(struct blkpy_disk_queue *q);
 static inline void blkpy_queue_watch(struct blkpy_disk_queue *q, int on)
 {
     if (q->watch)
