@@ -778,6 +778,7 @@ static void *nbdio_thread(void *arg)
                     : left > 1000000 ? 1000000 : (int)left;
         pthread_mutex_unlock(&c->drive_mu);
         int n = poll(p, 2, timeout);
+        int poll_err = n < 0 ? errno : 0;
         pthread_mutex_lock(&c->drive_mu);
         if (n == 0 && c->in_flight && stall_ms > 0 &&
             nbdio_now_ms() - c->progress_ms >= stall_ms) {
@@ -805,7 +806,7 @@ static void *nbdio_thread(void *arg)
         nbdio_take_incoming(c);
         nbdio_account(c);
         pthread_mutex_unlock(&c->drive_mu);
-        if (n < 0 && errno != EINTR)
+        if (n < 0 && poll_err != EINTR)
             nbdio_wait_kick(c, 10);
     }
     return NULL;
