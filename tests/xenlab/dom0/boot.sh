@@ -45,6 +45,10 @@ for phase in $LAB_PHASES; do
   fi
   cleanup_domains
   stop_daemon  # a phase that gave up early may have left it running
+  # A phase's images are its own, and dom0's disk keeps only a few hundred MiB free: left
+  # behind, the earlier phases' images took the room the lifecycle's `xl save` needs for
+  # the guest's memory (ENOSPC).
+  rm -rf "${LAB:?}"/*
   # each phase starts its own daemon: keep this phase's log apart
   [ -f $DAEMON_LOG ] && mv $DAEMON_LOG "/mnt/run/blkpy-daemon-$phase.log"
   mark "phase $phase end"
