@@ -69,6 +69,30 @@ MAX_BATCH = 64
 MAX_BATCHES_IN_FLIGHT = 4
 
 
+# A run of touching writes mapped at once stays below this (a format maps a bounded
+# number of clusters per call).
+MAP_RUN_LIMIT = 1 << 20
+
+
+def _touching_runs(sectors: list[int], lengths: list[int]) -> list[tuple[int, int]]:
+    """(byte offset, length) of the runs that writes starting at ``sectors`` cover, writes
+    that overlap or touch merged (up to MAP_RUN_LIMIT): a sequential writer's queue is
+    one or two runs, so mapping it costs one call per run, not one per request."""
+    runs: list[tuple[int, int]] = []
+    start = end = -1
+    for sector, length in sorted(zip(sectors, lengths, strict=True)):
+        off = sector << SECTOR_SHIFT
+        if start <= off <= end and max(end, off + length) - start <= MAP_RUN_LIMIT:
+            end = max(end, off + length)
+            continue
+        if start >= 0:
+            runs.append((start, end - start))
+        start, end = off, off + length
+    if start >= 0:
+        runs.append((start, end - start))
+    return runs
+
+
 @dataclasses.dataclass
 class VbdStats:
     """Per-ring counters in the spirit of blkback's sysfs statistics."""
@@ -354,9 +378,10 @@ class Vbd:
         v = validate_batch(batch, ring.abi, self.geometry)
         writes = np.flatnonzero((v.status == PENDING) & (v.io_op == BLKIF_OP_WRITE)
                                 & (batch["operation"] == BLKIF_OP_WRITE) & (v.nbytes > 0))
-        for i in writes[1:].tolist():  # the first is the request just mapped
-            off = int(batch["sector_number"][i]) << SECTOR_SHIFT
-            if not self.disk.map_for_write(off, int(v.nbytes[i])):
+        writes = writes[1:]  # the first is the request just mapped
+        starts = batch["sector_number"][writes].tolist()
+        for off, length in _touching_runs(starts, v.nbytes[writes].tolist()):
+            if not self.disk.map_for_write(off, length):
                 break
 
     def _slow_batch(self) -> None:

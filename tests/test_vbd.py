@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from blkpy import ring
 from blkpy.ring import (
@@ -21,6 +23,7 @@ from blkpy.ring import (
     BLKIF_RSP_OKAY,
 )
 from blkpy.sim.inprocess import InProcessDevice as VbdHarness
+from blkpy.vbd import MAP_RUN_LIMIT, _touching_runs
 
 OK, ERR, NOTSUPP = BLKIF_RSP_OKAY, BLKIF_RSP_ERROR, BLKIF_RSP_EOPNOTSUPP
 
@@ -323,3 +326,24 @@ def test_other_abis_and_ring_orders(raw_image, abi, order):
             assert h.status_of(ring.concat_slots(h.abi, reqs)) == [OK] * h.front.size
     finally:
         h.close()
+
+
+@given(st.lists(st.tuples(st.integers(0, 1 << 12), st.integers(1, 1 << 17)), max_size=40))
+def test_touching_writes_are_mapped_as_runs_covering_exactly_their_bytes(writes):
+    sectors = [s for s, _ in writes]
+    lengths = [n for _, n in writes]
+    runs = _touching_runs(sectors, lengths)
+    covered = set()
+    for off, n in runs:
+        covered |= set(range(off // 512, (off + n + 511) // 512))
+    wanted = set()
+    for s, n in writes:
+        wanted |= set(range(s, s + (n + 511) // 512))
+    assert covered == wanted  # every byte written, nothing else
+    for (a, n), (b, _) in zip(runs, runs[1:], strict=False):
+        assert a + n <= b  # in order, apart
+    assert all(n <= MAP_RUN_LIMIT or n in lengths for _, n in runs)
+
+
+def test_a_sequential_queue_is_one_run():
+    assert _touching_runs([8 * i for i in range(31, 0, -1)], [4096] * 31) == [(4096, 31 * 4096)]

@@ -465,12 +465,13 @@ class Qcow2Disk(Disk):
         steps = meta.plan_write(start, length)
         committed = 0
         try:
+            # fresh clusters past the end of the file that read as zeros: the file is
+            # extended over all of them at once
+            end = max((s.host + s.length for s in steps if s.skip_cow), default=0)
+            if end and os.fstat(self._fd).st_size < end:
+                os.ftruncate(self._fd, end)
             for step in steps:
-                if step.skip_cow:
-                    end = step.host + step.length
-                    if os.fstat(self._fd).st_size < end:
-                        os.ftruncate(self._fd, end)
-                else:
+                if not step.skip_cow:
                     current = bytearray(step.length)
                     self._read(step.guest, step.length, [memoryview(current)])
                     self._write_run(step.host, [memoryview(current)])
