@@ -247,11 +247,12 @@ class Allocator:
     def reftable_dirty(self) -> bool:
         return bool(self._reftable_dirty)
 
-    def block_writes(self) -> list[Op]:
-        """Writes of every dirty refcount block (safe at any time, see module doc). They
-        stay dirty until ``blocks_written`` (a failed write is retried next time)."""
-        return [Write(off, rc.encode_block(b, self.refcount_bits))
-                for off, b in self.cache.dirty_tables()]
+    def block_writes(self, changed_only: bool = False) -> list[Op]:
+        """Writes of every dirty refcount block (safe at any time, see module doc), or of
+        those changed since the last ``changed_only`` call. They stay dirty until
+        ``blocks_written`` (a failed write is retried next time)."""
+        tables = self.cache.take_changed() if changed_only else self.cache.dirty_tables()
+        return [Write(off, rc.encode_block(b, self.refcount_bits)) for off, b in tables]
 
     def blocks_written(self) -> None:
         self.cache.mark_all_clean()

@@ -15,6 +15,9 @@ class TableCache:
         self.capacity = max(4, capacity_bytes // table_bytes)  # in tables
         self._tables: OrderedDict[int, np.ndarray] = OrderedDict()
         self._dirty: set[int] = set()
+        # dirty tables changed since the last take_changed (a restart record holds the
+        # rest already)
+        self._changed: set[int] = set()
 
     def __len__(self) -> int:
         return len(self._tables)
@@ -33,15 +36,18 @@ class TableCache:
         self._tables.move_to_end(offset)
         if dirty:
             self._dirty.add(offset)
+            self._changed.add(offset)
 
     def mark_dirty(self, offset: int) -> None:
         assert offset in self._tables
         self._dirty.add(offset)
+        self._changed.add(offset)
 
     def discard(self, offset: int) -> None:
         """Forget a table whose cluster was freed (its content no longer matters)."""
         self._tables.pop(offset, None)
         self._dirty.discard(offset)
+        self._changed.discard(offset)
 
     @property
     def dirty(self) -> bool:
@@ -50,8 +56,16 @@ class TableCache:
     def dirty_tables(self) -> list[tuple[int, np.ndarray]]:
         return [(off, self._tables[off]) for off in sorted(self._dirty)]
 
+    def take_changed(self) -> list[tuple[int, np.ndarray]]:
+        """The dirty tables changed since the last call (then none are, until the next
+        change)."""
+        changed = [(off, self._tables[off]) for off in sorted(self._changed & self._dirty)]
+        self._changed.clear()
+        return changed
+
     def mark_all_clean(self) -> None:
         self._dirty.clear()
+        self._changed.clear()
 
     def over_capacity(self) -> bool:
         return len(self._tables) > self.capacity

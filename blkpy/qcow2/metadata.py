@@ -504,9 +504,19 @@ class Metadata:
         """What a write-back would write now, phase by phase in its order, leaving every
         change dirty (a restart record, blkpy.qcow2.restart_log). Each phase keeps its
         index, empty or not. Deferred refcount decrements are left out: losing them only
-        leaks clusters."""
+        leaks clusters. Nothing counts as changed after it (``unsynced_changes``)."""
         a = self.alloc
+        a.cache.take_changed()  # all of it is here
+        self.l2_cache.take_changed()
         return [a.resize_op() + a.block_writes(), a.reftable_writes(), self._l2_writes(),
+                self._l1_writes()]
+
+    def unsynced_changes(self) -> list[list[Op]]:
+        """``unsynced_phases`` but only the tables changed since the last call of either
+        (the refcount table and L1 sectors always: they are small)."""
+        a = self.alloc
+        return [a.resize_op() + a.block_writes(changed_only=True), a.reftable_writes(),
+                [Write(off, t.tobytes()) for off, t in self.l2_cache.take_changed()],
                 self._l1_writes()]
 
     def _l2_writes(self) -> list[Op]:

@@ -27,7 +27,7 @@ import contextlib
 import os
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -147,6 +147,7 @@ class RestartLog:
         self.live = False  # a log may be on file (cleared only when there is none)
         self._fd = -1
         self._recorded: dict[int, bytes] = {}  # offset -> what the log holds there now
+        self._recorded_bytes = 0  # their total length
         self._size = 0  # the largest Resize recorded
         self._length = 0  # bytes in the file
         self._whole = False  # the next record must be a whole one (file torn or none)
@@ -165,29 +166,34 @@ class RestartLog:
             return None
         return log[1]
 
-    def record(self, phases: Phases) -> None:
-        """Append what changed since the last record (``phases``: what a write-back would
-        write now, in its phase order, each phase's index the same every time)."""
+    def record(self, changes: Phases, everything: Callable[[], Phases]) -> None:
+        """Append what changed since the last record. ``changes``: what a write-back would
+        write now of the regions changed since then (others may be left out: the log holds
+        them), in its phase order, each phase's index the same every time;
+        ``everything()``: all a write-back would write now, for a log written whole."""
         if self._fd < 0 or self._whole:
-            self._rewrite(phases)
+            self._rewrite(everything())
             return
         self._whole = True  # until this record is known appended whole
         delta: list[list[Op]] = []
-        whole = 0
-        for phase in phases:
+        for phase in changes:
             ops: list[Op] = []
             for op in phase:
                 if isinstance(op, Write):
-                    whole += len(op.data)
                     old = self._recorded.get(op.offset)
-                    ops += [op] if old is None else changed_writes(op.offset, old, op.data)
+                    if old is None:
+                        ops.append(op)
+                        self._recorded_bytes += len(op.data)
+                    else:
+                        ops += changed_writes(op.offset, old, op.data)
+                        self._recorded_bytes += len(op.data) - len(old)
                     self._recorded[op.offset] = op.data
                 elif isinstance(op, Resize) and op.size > self._size:
                     ops.append(op)
                     self._size = op.size
             delta.append(ops)
-        if self._length > max(_COMPACT_MIN, _COMPACT_FACTOR * whole):
-            self._rewrite(phases)
+        if self._length > max(_COMPACT_MIN, _COMPACT_FACTOR * self._recorded_bytes):
+            self._rewrite(everything())
             return
         if not any(delta):
             self._whole = False
@@ -202,6 +208,7 @@ class RestartLog:
         """A new file holding ``phases`` whole replaces the log by rename."""
         self._whole = True
         self._recorded = {op.offset: op.data for p in phases for op in p if isinstance(op, Write)}
+        self._recorded_bytes = sum(len(d) for d in self._recorded.values())
         self._size = max((op.size for p in phases for op in p if isinstance(op, Resize)),
                          default=0)
         blob = file_head(self.image_id) + encode_record(phases)
@@ -232,6 +239,7 @@ class RestartLog:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name)
         self._recorded.clear()
+        self._recorded_bytes = 0
         self._size = 0
         self.live = False
 

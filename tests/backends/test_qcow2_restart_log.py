@@ -85,3 +85,29 @@ def test_a_flush_leaves_nothing_to_take_over(tmp_path):
     disk.writev(0, [memoryview(b"\x55" * 4096)])  # a rewrite in place: no metadata
     assert _no_record(log)
     disk.close()
+
+
+@needs_qemu
+def test_a_successor_keeps_writes_spread_over_several_tables(tmp_path):
+    """Records after the first carry only the tables that changed since: allocations that
+    alternate between L2 tables must all be in what the successor applies."""
+    image = tmp_path / "wide.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(image), "2G")
+    log = str(tmp_path / "run" / "qcow2-metadata")
+    first = Qcow2Disk(str(image), restart_log=log)
+    table_span = 512 << 20  # guest bytes one 64 KiB L2 table maps
+    spots = [t * table_span + k * 7 * CLUSTER for k in range(4) for t in (0, 2, 1)]
+    for i, spot in enumerate(spots):
+        with first.mapping_batch():
+            assert first.map_for_write(spot, 4096)
+        host = first.meta.fast_runs(spot, 4096, write=True)[0][0]
+        os.pwrite(first._fd, bytes([i + 1]) * 4096, host)  # the loop's own write
+    _abandon(first)
+
+    second = Qcow2Disk(str(image), restart_log=log, take_over=True)
+    for i, spot in enumerate(spots):
+        got = bytearray(4096)
+        second.readv(spot, [memoryview(got)])
+        assert got == bytes([i + 1]) * 4096, hex(spot)
+    second.close()
+    check_clean(str(image))

@@ -19,6 +19,11 @@ REGION = 64  # bytes of one "table" in these tests
 REGIONS = 6
 
 
+def _record(log: RestartLog, phases) -> None:
+    """A record of ``phases`` whole (every region given, changed or not)."""
+    log.record(phases, lambda: phases)
+
+
 def _replay(phases, base: bytes = bytes(REGIONS * REGION)) -> bytes:
     storage = MemoryStorage(base)
     for phase in phases or []:
@@ -116,7 +121,7 @@ def test_replaying_the_log_writes_what_the_last_record_stood_for(tmp_path_factor
     try:
         recorded = _evolve(changes)
         for p in recorded:
-            log.record(p)
+            _record(log, p)
         assert _replay(RestartLog(path, ID).latest()) == _replay(recorded[-1])
         # killed while appending one more: the log still stands for the last whole record
         cut = data.draw(st.integers(0, 40))
@@ -132,12 +137,12 @@ def test_a_change_appends_only_the_entries_it_changed(tmp_path):
     path = str(tmp_path / "rec")
     log = RestartLog(path, ID)
     table = bytearray(65536)
-    log.record([[], [], [Write(1 << 20, bytes(table))], []])
+    _record(log, [[], [], [Write(1 << 20, bytes(table))], []])
     first = os.path.getsize(path)
     table[8 * 100:8 * 101] = b"\x80" + bytes(6) + b"\x01"
-    log.record([[], [], [Write(1 << 20, bytes(table))], []])
+    _record(log, [[], [], [Write(1 << 20, bytes(table))], []])
     assert os.path.getsize(path) - first < 64  # one entry, not the table
-    log.record([[], [], [Write(1 << 20, bytes(table))], []])  # nothing new: nothing appended
+    _record(log, [[], [], [Write(1 << 20, bytes(table))], []])  # nothing new: nothing appended
     assert os.path.getsize(path) - first < 64
     log.close()
 
@@ -149,7 +154,7 @@ def test_a_long_log_is_rewritten_whole(tmp_path, monkeypatch):
     table = bytearray(1024)
     for i in range(400):
         table[8 * (i % 128)] = i % 251 + 1
-        log.record([[Write(0, bytes(table))], [], [], []])
+        _record(log, [[Write(0, bytes(table))], [], [], []])
     assert os.path.getsize(path) < 4096 + 2048
     assert _replay(RestartLog(path, ID).latest(), bytes(1024)) == bytes(table)
     log.close()
@@ -158,12 +163,12 @@ def test_a_long_log_is_rewritten_whole(tmp_path, monkeypatch):
 def test_another_images_log_and_a_cleared_one_are_not_applied(tmp_path):
     path = str(tmp_path / "rec")
     log = RestartLog(path, ID)
-    log.record([[Write(0, b"one")]])
+    _record(log, [[Write(0, b"one")]])
     assert RestartLog(path, (1, 3)).latest() is None
     assert RestartLog(path, ID).latest() == [[Write(0, b"one")]]
     log.clear()
     assert RestartLog(path, ID).latest() is None and not log.live
-    log.record([[Write(0, b"two")]])  # a fresh log after a clear
+    _record(log, [[Write(0, b"two")]])  # a fresh log after a clear
     assert RestartLog(path, ID).latest() == [[Write(0, b"two")]]
     log.close()
 
@@ -171,7 +176,7 @@ def test_another_images_log_and_a_cleared_one_are_not_applied(tmp_path):
 def test_a_failed_append_makes_the_next_record_whole(tmp_path, monkeypatch):
     path = str(tmp_path / "rec")
     log = RestartLog(path, ID)
-    log.record([[Write(0, bytes(64))]])
+    _record(log, [[Write(0, bytes(64))]])
     real_write = os.write
 
     def torn(fd, data):
@@ -180,8 +185,34 @@ def test_a_failed_append_makes_the_next_record_whole(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "write", torn)
     with pytest.raises(OSError):
-        log.record([[Write(0, b"\x01" * 64)]])
+        _record(log, [[Write(0, b"\x01" * 64)]])
     monkeypatch.setattr(os, "write", real_write)
-    log.record([[Write(0, b"\x02" + bytes(63))]])
+    _record(log, [[Write(0, b"\x02" + bytes(63))]])
     assert _replay(RestartLog(path, ID).latest(), bytes(64)) == b"\x02" + bytes(63)
     log.close()
+
+
+@settings(max_examples=60)
+@given(states, st.booleans())
+def test_regions_left_out_as_unchanged_are_still_replayed(tmp_path_factory, changes,
+                                                           compact_often):
+    """A serve passes only the tables changed since its last record: the log still
+    stands for all of them."""
+    path = str(tmp_path_factory.mktemp("log") / "rec")
+    log = RestartLog(path, ID)
+    saved = (restart_log._COMPACT_MIN, restart_log._COMPACT_FACTOR)
+    if compact_often:
+        restart_log._COMPACT_MIN, restart_log._COMPACT_FACTOR = 0, 1
+    try:
+        recorded = _evolve(changes)
+        before: dict[int, bytes] = {}
+        for p in recorded:
+            changed = [[op for op in phase if not isinstance(op, Write)
+                        or before.get(op.offset) != op.data] for phase in p]
+            before.update((op.offset, op.data) for phase in p for op in phase
+                          if isinstance(op, Write))
+            log.record(changed, lambda p=p: p)
+        assert _replay(RestartLog(path, ID).latest()) == _replay(recorded[-1])
+    finally:
+        restart_log._COMPACT_MIN, restart_log._COMPACT_FACTOR = saved
+        log.close()
