@@ -534,6 +534,17 @@ def test_tcp_targets_reach_a_server_on_a_port(tmp_path: Path) -> None:
             nbd.close()
 
 
+def _tls_round_trip(nbd: NbdDisk, offset: int) -> None:
+    """A connection that negotiated TLS writes a block and reads it back, then closes."""
+    assert nbd.info().tls == 1
+    data = bytearray(os.urandom(4096))
+    nbd.writev(offset, [memoryview(data)])
+    back = bytearray(4096)
+    nbd.readv(offset, [memoryview(back)])
+    assert back == data
+    nbd.close()
+
+
 def test_tls_psk(tmp_path: Path) -> None:
     """An export that requires TLS: the nbds+unix URI with the PSK works (and says TLS
     was negotiated); a plain connection is refused in one line."""
@@ -541,14 +552,8 @@ def test_tls_psk(tmp_path: Path) -> None:
     psk.write_text(f"alice:{os.urandom(32).hex()}\n")
     psk.chmod(0o600)
     with nbdkit(tmp_path, "--tls=require", f"--tls-psk={psk}", "memory", "4M") as server:
-        nbd = NbdDisk(f"nbds+unix://alice@/?socket={server.sock}&tls-psk-file={psk}")
-        assert nbd.info().tls == 1
-        data = bytearray(os.urandom(4096))
-        nbd.writev(0, [memoryview(data)])
-        back = bytearray(4096)
-        nbd.readv(0, [memoryview(back)])
-        assert back == data
-        nbd.close()
+        _tls_round_trip(NbdDisk(f"nbds+unix://alice@/?socket={server.sock}&tls-psk-file={psk}"),
+                        0)
         with pytest.raises(DiskError):
             NbdDisk(server.target)
 
@@ -591,14 +596,8 @@ def test_tls_x509_certificates(tmp_path: Path) -> None:
     other = _x509(tmp_path / "other", "another CA")
     with nbdkit_tcp(tmp_path, "--tls=require", f"--tls-certificates={server_dir}",
                     "memory", "4M") as port:
-        nbd = NbdDisk(f"nbds://localhost:{port}/?tls-certificates={server_dir / 'client'}")
-        assert nbd.info().tls == 1
-        data = bytearray(os.urandom(4096))
-        nbd.writev(4096, [memoryview(data)])
-        back = bytearray(4096)
-        nbd.readv(4096, [memoryview(back)])
-        assert back == data
-        nbd.close()
+        _tls_round_trip(
+            NbdDisk(f"nbds://localhost:{port}/?tls-certificates={server_dir / 'client'}"), 4096)
         with pytest.raises(DiskError) as info:
             NbdDisk(f"nbds://localhost:{port}/?tls-certificates={other / 'client'}")
         assert "\n" not in str(info.value)

@@ -4,7 +4,9 @@ compacted; anything torn or foreign is refused rather than applied to an image."
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -89,6 +91,20 @@ states = st.lists(
     min_size=1, max_size=12)
 
 
+@contextlib.contextmanager
+def _log(path: str, compact_often: bool) -> Iterator[RestartLog]:
+    """A log at ``path``; ``compact_often``: rewritten whole at every chance."""
+    log = RestartLog(path, ID)
+    saved = (restart_log._COMPACT_MIN, restart_log._COMPACT_FACTOR)
+    if compact_often:
+        restart_log._COMPACT_MIN, restart_log._COMPACT_FACTOR = 0, 1
+    try:
+        yield log
+    finally:
+        restart_log._COMPACT_MIN, restart_log._COMPACT_FACTOR = saved
+        log.close()
+
+
 def _evolve(changes):
     """The phases a serve would record after each change."""
     tables: dict[int, bytearray] = {}
@@ -114,11 +130,7 @@ def _evolve(changes):
 def test_replaying_the_log_writes_what_the_last_record_stood_for(tmp_path_factory, changes,
                                                                  compact_often, data):
     path = str(tmp_path_factory.mktemp("log") / "rec")
-    log = RestartLog(path, ID)
-    saved = (restart_log._COMPACT_MIN, restart_log._COMPACT_FACTOR)
-    if compact_often:
-        restart_log._COMPACT_MIN, restart_log._COMPACT_FACTOR = 0, 1
-    try:
+    with _log(path, compact_often) as log:
         recorded = _evolve(changes)
         for p in recorded:
             _record(log, p)
@@ -128,9 +140,6 @@ def test_replaying_the_log_writes_what_the_last_record_stood_for(tmp_path_factor
         with open(path, "ab") as f:
             f.write(encode_record([[Write(0, b"\x99" * 64)]])[:cut])
         assert _replay(RestartLog(path, ID).latest()) == _replay(recorded[-1])
-    finally:
-        restart_log._COMPACT_MIN, restart_log._COMPACT_FACTOR = saved
-        log.close()
 
 
 def test_a_change_appends_only_the_entries_it_changed(tmp_path):
@@ -199,11 +208,7 @@ def test_regions_left_out_as_unchanged_are_still_replayed(tmp_path_factory, chan
     """A serve passes only the tables changed since its last record: the log still
     stands for all of them."""
     path = str(tmp_path_factory.mktemp("log") / "rec")
-    log = RestartLog(path, ID)
-    saved = (restart_log._COMPACT_MIN, restart_log._COMPACT_FACTOR)
-    if compact_often:
-        restart_log._COMPACT_MIN, restart_log._COMPACT_FACTOR = 0, 1
-    try:
+    with _log(path, compact_often) as log:
         recorded = _evolve(changes)
         before: dict[int, bytes] = {}
         for p in recorded:
@@ -213,6 +218,3 @@ def test_regions_left_out_as_unchanged_are_still_replayed(tmp_path_factory, chan
                           if isinstance(op, Write))
             log.record(changed, lambda p=p: p)
         assert _replay(RestartLog(path, ID).latest()) == _replay(recorded[-1])
-    finally:
-        restart_log._COMPACT_MIN, restart_log._COMPACT_FACTOR = saved
-        log.close()
