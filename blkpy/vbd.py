@@ -82,7 +82,7 @@ def _touching_runs(sectors: list[int], lengths: list[int]) -> list[tuple[int, in
     start = end = -1
     for sector, length in sorted(zip(sectors, lengths, strict=True)):
         off = sector << SECTOR_SHIFT
-        if start <= off <= end and max(end, off + length) - start <= MAP_RUN_LIMIT:
+        if off <= end and max(end, off + length) - start <= MAP_RUN_LIMIT:  # sorted
             end = max(end, off + length)
             continue
         if start >= 0:

@@ -231,7 +231,7 @@ class Qcow2Disk(Disk):
         if log is None:
             return
         if self.meta.dirty:
-            log.record(self.meta.unsynced_changes(), self.meta.unsynced_phases)
+            log.record(self.meta.unsynced_phases(changed_only=True), self.meta.unsynced_phases)
         elif log.live:
             log.clear()
 

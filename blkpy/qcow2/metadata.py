@@ -500,27 +500,24 @@ class Metadata:
             run(a.block_writes() + [Sync()] + [Punch(off, cs) for off in freed])
             a.blocks_written()
 
-    def unsynced_phases(self) -> list[list[Op]]:
+    def unsynced_phases(self, changed_only: bool = False) -> list[list[Op]]:
         """What a write-back would write now, phase by phase in its order, leaving every
         change dirty (a restart record, blkpy.qcow2.restart_log). Each phase keeps its
-        index, empty or not. Deferred refcount decrements are left out: losing them only
-        leaks clusters. Nothing counts as changed after it (``unsynced_changes``)."""
+        index, empty or not. ``changed_only``: of the L2 tables and refcount blocks only
+        those changed since the last call (the refcount table and L1 sectors always: they
+        are small); either way none counts as changed after it. Deferred refcount
+        decrements are left out: losing them only leaks clusters."""
         a = self.alloc
-        a.cache.take_changed()  # all of it is here
-        self.l2_cache.take_changed()
-        return [a.resize_op() + a.block_writes(), a.reftable_writes(), self._l2_writes(),
-                self._l1_writes()]
+        if not changed_only:  # all of them are here
+            a.cache.take_changed()
+            self.l2_cache.take_changed()
+        return [a.resize_op() + a.block_writes(changed_only), a.reftable_writes(),
+                self._l2_writes(changed_only), self._l1_writes()]
 
-    def unsynced_changes(self) -> list[list[Op]]:
-        """``unsynced_phases`` but only the tables changed since the last call of either
-        (the refcount table and L1 sectors always: they are small)."""
-        a = self.alloc
-        return [a.resize_op() + a.block_writes(changed_only=True), a.reftable_writes(),
-                [Write(off, t.tobytes()) for off, t in self.l2_cache.take_changed()],
-                self._l1_writes()]
-
-    def _l2_writes(self) -> list[Op]:
-        return [Write(off, t.tobytes()) for off, t in self.l2_cache.dirty_tables()]
+    def _l2_writes(self, changed_only: bool = False) -> list[Op]:
+        cache = self.l2_cache
+        tables = cache.take_changed() if changed_only else cache.dirty_tables()
+        return [Write(off, t.tobytes()) for off, t in tables]
 
     def _l1_writes(self) -> list[Op]:
         per_sector = 512 // 8
