@@ -186,7 +186,6 @@ class Standby:
 
     proc: ForkedServe
     go: int  # the pipe's write end: b"g" = take over; closed = not needed
-    started: float
 
 
 @dataclasses.dataclass
@@ -361,7 +360,7 @@ class DeviceWatcher:
                              "--standby-fd", str(read_end)], log_path,
                             [*self._private_fds(), go], title=["blkpy", "standby", rel])
         os.close(read_end)
-        self.standbys[rel] = Standby(ForkedServe(pid), go, time.monotonic())
+        self.standbys[rel] = Standby(ForkedServe(pid), go)
         log.debug("%s: standby pid %d", rel, pid)
 
     def cancel_standby(self, rel: str) -> None:
