@@ -303,13 +303,7 @@ class DeviceWatcher:
     def _spawn(self, rel: str, log_path: Path | None, extra: list[str],
                fresh: bool) -> subprocess.Popen[bytes] | ForkedServe:
         if self.serve_command is None and not fresh:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:
-                _serve_in_child(["serve", rel, *self.serve_args, *extra], log_path,
-                                self._private_fds())
-            return ForkedServe(pid)
+            return self._fork(["serve", rel, *self.serve_args, *extra], log_path)
         command = self.serve_command or [sys.executable, "-m", "blkpy", "serve"]
         stderr = open(log_path, "ab") if log_path else None  # noqa: SIM115 - the child's
         # (only where the serve can raise its priority again: root)
@@ -322,6 +316,17 @@ class DeviceWatcher:
         finally:
             if stderr is not None:
                 stderr.close()
+
+    def _fork(self, argv: list[str], log_path: Path | None, also_close: tuple[int, ...] = (),
+              title: list[str] | None = None) -> ForkedServe:
+        """Fork a child that runs the `blkpy` CLI on argv (``_serve_in_child``), closing
+        the watcher's private descriptors and ``also_close``."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _serve_in_child(argv, log_path, [*self._private_fds(), *also_close], title)
+        return ForkedServe(pid)
 
     def _private_fds(self) -> list[int]:
         """The watcher's descriptors a forked child must close: its xenstore connection,
@@ -345,23 +350,19 @@ class DeviceWatcher:
     def _fork_standby(self, rel: str) -> None:
         log_path = self._log_path(rel)
         read_end, go = os.pipe2(os.O_CLOEXEC)
-        sys.stdout.flush()
-        sys.stderr.flush()
+        os.set_inheritable(read_end, True)  # the standby's (ours is closed once forked)
         try:
-            pid = os.fork()
+            proc = self._fork(["serve", rel, *self.serve_args, "--resume",
+                               "--standby-fd", str(read_end)], log_path, (go,),
+                              title=["blkpy", "standby", rel])
         except OSError as exc:
             os.close(read_end)
             os.close(go)
             log.error("%s: cannot fork a standby: %s", rel, exc.strerror)
             return
-        if pid == 0:
-            os.set_inheritable(read_end, True)
-            _serve_in_child(["serve", rel, *self.serve_args, "--resume",
-                             "--standby-fd", str(read_end)], log_path,
-                            [*self._private_fds(), go], title=["blkpy", "standby", rel])
         os.close(read_end)
-        self.standbys[rel] = Standby(ForkedServe(pid), go)
-        log.debug("%s: standby pid %d", rel, pid)
+        self.standbys[rel] = Standby(proc, go)
+        log.debug("%s: standby pid %d", rel, proc.pid)
 
     def cancel_standby(self, rel: str) -> None:
         """The device needs no standby any more: close its pipe (it exits)."""
