@@ -183,8 +183,8 @@ def test_killed_and_upgraded_serves_are_succeeded_under_a_live_guest(tmp_path, s
         assert new != old
         # it loaded niced (as root), and serves at its predecessor's priority: the daemon's
         if os.geteuid() == 0:
-            assert _thread_niceness(new) and set(_thread_niceness(new).values()) == \
-                {os.getpriority(os.PRIO_PROCESS, 0)}, _thread_niceness(new)
+            nice = _thread_niceness(new)
+            assert nice and set(nice.values()) == {os.getpriority(os.PRIO_PROCESS, 0)}, nice
         assert host.backend_state(spec) == XenbusState.CONNECTED
         assert fe.state == XenbusState.CONNECTED and not fe.protocol_errors
         # What the guest waited, for the report (the targets are 1 s and 200 ms).
