@@ -591,7 +591,7 @@ static int nbdio_needs_thread(struct blkpy_nbd *c)
 /* Let go of drive_mu, everything accounted, waking the connection thread if needed. */
 static void nbdio_drive_unlock(struct blkpy_nbd *c)
 {
-    if (c->state == NBDIO_UP)   /* what a submitter left as it found drive_mu taken */
+    if (c->state == NBDIO_UP)   /* what submitters queued (the caller, or one that found it held) */
         nbdio_take_incoming(c);
     nbdio_account(c);
     int kick = nbdio_needs_thread(c);
@@ -989,10 +989,7 @@ static int nbdio_submit(struct blkpy_disk_queue *dq, const struct blkpy_queue_op
     }
     pthread_mutex_unlock(&c->mu);
     if (pthread_mutex_trylock(&c->drive_mu) == 0) {
-        if (c->state == NBDIO_UP) {   /* else reconnecting: the thread takes them */
-            nbdio_take_incoming(c);
-            nbdio_pump(c);
-        }
+        /* (it takes them in and issues them; reconnecting, it leaves them to the thread) */
         nbdio_drive_unlock(c);
     } else if (kick) {   /* the holder may be the thread, about to sleep */
         nbdio_signal(c->kick_fd);
