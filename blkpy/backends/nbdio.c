@@ -265,6 +265,17 @@ static short nbdio_events(struct nbd_handle *h)
                    ((dir & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0));
 }
 
+/* nbdio_notify with what fd is ready for among events now, asked under drive_mu: another
+ * thread may have read or sent since the caller looked, and libnbd takes a read event in
+ * the middle of a send as the sign of a reply to pause it for (one that never comes
+ * leaves the send paused with the server waiting for the rest of it). */
+static void nbdio_notify_ready(struct nbd_handle *h, int fd, short events)
+{
+    struct pollfd p = {fd, events, 0};
+    if (fd >= 0 && poll(&p, 1, 0) > 0)
+        nbdio_notify(h, p.revents);
+}
+
 /* A connected handle within timeout_ms, or NULL with the reason in msg. */
 static struct nbd_handle *nbdio_connect(const char *uri, int64_t timeout_ms,
                                         const int *stop, char *msg, uint32_t msglen)
@@ -792,14 +803,8 @@ static void *nbdio_thread(void *arg)
         }
         if (n > 0 && (p[1].revents & POLLIN))
             nbdio_drain_fd(c->kick_fd);
-        if (n > 0 && p[0].revents) {
-            /* Asked again under drive_mu: another thread may have read or sent since,
-             * and libnbd takes a read event in the middle of a send as the sign of a
-             * reply to pause it for (without one, the send stays paused). */
-            struct pollfd q = {p[0].fd, nbdio_events(h), 0};
-            if (poll(&q, 1, 0) > 0)
-                nbdio_notify(h, q.revents);
-        }
+        if (n > 0 && p[0].revents)
+            nbdio_notify_ready(h, p[0].fd, nbdio_events(h));
         pthread_mutex_lock(&c->mu);
         c->idle = 0;
         pthread_mutex_unlock(&c->mu);
@@ -1003,15 +1008,8 @@ static void nbdio_drive(struct blkpy_disk_queue *dq)
     struct blkpy_nbd *c = ((struct blkpy_nbd_queue *)dq)->c;
     pthread_mutex_lock(&c->drive_mu);
     if (c->state == NBDIO_UP && c->h &&
-        (L(nbd_aio_get_direction)(c->h) & LIBNBD_AIO_DIRECTION_READ)) {
-        /* Only with bytes there (another thread may have read them since the caller
-         * looked): libnbd takes a read event in the middle of a send as a reason to
-         * pause it for a reply, and one that never comes leaves the send paused with
-         * the server waiting for the rest of it. */
-        struct pollfd p = {L(nbd_aio_get_fd)(c->h), POLLIN, 0};
-        if (p.fd >= 0 && poll(&p, 1, 0) > 0)
-            nbdio_notify(c->h, p.revents);
-    }
+        (L(nbd_aio_get_direction)(c->h) & LIBNBD_AIO_DIRECTION_READ))
+        nbdio_notify_ready(c->h, L(nbd_aio_get_fd)(c->h), POLLIN);
     nbdio_drive_unlock(c);
 }
 
