@@ -384,6 +384,39 @@ def test_discards_are_served_by_the_native_loop_too(tmp_path: Path) -> None:
     assert int(ops.get("zero", "0").replace(",", "")) >= 1, stats.read_text()
 
 
+def test_a_hostile_guests_discards_are_refused_and_reach_no_server(tmp_path: Path) -> None:
+    """Discards the loop now serves, with a guest's bad fields: a range past the end, a
+    count that would wrap, a secure discard the disk does not offer. Each is answered
+    with an error, none reaches the server, and the disk's data stays as it was."""
+    stats = tmp_path / "stats.txt"
+    host = sim_host()
+    try:
+        with nbdkit(tmp_path, "--filter=stats", "memory", "16M",
+                    f"statsfile={stats}") as server, \
+                attached(host, server.target) as (frontend, backend):
+            assert frontend.info is not None and frontend.info.discard
+            assert not frontend.info.discard_secure
+            end = (16 * MIB) >> 9
+            data = b"\x5a" * 4096
+            assert frontend.write(end - 8, data).status == blkif.BLKIF_RSP_OKAY
+            for sector, count, secure, want in [
+                (end - 8, 16, False, blkif.BLKIF_RSP_ERROR),      # past the end
+                (end, 8, False, blkif.BLKIF_RSP_ERROR),           # starts at the end
+                (8, (1 << 64) - 8, False, blkif.BLKIF_RSP_ERROR),  # wraps
+                ((1 << 64) - 8, 16, False, blkif.BLKIF_RSP_ERROR),
+                (end - 8, 8, True, blkif.BLKIF_RSP_EOPNOTSUPP),   # secure: not offered
+            ]:
+                done = frontend.discard(sector, count, secure=secure)
+                assert done.status == want, (sector, count, secure, done.status)
+            back = frontend.read(end - 8, 4096)
+            assert back.status == blkif.BLKIF_RSP_OKAY and bytes(back.data) == data
+    finally:
+        host.close()
+    ops = _stats_file(stats)
+    assert int(ops.get("zero", "0").replace(",", "")) == 0, stats.read_text()
+    assert int(ops.get("trim", "0").replace(",", "")) == 0, stats.read_text()
+
+
 def test_four_queues_share_one_connection(tmp_path: Path) -> None:
     """A multi-queue guest: each ring's engine has its own completion queue on the disk's
     one connection (flushes then cover every queue's writes, whatever the server's
