@@ -255,8 +255,8 @@ class NbdDisk(Disk):
         return QueueEngine(self, self.queue())
 
     def loop_queue(self) -> DiskQueue:
-        # The ring loop sends reads, writes and flushes itself and answers each as it
-        # completes; the Python engine keeps discards and what the loop leaves.
+        # The ring loop sends reads, writes, flushes and discards (zeroing the range)
+        # itself and answers each as it completes; the Python engine keeps what it leaves.
         return self.queue()
 
     def drop_connection(self) -> None:

@@ -321,8 +321,8 @@ class RbdDisk(Disk):
         return QueueEngine(self, self.queue()) if self._native else SyncEngine(self)
 
     def loop_queue(self) -> DiskQueue | None:
-        # The ring loop sends reads, writes and flushes itself and answers each as it
-        # completes; the Python engine keeps discards and what the loop leaves.
+        # The ring loop sends reads, writes, flushes and discards (zeroing the range)
+        # itself and answers each as it completes; the Python engine keeps what it leaves.
         return self.queue() if self._native else None
 
     def close(self) -> None:
