@@ -355,66 +355,70 @@ def test_reads_writes_and_flushes_are_served_by_the_native_loop(tmp_path: Path) 
         host.close()
 
 
+@contextlib.contextmanager
+def _attached_to_counting_server(tmp_path: Path) -> Iterator[tuple[Frontend, BackendProcess]]:
+    """A guest of the simulated host on a 16 MiB nbdkit memory export whose stats filter
+    counts the requests that reach it (``_server_ops`` once this is left)."""
+    host = sim_host()
+    try:
+        with nbdkit(tmp_path, "--filter=stats", "memory", "16M",
+                    f"statsfile={tmp_path / 'stats.txt'}") as server, \
+                attached(host, server.target) as (frontend, backend):
+            yield frontend, backend
+    finally:
+        host.close()
+
+
+def _server_ops(tmp_path: Path, op: str) -> int:
+    """How many ``op`` requests the counting server saw."""
+    stats = tmp_path / "stats.txt"
+    return int(_stats_file(stats).get(op, "0").replace(",", ""))
+
+
 def test_discards_are_served_by_the_native_loop_too(tmp_path: Path) -> None:
     """A guest's discard is the loop's as well (an NBD WRITE_ZEROES, fenced behind the
     writes before it): the range reads back as zeros, the server saw zero requests, and
     the loop's counters took it (before, every discard went back to Python, which first
     waited for everything the loop had in flight)."""
-    stats = tmp_path / "stats.txt"
-    host = sim_host()
-    try:
-        with nbdkit(tmp_path, "--filter=stats", "memory", "16M",
-                    f"statsfile={stats}") as server, \
-                attached(host, server.target) as (frontend, backend):
-            assert frontend.info is not None and frontend.info.discard
-            _writes_flush_reads(frontend, 19)  # Python maps the guest's pages first
-            before = backend.stats()["loops"][0]
-            data = b"\x77" * (64 << 10)
-            assert frontend.write(4096, data).status == blkif.BLKIF_RSP_OKAY
-            assert frontend.discard(4096 + 16, 64).status == blkif.BLKIF_RSP_OKAY
-            back = bytes(frontend.read(4096, len(data)).data)
-            assert back == data[:8192] + bytes(32768) + data[40960:]
-            after = backend.stats()["loops"][0]
-            served = {k: after[k] - before[k] for k in ("ds_req", "wr_req", "rd_req",
-                                                           "errors")}
-            assert served == {"ds_req": 1, "wr_req": 1, "rd_req": 1, "errors": 0}, served
-    finally:
-        host.close()
-    ops = _stats_file(stats)
-    assert int(ops.get("zero", "0").replace(",", "")) >= 1, stats.read_text()
+    with _attached_to_counting_server(tmp_path) as (frontend, backend):
+        assert frontend.info is not None and frontend.info.discard
+        _writes_flush_reads(frontend, 19)  # Python maps the guest's pages first
+        before = backend.stats()["loops"][0]
+        data = b"\x77" * (64 << 10)
+        assert frontend.write(4096, data).status == blkif.BLKIF_RSP_OKAY
+        assert frontend.discard(4096 + 16, 64).status == blkif.BLKIF_RSP_OKAY
+        back = bytes(frontend.read(4096, len(data)).data)
+        assert back == data[:8192] + bytes(32768) + data[40960:]
+        after = backend.stats()["loops"][0]
+        served = {k: after[k] - before[k] for k in ("ds_req", "wr_req", "rd_req", "errors")}
+        assert served == {"ds_req": 1, "wr_req": 1, "rd_req": 1, "errors": 0}, served
+    assert _server_ops(tmp_path, "zero") >= 1, (tmp_path / "stats.txt").read_text()
 
 
 def test_a_hostile_guests_discards_are_refused_and_reach_no_server(tmp_path: Path) -> None:
     """Discards the loop now serves, with a guest's bad fields: a range past the end, a
     count that would wrap, a secure discard the disk does not offer. Each is answered
     with an error, none reaches the server, and the disk's data stays as it was."""
-    stats = tmp_path / "stats.txt"
-    host = sim_host()
-    try:
-        with nbdkit(tmp_path, "--filter=stats", "memory", "16M",
-                    f"statsfile={stats}") as server, \
-                attached(host, server.target) as (frontend, backend):
-            assert frontend.info is not None and frontend.info.discard
-            assert not frontend.info.discard_secure
-            end = (16 * MIB) >> 9
-            data = b"\x5a" * 4096
-            assert frontend.write(end - 8, data).status == blkif.BLKIF_RSP_OKAY
-            for sector, count, secure, want in [
-                (end - 8, 16, False, blkif.BLKIF_RSP_ERROR),      # past the end
-                (end, 8, False, blkif.BLKIF_RSP_ERROR),           # starts at the end
-                (8, (1 << 64) - 8, False, blkif.BLKIF_RSP_ERROR),  # wraps
-                ((1 << 64) - 8, 16, False, blkif.BLKIF_RSP_ERROR),
-                (end - 8, 8, True, blkif.BLKIF_RSP_EOPNOTSUPP),   # secure: not offered
-            ]:
-                done = frontend.discard(sector, count, secure=secure)
-                assert done.status == want, (sector, count, secure, done.status)
-            back = frontend.read(end - 8, 4096)
-            assert back.status == blkif.BLKIF_RSP_OKAY and bytes(back.data) == data
-    finally:
-        host.close()
-    ops = _stats_file(stats)
-    assert int(ops.get("zero", "0").replace(",", "")) == 0, stats.read_text()
-    assert int(ops.get("trim", "0").replace(",", "")) == 0, stats.read_text()
+    with _attached_to_counting_server(tmp_path) as (frontend, _backend):
+        assert frontend.info is not None and frontend.info.discard
+        assert not frontend.info.discard_secure
+        end = (16 * MIB) >> 9
+        data = b"\x5a" * 4096
+        assert frontend.write(end - 8, data).status == blkif.BLKIF_RSP_OKAY
+        for sector, count, secure, want in [
+            (end - 8, 16, False, blkif.BLKIF_RSP_ERROR),      # past the end
+            (end, 8, False, blkif.BLKIF_RSP_ERROR),           # starts at the end
+            (8, (1 << 64) - 8, False, blkif.BLKIF_RSP_ERROR),  # wraps
+            ((1 << 64) - 8, 16, False, blkif.BLKIF_RSP_ERROR),
+            (end - 8, 8, True, blkif.BLKIF_RSP_EOPNOTSUPP),   # secure: not offered
+        ]:
+            done = frontend.discard(sector, count, secure=secure)
+            assert done.status == want, (sector, count, secure, done.status)
+        back = frontend.read(end - 8, 4096)
+        assert back.status == blkif.BLKIF_RSP_OKAY and bytes(back.data) == data
+    stats = (tmp_path / "stats.txt").read_text()
+    assert _server_ops(tmp_path, "zero") == 0, stats
+    assert _server_ops(tmp_path, "trim") == 0, stats
 
 
 def test_four_queues_share_one_connection(tmp_path: Path) -> None:
