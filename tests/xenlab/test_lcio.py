@@ -1,0 +1,134 @@
+"""The lifecycle guest's I/O program (domU/lcio.c), compiled with the host's gcc and run on a
+regular file: its windows, result files and data check, without booting anything."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+SOURCE = Path(__file__).parent / "domU" / "lcio.c"
+BLOCKS = 4
+#: (stream, block size): both sizes the guest job uses, in the areas of two different streams
+STREAMS = [(0, 65536), (1, 4096)]
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def lcio(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("gcc") is None:
+        pytest.skip("no gcc on this host")
+    exe = tmp_path_factory.mktemp("lcio") / "lcio"
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(exe), str(SOURCE)], check=True)
+    return exe
+
+
+def _direct_ok(path: Path) -> bool:
+    """Whether the file system under ``path`` takes O_DIRECT (tmpfs before Linux 6.6 does not)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return False
+        raise
+    os.close(fd)
+    return True
+
+
+def _pattern(stream: int, it: int, bs: int) -> bytes:
+    """What ``yes "LC s<stream> i<it>" | head -c <bs>`` gives (the guest job's old recipe)."""
+    line = f"LC s{stream} i{it}\n".encode()
+    return (line * (bs // len(line) + 1))[:bs]
+
+
+class Guest:
+    """The job's side of the protocol: the window file, renamed into place, and results."""
+
+    def __init__(self, exe: Path, d: Path) -> None:
+        self.dir = d
+        self.disk = d / "disk"
+        with open(self.disk, "wb") as f:
+            f.truncate(8 * MIB)
+        self.window("warmup")
+        env = dict(os.environ)
+        if not _direct_ok(self.disk):
+            env["LCIO_BUFFERED"] = "1"
+        self.procs = [subprocess.Popen([str(exe), str(s), str(self.disk), str(bs), str(BLOCKS),
+                                        str(d / "lc-window"), str(d)], env=env,
+                                       stderr=subprocess.PIPE, text=True)
+                      for s, bs in STREAMS]
+
+    def window(self, name: str) -> None:
+        tmp = self.dir / "lc-window.tmp"
+        tmp.write_text(name + "\n")
+        tmp.rename(self.dir / "lc-window")
+
+    def results(self, name: str) -> list[list[int]]:
+        """Each stream's 'max_us errs bad n gap_us' for the window, once it is there."""
+        out = []
+        for s, _ in STREAMS:
+            path = self.dir / f"lc-res.{name}.{s}"
+            deadline = time.monotonic() + 10
+            while not path.exists():
+                assert time.monotonic() < deadline, f"stream {s} never closed {name}"
+                time.sleep(0.01)
+            out.append([int(v) for v in path.read_text().split()])
+        return out
+
+    def stop(self) -> list[str]:
+        self.window("end")
+        errs = [p.communicate(timeout=10)[1] for p in self.procs]
+        assert [p.returncode for p in self.procs] == [0] * len(self.procs), errs
+        return errs
+
+
+def test_each_window_reports_its_requests_and_the_data_checks_out(lcio: Path, tmp_path: Path):
+    guest = Guest(lcio, tmp_path)
+    for old, new in (("warmup", "upgrade"), ("upgrade", "kill")):
+        time.sleep(0.2)
+        guest.window(new)
+        for max_us, errs, bad, n, gap_us in guest.results(old):
+            assert n > 0 and errs == 0 and bad == 0
+            assert max_us > 0 and gap_us > 0
+    time.sleep(0.2)
+    assert guest.stop() == ["", ""]
+    for _, errs, bad, n, _ in guest.results("kill"):
+        assert n > 0 and errs == 0 and bad == 0
+    # each stream wrote its own area, in the guest's pattern: block k holds an iteration = k
+    data = guest.disk.read_bytes()
+    for s, bs in STREAMS:
+        base = (1 + 2 * s) * MIB
+        for k in range(BLOCKS):
+            block = data[base + k * bs: base + (k + 1) * bs]
+            it = int(block.split(b"\n", 1)[0].split(b" i")[1])
+            assert it % BLOCKS == k and block == _pattern(s, it, bs)
+
+
+def test_a_block_changed_behind_the_streams_back_is_a_mismatch(lcio: Path, tmp_path: Path):
+    guest = Guest(lcio, tmp_path)
+    time.sleep(0.2)
+    # stopped, the streams cannot rewrite what is damaged before the window's check reads it
+    for p in guest.procs:
+        p.send_signal(signal.SIGSTOP)
+    with open(guest.disk, "r+b") as f:
+        for s, bs in STREAMS:
+            for k in range(BLOCKS):
+                f.seek((1 + 2 * s) * MIB + k * bs)
+                f.write(b"X" * bs)
+        f.flush()
+        os.fsync(f.fileno())
+    guest.window("kill")
+    for p in guest.procs:
+        p.send_signal(signal.SIGCONT)
+    # a stream stopped between its write and its read may rewrite one block first
+    for _, _, bad, _, _ in guest.results("warmup"):
+        assert bad >= BLOCKS - 1
+    errs = guest.stop()
+    assert all("does not hold" in e for e in errs)
+    assert all(r[2] == 0 for r in guest.results("kill"))
