@@ -1,9 +1,11 @@
-"""Rate-limited logging: a hostile guest must not be able to flood the host's logs."""
+"""Rate limits: a hostile guest must not be able to flood the host's logs, nor a failing
+process keep the host busy restarting it."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 
 class RateLimitedLog:
@@ -45,3 +47,45 @@ class RateLimitedLog:
     def error(self, msg: str, *args: object) -> None:
         if self._allow():
             self.logger.error(msg, *args)
+
+
+class WindowBudget:
+    """At most ``limit`` events per key within any ``window`` seconds: what the hotplug
+    daemon allows a device's serve (restarts) and its standby (failed starts) before it
+    stops starting them.
+
+    A sliding window, unlike RateLimitedLog's fixed one: a crash loop is judged on its last
+    ``window`` seconds, so one that straddles a window's start cannot get twice the limit."""
+
+    def __init__(self, limit: int, window: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.window = window
+        self._clock = clock
+        self._events: dict[str, list[float]] = {}
+
+    def used(self, key: str) -> int:
+        """How many of ``key``'s events are within the window."""
+        now = self._clock()
+        recent = [t for t in self._events.get(key, ()) if now - t < self.window]
+        if recent:
+            self._events[key] = recent
+        else:  # a key that stays quiet costs nothing (devices come and go)
+            self._events.pop(key, None)
+        return len(recent)
+
+    def spent(self, key: str) -> bool:
+        return self.used(key) >= self.limit
+
+    def charge(self, key: str) -> None:
+        """Count one event of ``key`` now (also past the limit: the caller decides)."""
+        self.used(key)
+        self._events.setdefault(key, []).append(self._clock())
+
+    def reopens_in(self, key: str) -> float:
+        """Seconds until ``key`` is within its limit again (0 if it is now)."""
+        if not self.spent(key):
+            return 0.0
+        events = self._events[key]
+        # the limit-th newest event must leave the window for one more to fit
+        return events[-self.limit] + self.window - self._clock()

@@ -1,6 +1,6 @@
 import logging
 
-from blkpy.ratelimit import RateLimitedLog
+from blkpy.ratelimit import RateLimitedLog, WindowBudget
 
 
 class Clock:
@@ -35,3 +35,21 @@ def test_burst_then_suppression_then_summary(caplog):
         log.error("later")
     assert [r.getMessage() for r in caplog.records][-2:] == [
         "7 similar messages suppressed", "later"]
+
+
+def test_window_budget_counts_the_last_window_per_key():
+    clock = Clock()
+    budget = WindowBudget(limit=3, window=10.0, clock=clock)
+    for now in (0.0, 4.0, 8.0):
+        assert not budget.spent("a")
+        clock.now = now
+        budget.charge("a")
+    assert budget.spent("a") and budget.used("a") == 3
+    assert not budget.spent("b")  # another key has its own budget
+    assert budget.reopens_in("a") == 2.0 and budget.reopens_in("b") == 0.0
+    clock.now = 10.0  # the first event left the window: one more fits, not three
+    assert not budget.spent("a") and budget.used("a") == 2
+    budget.charge("a")
+    assert budget.spent("a") and budget.reopens_in("a") == 4.0
+    clock.now = 28.0
+    assert budget.used("a") == 0 and budget.reopens_in("a") == 0.0
