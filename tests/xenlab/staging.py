@@ -1,5 +1,5 @@
 """Per-run artefacts made from the checkout: blkpy's native helper built for dom0, and the
-domU initramfs carrying the guest test programs.
+domU initramfs carrying the guest test programs (scripts, and ``lcio`` built for the guest).
 
 Both go into the run directory, which dom0 sees over 9p at /mnt/run. The native helper is
 compiled in a chroot of the dom0 root filesystem (same Python and libc as dom0, at host speed)
@@ -59,6 +59,35 @@ def build_native(builder: ImageBuilder, images: Images, repo: Path = REPO) -> Pa
     shutil.copy(built[0], out_dir / built[0].name)
     shutil.rmtree(work, ignore_errors=True)
     return out_dir / built[0].name
+
+
+#: the lifecycle guest's I/O program (one process per stream, timing its own requests)
+LCIO_SOURCE = GUEST_DIR / "lcio.c"
+
+
+def build_lcio(builder: ImageBuilder, images: Images, source: Path = LCIO_SOURCE) -> Path:
+    """Compile the guest's ``lcio`` in a chroot of the dom0 root (cached by source hash).
+
+    Static, because the guest is busybox and carries only the libraries of DOMU_BINARIES;
+    the dom0 root has gcc and libc6-dev, whose libc.a a static link needs."""
+    code = source.read_bytes()
+    out = builder.cache / "lcio" / _digest(images.root.name, code) / "lcio"
+    if out.exists():
+        return out
+    if not (_in_root(images.rootfs, "/usr/lib/x86_64-linux-gnu/libc.a")).exists():
+        raise BuildError("the dom0 root has no static libc (libc6-dev's libc.a): "
+                         "lcio cannot be linked for the busybox guest")
+    work = images.rootfs / "tmp" / "blkpy-lcio"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / "lcio.c").write_bytes(code)
+    _run(["chroot", str(images.rootfs), "gcc", "-O2", "-Wall", "-static",
+          "-o", "/tmp/blkpy-lcio/lcio", "/tmp/blkpy-lcio/lcio.c"],
+         log=builder.logs / "lcio-build.log")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(work / "lcio", out)
+    shutil.rmtree(work, ignore_errors=True)
+    return out
 
 
 def _cpio(src_dir: Path) -> bytes:
@@ -151,15 +180,18 @@ def qcow2_probe_header(backing: str = PROBE_BACKING_FILE, size: int = 16 << 20) 
 
 
 def build_domu_initrd(builder: ImageBuilder, images: Images, dest: Path) -> None:
-    """Write the domU initramfs (base archive + the checkout's guest scripts) to ``dest``."""
+    """Write the domU initramfs (base archive + the checkout's guest scripts and ``lcio``)
+    to ``dest``."""
     base = domu_base_archive(builder, images)
     scripts = builder.work / "build" / "domU-scripts"
     shutil.rmtree(scripts, ignore_errors=True)
     (scripts / "lab").mkdir(parents=True)
     for p in GUEST_DIR.iterdir():
-        if p.is_file():
+        if p.is_file() and p.suffix != ".c":  # sources: the guest has no compiler
             shutil.copy(p, scripts / "lab" / p.name)
             os.chmod(scripts / "lab" / p.name, 0o755)
+    shutil.copy(build_lcio(builder, images), scripts / "lab" / "lcio")
+    os.chmod(scripts / "lab" / "lcio", 0o755)
     (scripts / "lab" / "probe-qcow2.bin").write_bytes(qcow2_probe_header())
     os.symlink("lab/init", scripts / "init")
     buf = io.BytesIO()
