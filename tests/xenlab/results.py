@@ -100,13 +100,16 @@ def format_xentop(rows: dict[str, dict[str, tuple[int, int | None]]]) -> list[st
 
 
 #: the longest request the guest saw while dom0 did each kind of restart (phase lifecycle):
-#: LAB-FIGURE: lifecycle.<kind>.stall-ms <ms> ms ...; issue 9's targets where it sets one
+#: LAB-FIGURE: lifecycle.<kind>.stall-ms <ms> ms ...; issue 9's targets where it sets one.
+#: The guest times each request itself in microseconds and reports ms with one decimal.
+#: Beside it, lifecycle.<kind>.gap-ms: the longest a stream went without a completion.
 STALL_FIGURE = re.compile(r"lifecycle\.(?P<kind>\w+)\.stall-ms$")
 STALL_TARGET_MS = {"kill": 1000, "upgrade": 200}
 
 
 def format_stalls(figures: dict[str, Figure], checks: dict[str, Check]) -> list[str]:
-    """One line per kind: the stall, its target, and the kind's error and data checks."""
+    """One line per kind: the stall, its target, the longest gap without a completion when
+    the guest reported one, and the kind's error and data checks."""
     lines = []
     for name, fig in figures.items():
         m = STALL_FIGURE.match(name)
@@ -116,13 +119,16 @@ def format_stalls(figures: dict[str, Figure], checks: dict[str, Check]) -> list[
         target = STALL_TARGET_MS.get(kind)
         goal = (f"target <= {target} ms {'met' if fig.value <= target else 'short'}"
                 if target else "no target")
+        gap = figures.get(f"lifecycle.{kind}.gap-ms")
+        gap_text = f"gap {gap.value:8.1f} ms" if gap is not None else ""
         outcomes = [f"{what} {checks[f'lifecycle.{kind}.{what}'].outcome}"
                     for what in ("io-errors", "data") if f"lifecycle.{kind}.{what}" in checks]
         # a kind this host cannot run (xl migrate without shadow paging) says so here too
         outcomes += [f"{c.name.rsplit('.', 1)[-1]} SKIP (not runnable here, see above)"
                      for c in checks.values()
                      if c.name.startswith(f"lifecycle.{kind}.") and c.outcome == "SKIP"]
-        lines.append(f"  {kind:9} stall {fig.value:6.0f} ms  {goal:24} {'  '.join(outcomes)}")
+        lines.append(f"  {kind:9} stall {fig.value:8.1f} ms  {goal:24} {gap_text:16} "
+                     f"{'  '.join(outcomes)}".rstrip())
     return ["guest stall per kind (lifecycle):", *lines] if lines else []
 
 

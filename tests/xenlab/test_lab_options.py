@@ -141,6 +141,19 @@ def test_a_kind_the_host_cannot_run_says_so_in_the_stall_table():
     assert "target <= 1000 ms met" in summary
 
 
+def test_the_stall_table_takes_the_guest_s_tenths_of_a_ms_and_its_gaps():
+    """The guest reports µs-timed requests as ms with one decimal: 180.4 meets 200, 200.1
+    does not; the longest gap without a completion stands beside the stall."""
+    text = ("LAB-FIGURE: lifecycle.upgrade.stall-ms 180.4 ms longest request of 900\n"
+            "LAB-FIGURE: lifecycle.upgrade.gap-ms 212.7 ms longest time without a completion\n"
+            "LAB-FIGURE: lifecycle.kill.stall-ms 1000.1 ms longest request of 816\n")
+    summary = format_summary(parse_checks(text), parse_figures(text))
+    upgrade = next(line for line in summary.splitlines() if line.startswith("  upgrade   stall"))
+    kill = next(line for line in summary.splitlines() if line.startswith("  kill      stall"))
+    assert "180.4 ms" in upgrade and "target <= 200 ms met" in upgrade and "gap    212.7 ms" in upgrade
+    assert "1000.1 ms" in kill and "target <= 1000 ms short" in kill and "gap" not in kill
+
+
 def test_suites_and_their_phases(capsys):
     assert SUITES["trixie"].xen == "4.20" and SUITES["bookworm"].xen == "4.17"
     assert suite_phases("trixie") == ["vbd3"] and "vbd3" not in known_phases("bookworm")
