@@ -42,12 +42,13 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
 from blkpy.defaults import EXIT_HANDED_OVER, EXIT_TAKEOVER_FAILED
 from blkpy.hotplug import BACKEND_KINDS, SCRIPT_NAME
+from blkpy.ratelimit import WindowBudget
 from blkpy.xenstore.client import XenstoreClient
 
 log = logging.getLogger("blkpy.hotplug.daemon")
@@ -205,9 +206,10 @@ class DeviceWatcher:
                  serve_command: Sequence[str] | None = None,
                  serve_args: Sequence[str] = (), log_dir: str | None = None,
                  orphan_grace: float = ORPHAN_GRACE_S,
-                 standby_delay: float | None = STANDBY_DELAY_S) -> None:
+                 standby_delay: float | None = STANDBY_DELAY_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         """``standby_delay`` None: no standby successors (they exist only for forked
-        serves)."""
+        serves). ``clock``: the time RESTART_WINDOW_S is measured in."""
         self.xs = xs
         self.domid = domid
         self.roots = {kind: f"/local/domain/{domid}/backend/{kind}" for kind in BACKEND_KINDS}
@@ -221,8 +223,8 @@ class DeviceWatcher:
         # serve died, until their backend directory goes away
         self.seen: set[str] = set()
         self.stopping = False
-        #: when successors were started, per device (a crash loop is stopped)
-        self.restarts: dict[str, list[float]] = {}
+        #: successors started, per device (a crash loop is stopped)
+        self.restarts = WindowBudget(RESTART_BUDGET, RESTART_WINDOW_S, clock)
         self.standby_delay = standby_delay if self.serve_command is None else None
         self.standbys: dict[str, Standby] = {}
         #: standbys told to go, by pid: (device, process, since when)
@@ -452,13 +454,12 @@ class DeviceWatcher:
         state = (self.xs.read_str(f"/local/domain/{self.domid}/{rel}/state") or "").strip()
         if state != "4":  # never connected (e.g. it could not open its image): nothing to keep
             return False
-        now = time.monotonic()
-        recent = [t for t in self.restarts.get(rel, []) if now - t < RESTART_WINDOW_S]
-        if status != EXIT_HANDED_OVER and len(recent) >= RESTART_BUDGET:
+        # an upgrade's hand-over is asked for: never refused, but counted
+        if status != EXIT_HANDED_OVER and self.restarts.spent(rel):
             log.error("%s: %d serves died within %.0f s; not starting another", rel,
-                      len(recent), RESTART_WINDOW_S)
+                      self.restarts.used(rel), RESTART_WINDOW_S)
             return False
-        self.restarts[rel] = [*recent, now]
+        self.restarts.charge(rel)
         return True
 
     def terminate_orphans(self) -> None:
