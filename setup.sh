@@ -23,6 +23,8 @@ DEB_PACKAGES=(
                                    #   ceph-common brings librbd1, which the backend dlopens
     librbd-dev                     # <rbd/librbd.h>: the rbd data path (rbdio.c) is typed by it;
                                    #   a test checks blkpy's librbd declarations
+    flex bison                     # the xenlab's own Xen hypervisor build (Kconfig's parser;
+                                   #   tests/xenlab/README.md: Debian's lacks shadow paging)
 )
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do

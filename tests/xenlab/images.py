@@ -10,7 +10,9 @@ build host's own comes through a private apt configuration (its own sources list
 cache under the suite's cache directory): the host's apt is never touched.
 
 What the lab boots (facts from running Xen 4.17 and 4.20 under QEMU TCG):
-  - ``xen``: the gunzipped hypervisor, which QEMU's multiboot loader takes directly;
+  - ``xen``: the gunzipped hypervisor, which QEMU's multiboot loader takes directly; for a
+    suite with ``build_xen``, one built from Debian's source of dom0's Xen tools with shadow
+    paging (``build_hypervisor``: live migration of PV guests needs it), cached apart;
   - ``vmlinuz`` for dom0, and ``vmlinux`` (the ELF inside it) for domUs, so that dom0 does not
     spend seconds of emulated CPU on xz decompression at every ``xl create``;
   - ``dom0-initrd.img``: busybox + the virtio/ext4 modules (Debian builds them as modules),
@@ -29,6 +31,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -41,17 +44,30 @@ class Suite:
     xen: str
     #: dom0 packages this release needs beyond DOM0_PACKAGES
     extra: tuple[str, ...] = ()
+    #: boot a hypervisor built from Debian's source of dom0's Xen tools with XEN_BUILD_OPTIONS
+    #: (``build_hypervisor``) instead of the packaged one
+    build_xen: bool = False
 
 
 SUITES = {s.name: s for s in (
-    Suite("bookworm", "4.17"),
-    # cffi compiles through setuptools on Python >= 3.12 (Debian 13 has 3.13)
+    Suite("bookworm", "4.17", build_xen=True),
+    # cffi compiles through setuptools on Python >= 3.12 (Debian 13 has 3.13). Packaged
+    # hypervisor: the mirror this was made on listed the 4.20 source but answered 404 for its
+    # files, so its build is untried (tests/xenlab/README.md)
     Suite("trixie", "4.20", ("python3-setuptools",)),
 )}
 DEFAULT_SUITE = "bookworm"
 SUITE_ENV = "BLKPY_XENLAB_SUITE"
 # Bump when the recipe below changes in a way the stamps cannot see.
 RECIPE_VERSION = "3"
+# Bump when the hypervisor build (build_hypervisor) changes in a way its key cannot see.
+XEN_BUILD_RECIPE = "1"
+#: what the lab's hypervisor sets beyond Debian's own configuration (debian/xen-kconfig, which
+#: Debian's build expands with ``make olddefconfig``): a PV guest's log-dirty mode, which live
+#: migration needs, is a shadow-paging mode. Debian's 4.17.7 (bookworm-security) and 4.20.4
+#: packages were built without it (libxc: "Failed to enable logdirty: 95"); 4.17.5's had it
+#: by Kconfig's default, so it is asked for by name, whatever a version's default is
+XEN_BUILD_OPTIONS = {"CONFIG_SHADOW_PAGING": "y"}
 
 # Debian packages of the dom0 root filesystem: Xen's toolstack, Python with blkpy's
 # dependencies, the tools the dom0 checks use, and a compiler for blkpy's native helper
@@ -139,6 +155,50 @@ def _digest(*parts: str | bytes) -> str:
     return h.hexdigest()[:16]
 
 
+def kconfig_with(fragment: str, options: dict[str, str]) -> str:
+    """A Kconfig fragment with ``options`` set: any line of the fragment naming one of them
+    (set, or ``# CONFIG_X is not set``) is dropped and the wanted value appended."""
+    def names(line: str) -> str:
+        if line.startswith("# ") and line.endswith(" is not set"):
+            return line[2:-len(" is not set")]
+        return line.split("=", 1)[0].strip()
+    kept = [line for line in fragment.splitlines() if names(line) not in options]
+    return "\n".join(kept + [f"{k}={v}" for k, v in options.items()]) + "\n"
+
+
+def kconfig_value(config: str, name: str) -> str:
+    """``y``, ``m``, a value, or ``n`` (``# CONFIG_X is not set`` or absent) in a Kconfig
+    file's text."""
+    for line in config.splitlines():
+        if line.startswith(f"{name}="):
+            return line.split("=", 1)[1].strip().strip('"')
+    return "n"
+
+
+def installed_source(status: str, package: str) -> tuple[str, str]:
+    """(source package, source version) of an installed package, from dpkg's status file's
+    text: ``Source: name (version)`` when the binary's version differs, ``Source: name`` or
+    none when it is the binary's own."""
+    for stanza in status.split("\n\n"):
+        fields = {}
+        for line in stanza.splitlines():
+            if line and not line[0].isspace() and ":" in line:
+                key, value = line.split(":", 1)
+                fields[key] = value.strip()
+        if fields.get("Package") != package or "installed" not in fields.get("Status", ""):
+            continue
+        source = fields.get("Source", package).split()
+        version = source[1].strip("()") if len(source) > 1 else fields["Version"]
+        return source[0], version
+    raise BuildError(f"{package} is not installed in dom0's root filesystem")
+
+
+def xen_build_key(version: str, config: str) -> str:
+    """The cache key of a built hypervisor: the Debian source version and the configuration
+    it was built from."""
+    return f"{version}-{_digest(XEN_BUILD_RECIPE, config)}"
+
+
 def ensure_host_tools() -> None:
     missing = sorted({pkg for cmd, pkg in HOST_TOOLS.items() if shutil.which(cmd) is None})
     if not missing:
@@ -179,18 +239,20 @@ def host_suite() -> str:
 
 class Apt:
     """apt-get/apt-cache for one suite: the host's own configuration for the host's suite,
-    else a private one under ``root`` (sources list, lists and cache of its own)."""
+    else a private one under ``root`` (sources list, lists and cache of its own). With
+    ``sources``, always a private one of source packages (``deb-src``), which the host's
+    apt need not know."""
 
-    def __init__(self, suite: Suite, root: Path) -> None:
+    def __init__(self, suite: Suite, root: Path, *, sources: bool = False) -> None:
         self.opts: list[str] = []
-        if suite.name == host_suite():
+        if suite.name == host_suite() and not sources:
             return
         lists, cache = root / "lists", root / "cache"
         for d in (lists / "partial", cache / "archives" / "partial"):
             d.mkdir(parents=True, exist_ok=True)
-        sources = root / "sources.list"
-        sources.write_text(f"deb {debian_mirror()} {suite.name} main\n")
-        self.opts = ["-o", f"Dir::Etc::sourcelist={sources}", "-o", "Dir::Etc::sourceparts=-",
+        sources_list = root / "sources.list"
+        sources_list.write_text(f"{'deb-src' if sources else 'deb'} {debian_mirror()} {suite.name} main\n")
+        self.opts = ["-o", f"Dir::Etc::sourcelist={sources_list}", "-o", "Dir::Etc::sourceparts=-",
                      "-o", f"Dir::State::Lists={lists}", "-o", f"Dir::Cache={cache}"]
         if not any(p.name != "partial" and p.name != "lock" for p in lists.iterdir()):
             self.update()
@@ -217,9 +279,16 @@ class Images:
 
     root: Path
     kver: str
+    #: the hypervisor the lab built (ImageBuilder.build_hypervisor), booted instead of the
+    #: packaged one; its Kconfig file lies beside it as ``xen.config``
+    built_xen: Path | None = None
 
     @property
     def xen(self) -> Path:
+        return self.built_xen or self.packaged_xen
+
+    @property
+    def packaged_xen(self) -> Path:
         return self.root / "xen"
 
     @property
@@ -247,8 +316,8 @@ class Images:
         return self.root.parent / "modroot"
 
     def complete(self) -> bool:
-        return all(p.exists() for p in (self.xen, self.vmlinuz, self.vmlinux, self.dom0_initrd,
-                                        self.dom0_disk))
+        return all(p.exists() for p in (self.packaged_xen, self.vmlinuz, self.vmlinux,
+                                        self.dom0_initrd, self.dom0_disk))
 
 
 class ImageBuilder:
@@ -300,6 +369,12 @@ class ImageBuilder:
 
     # ---- kernel, Xen, modules ----
     def build(self) -> Images:
+        images = self._images()
+        if self.suite.build_xen:
+            images.built_xen = self.build_hypervisor(images.rootfs)
+        return images
+
+    def _images(self) -> Images:
         ensure_host_tools()
         kver = self.apt.kernel_version()
         key = _digest(RECIPE_VERSION, kver, " ".join(dom0_packages(self.suite)), " ".join(DOM0_MODULES),
@@ -316,7 +391,7 @@ class ImageBuilder:
         self.stamp("packages ready")
 
         gz = next((xen_pkg / "boot").glob(f"xen-{self.suite.xen}*-amd64.gz"))
-        _run(f"zcat '{gz}' > '{images.xen}.tmp' && mv '{images.xen}.tmp' '{images.xen}'")
+        _run(f"zcat '{gz}' > '{images.packaged_xen}.tmp' && mv '{images.packaged_xen}.tmp' '{images.packaged_xen}'")
         shutil.copy(linux_pkg / "boot" / f"vmlinuz-{kver}", images.vmlinuz)
         self._extract_vmlinux(images.vmlinuz, images.vmlinux)
         self._module_tree(linux_pkg, images)
@@ -326,6 +401,89 @@ class ImageBuilder:
         self._dom0_disk(images)
         self.stamp(f"images ready in {images.root}")
         return images
+
+    # ---- the hypervisor, built from Debian's source ----
+    def build_hypervisor(self, rootfs: Path) -> Path:
+        """Xen built from Debian's source of the version of dom0's Xen tools (so the
+        hypervisor/tools interfaces are that one version's), with Debian's patches and
+        configuration plus XEN_BUILD_OPTIONS; cached by that version and configuration, so
+        only a new version or recipe builds again. Returns the ``xen`` file QEMU boots."""
+        status = (rootfs / "var" / "lib" / "dpkg" / "status").read_text()
+        source, version = installed_source(status, f"xen-utils-{self.suite.xen}")
+        srcdir = self.work / "xen-src"
+        dsc = srcdir / f"{source}_{version.split(':')[-1]}.dsc"  # file names have no epoch
+        if not dsc.exists():
+            self._download_source(source, version, srcdir)
+        config = kconfig_with(self._debian_kconfig(dsc), XEN_BUILD_OPTIONS)
+        out = self.work / "xen-build" / xen_build_key(version, config)
+        if (out / "xen").exists():
+            self.stamp(f"hypervisor up to date ({out})")
+            return out / "xen"
+        self.stamp(f"building the hypervisor of {source} {version} (a few minutes, once)")
+        tree = self.work / "build" / "xen-source"
+        shutil.rmtree(tree, ignore_errors=True)
+        _run(["dpkg-source", "--no-check", "-x", str(dsc), str(tree)])  # applies Debian's patches
+        (tree / "xen" / ".config").write_text(config)
+        # Debian's rules clear the compiler flags dpkg exports: they are for the tools, not Xen
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("CFLAGS", "CPPFLAGS", "CXXFLAGS", "LDFLAGS", "MAKEFLAGS")}
+        make = ["make", "-C", str(tree / "xen"), "XEN_TARGET_ARCH=x86_64",
+                # the boot banner's version (a patch of Debian's prints it)
+                f"DEB_VERSION={version} + " + " ".join(f"{k}={v}" for k, v in XEN_BUILD_OPTIONS.items())]
+        _run([*make, "olddefconfig"], env=env, log=self.logs / "xen-olddefconfig.log")
+        final = (tree / "xen" / ".config").read_text()
+        refused = {k: kconfig_value(final, k) for k, v in XEN_BUILD_OPTIONS.items()
+                   if kconfig_value(final, k) != v}
+        if refused:  # Kconfig drops what a dependency forbids: say so rather than boot it
+            raise BuildError(f"Xen {version}'s Kconfig did not keep {XEN_BUILD_OPTIONS}: got {refused}")
+        t0 = time.monotonic()
+        _run([*make, f"-j{os.cpu_count() or 1}"], env=env, log=self.logs / "xen-build.log")
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        shutil.copy(tree / "xen" / "xen", tmp / "xen")
+        (tmp / "xen.config").write_text(final)
+        tmp.rename(out)
+        shutil.rmtree(tree)
+        for orig in tree.parent.glob(f"{source}_*.orig.tar.*"):  # dpkg-source's copy
+            orig.unlink()
+        self.stamp(f"hypervisor built in {time.monotonic() - t0:.0f}s ({out})")
+        return out / "xen"
+
+    def _download_source(self, source: str, version: str, srcdir: Path) -> None:
+        """The .dsc and tarballs of one source version, from the suite's own deb-src list
+        (a private apt configuration: the host's apt is never asked or changed)."""
+        self.stamp(f"downloading the source of {source} {version}")
+        apt = Apt(self.suite, self.work / "apt-src", sources=True)
+        tmp = srcdir.with_name(srcdir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            apt.get("source", "--download-only", f"{source}={version}", cwd=tmp)
+        except BuildError:
+            apt.update()  # the lists may predate this version
+            apt.get("source", "--download-only", f"{source}={version}", cwd=tmp)
+        srcdir.mkdir(exist_ok=True)
+        for f in sorted(tmp.iterdir(), key=lambda f: f.suffix == ".dsc"):  # the .dsc last
+            os.replace(f, srcdir / f.name)
+        tmp.rmdir()
+
+    @staticmethod
+    def _debian_kconfig(dsc: Path) -> str:
+        """debian/xen-kconfig, Debian's configuration of the hypervisor (its build copies it
+        to xen/.config and runs ``make olddefconfig``), read from the debian tarball."""
+        stem = dsc.name[:-len(".dsc")]
+        tarballs = sorted(dsc.parent.glob(f"{stem}.debian.tar.*"))
+        if not tarballs:
+            raise BuildError(f"{dsc}: no debian tarball beside it")
+        with tarfile.open(tarballs[-1]) as tar:
+            try:
+                member = tar.extractfile("debian/xen-kconfig")
+            except KeyError:
+                member = None
+            if member is None:
+                raise BuildError(f"{tarballs[-1]}: no debian/xen-kconfig")
+            return member.read().decode()
 
     @staticmethod
     def _extract_vmlinux(vmlinuz: Path, out: Path) -> None:

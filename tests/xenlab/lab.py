@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from .boot import ACCELS, CPU_MODEL, BootResult, boot
-from .images import SUITES, BuildError, ImageBuilder, Images, suite_named
+from .images import SUITES, BuildError, ImageBuilder, Images, kconfig_value, suite_named
 from .results import format_summary, parse_checks, parse_figures
 from .staging import REPO, build_domu_initrd, build_native
 
@@ -65,34 +65,31 @@ def prepare_run(builder: ImageBuilder, images: Images, phases: list[str],
     (run_dir / "native").mkdir()
     shutil.copy(native, run_dir / "native" / native.name)
     build_domu_initrd(builder, images, run_dir / "domU-initrd.img")
-    env = {**xen_build_env(builder), **(phase_env or {})}
+    env = {**xen_build_env(builder, images), **(phase_env or {})}
     (run_dir / "lab.env").write_text(f"LAB_PHASES='{' '.join(phases)}'\n"
                                      f"LAB_DEBUG='{' '.join(debug or [])}'\n"
                                      + "".join(f"{k}='{v}'\n" for k, v in env.items()))
     return run_dir
 
 
-def xen_build_option(config: str, name: str) -> str:
-    """``y``, ``m``, a value, or ``n`` (``# CONFIG_X is not set`` or absent) in a Kconfig
-    file's text."""
-    for line in config.splitlines():
-        if line.startswith(f"{name}="):
-            return line.split("=", 1)[1].strip().strip('"')
-    return "n"
-
-
-def xen_build_env(builder: ImageBuilder) -> dict[str, str]:
-    """What dom0 needs to know of how the hypervisor was built, from the config file the
-    xen-hypervisor package ships (/boot/xen-<version>-amd64.config; not in dom0's image):
-    LAB_XEN_SHADOW_PAGING (a PV guest's log-dirty mode, i.e. its live migration, needs
-    shadow paging). Empty if the package has no config."""
-    boot_dir = builder.package(f"xen-hypervisor-{builder.suite.xen}-amd64") / "boot"
-    configs = sorted(boot_dir.glob("xen-*.config"))
-    if not configs:
-        return {}
-    config = configs[-1].read_text(errors="replace")
-    return {"LAB_XEN_CONFIG": configs[-1].name,
-            "LAB_XEN_SHADOW_PAGING": xen_build_option(config, "CONFIG_SHADOW_PAGING")}
+def xen_build_env(builder: ImageBuilder, images: Images) -> dict[str, str]:
+    """What dom0 needs to know of how the hypervisor it runs on was built: LAB_XEN_CONFIG
+    (where the Kconfig file came from) and LAB_XEN_SHADOW_PAGING (a PV guest's log-dirty
+    mode, i.e. its live migration, needs shadow paging). The lab's own build keeps its
+    config beside it; a packaged hypervisor's is /boot/xen-<version>-amd64.config in the
+    xen-hypervisor package (not in dom0's image). Empty if there is none."""
+    if images.built_xen is not None:
+        config_file = images.built_xen.with_name("xen.config")
+        name = f"xen-build/{images.built_xen.parent.name}/xen.config"
+    else:
+        boot_dir = builder.package(f"xen-hypervisor-{builder.suite.xen}-amd64") / "boot"
+        configs = sorted(boot_dir.glob("xen-*.config"))
+        if not configs:
+            return {}
+        config_file, name = configs[-1], configs[-1].name
+    config = config_file.read_text(errors="replace")
+    return {"LAB_XEN_CONFIG": name,
+            "LAB_XEN_SHADOW_PAGING": kconfig_value(config, "CONFIG_SHADOW_PAGING")}
 
 
 def suite_phases(suite: str) -> list[str]:

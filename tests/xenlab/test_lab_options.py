@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from .boot import CPU_MODEL, qemu_command
-from .images import SUITES, Images
-from .lab import known_phases, main, suite_phases, xen_build_option
+from .images import SUITES, Images, kconfig_value
+from .lab import known_phases, main, suite_phases
 from .results import format_summary, parse_checks, parse_figures, xentop_rows
 
 DOM0 = Path(__file__).parent / "dom0"
@@ -120,13 +120,13 @@ def test_summary_shows_xentop_beside_the_guest():
     assert "xvda  rd_req 120:120" in summary and "wr_sect 5200:5208 (guest +8)" in summary
 
 
-def test_xen_build_option_reads_kconfig():
+def test_kconfig_value_reads_kconfig():
     config = ("CONFIG_PV=y\n# CONFIG_PV32 is not set\n# CONFIG_SHADOW_PAGING is not set\n"
               'CONFIG_NR_CPUS=256\nCONFIG_CC_VERSION_TEXT="gcc (Debian 12.2.0-14) 12.2.0"\n')
-    assert xen_build_option(config, "CONFIG_PV") == "y"
-    assert xen_build_option(config, "CONFIG_SHADOW_PAGING") == "n"
-    assert xen_build_option(config, "CONFIG_HVM") == "n"
-    assert xen_build_option(config, "CONFIG_NR_CPUS") == "256"
+    assert kconfig_value(config, "CONFIG_PV") == "y"
+    assert kconfig_value(config, "CONFIG_SHADOW_PAGING") == "n"
+    assert kconfig_value(config, "CONFIG_HVM") == "n"
+    assert kconfig_value(config, "CONFIG_NR_CPUS") == "256"
 
 
 def test_a_kind_the_host_cannot_run_says_so_in_the_stall_table():
