@@ -116,6 +116,12 @@ HOST_TOOLS = {  # command -> Debian package providing it
     "zstd": "zstd",
     "xz": "xz-utils",
     "apt-get": "apt",
+    # the hypervisor build (build_hypervisor; setup.sh installs the same)
+    "dpkg-source": "dpkg-dev",
+    "make": "make",
+    "gcc": "gcc",
+    "flex": "flex",
+    "bison": "bison",
 }
 
 HERE = Path(__file__).resolve().parent
