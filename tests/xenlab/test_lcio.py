@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -88,8 +89,18 @@ class Guest:
         return errs
 
 
-def test_each_window_reports_its_requests_and_the_data_checks_out(lcio: Path, tmp_path: Path):
-    guest = Guest(lcio, tmp_path)
+@pytest.fixture
+def guest(lcio: Path, tmp_path: Path) -> Iterator[Guest]:
+    g = Guest(lcio, tmp_path)
+    yield g
+    # a failed test leaves its streams looping: they must not outlive it
+    for p in g.procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_each_window_reports_its_requests_and_the_data_checks_out(guest: Guest):
     for old, new in (("warmup", "upgrade"), ("upgrade", "kill")):
         time.sleep(0.2)
         guest.window(new)
@@ -110,8 +121,7 @@ def test_each_window_reports_its_requests_and_the_data_checks_out(lcio: Path, tm
             assert it % BLOCKS == k and block == _pattern(s, it, bs)
 
 
-def test_a_block_changed_behind_the_streams_back_is_a_mismatch(lcio: Path, tmp_path: Path):
-    guest = Guest(lcio, tmp_path)
+def test_a_block_changed_behind_the_streams_back_is_a_mismatch(guest: Guest):
     time.sleep(0.2)
     # stopped, the streams cannot rewrite what is damaged before the window's check reads it
     for p in guest.procs:
