@@ -56,7 +56,8 @@ EXPECTED_4_20 = {
 }
 #: the lifecycle phase (issue 9; CI adds it with BLKPY_XENLAB_EXTRA_PHASES): per kind what
 #: dom0 checks, and for each the guest's failed requests and verified data; a kind this
-#: host cannot run (xl migrate without shadow paging) reports SKIP with the reason
+#: host cannot run (xl migrate without shadow paging: the packaged 4.20) reports SKIP with the
+#: reason, which a host booting the lab's own hypervisor (``build_xen``) must never need
 LIFECYCLE_KIND_CHECKS = {"upgrade": ["handovers", "states"], "save": ["xl-save", "xl-restore"],
                          "migrate": ["xl-migrate"], "snapshot": ["resumed", "states"],
                          "kill": ["successors", "states"]}
@@ -69,6 +70,9 @@ def lifecycle_checks(kinds: list[str]) -> list[str]:
             *[f"{k}.{c}" for k in ["warmup", *kinds] for c in ("io-errors", "data")]]
 
 
+#: checks that may report SKIP only on a packaged hypervisor: the lab builds its own with
+#: shadow paging so that a PV guest can be live-migrated (README, "The hypervisor")
+MUST_RUN = {"lifecycle.migrate.xl-migrate"}
 SUITE = suite_named().name
 EXPECTED = dict(EXPECTED_4_20 if SUITE == "trixie" else EXPECTED_4_17)
 try:
@@ -91,7 +95,7 @@ def test_check(lab, name):
         pytest.skip(gate.detail)
     check = lab.checks.get(name)
     assert check is not None, f"check {name} was never reported\n{lab.tail()}"
-    if check.outcome == "SKIP":
+    if check.outcome == "SKIP" and not (name in MUST_RUN and suite_named().build_xen):
         pytest.skip(check.detail)
     assert check.outcome == "PASS", f"{name}: {check.detail}\n{lab.tail()}"
 
