@@ -24,7 +24,9 @@ fork's copying, the command line, logging, the platform's devices, its own xenst
 connection) and waits on a pipe. When the serve dies the watcher, woken by SIGCHLD, writes
 one byte and the standby takes the device over (``--resume``); the guest's wait is the
 takeover itself, not a process start. The standby is not a serve: its command line says
-``blkpy standby``. Closing its pipe (device gone, watcher stopping or gone) ends it.
+``blkpy standby``. Closing its pipe (device gone, watcher stopping or gone) ends it. A
+device whose standbys keep failing (a broken install, no memory) gets none for a while; its
+serve runs on, and is succeeded by a serve forked at its death.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ WATCH_TOKEN = "blkpy-hotplug-devices"
 #: a serve whose device vanished gets this long to notice by itself before SIGTERM
 ORPHAN_GRACE_S = 5.0
 STOP_GRACE_S = 10.0
-#: successors per device within RESTART_WINDOW_S before the daemon gives up on it
+#: successors per device within RESTART_WINDOW_S before the daemon gives up on it; and
+#: failed standbys per device before it forks none until the window has passed
 RESTART_BUDGET = 5
 RESTART_WINDOW_S = 60.0
 #: an upgrade's new serve loads (a fresh interpreter: seconds of CPU, ~50x more under
@@ -158,6 +161,11 @@ def _serve_in_child(argv: list[str], log_path: Path | None, inherited: list[int]
         os._exit(code)
 
 
+def _how(status: int) -> str:
+    """How a child ended, from its Popen-style return code."""
+    return f"exit status {status}" if status >= 0 else f"signal {-status}"
+
+
 def _lower_priority() -> None:
     os.nice(LOAD_NICENESS)
 
@@ -227,6 +235,11 @@ class DeviceWatcher:
         self.restarts = WindowBudget(RESTART_BUDGET, RESTART_WINDOW_S, clock)
         self.standby_delay = standby_delay if self.serve_command is None else None
         self.standbys: dict[str, Standby] = {}
+        #: standbys that could not be forked or ended unasked, per device: one that fails at
+        #: once must not be forked again on every pass of the loop
+        self.standby_failures = WindowBudget(RESTART_BUDGET, RESTART_WINDOW_S, clock)
+        #: when a device's standbys were last reported as given up (one line per window)
+        self._standby_notices = WindowBudget(1, RESTART_WINDOW_S, clock)
         #: standbys told to go, by pid: (device, process, since when)
         self.retired: dict[int, tuple[str, ForkedServe, float]] = {}
         #: SIGCHLD's wake-up pipe (read end, write end) while ``run`` runs
@@ -345,7 +358,8 @@ class DeviceWatcher:
         now = time.monotonic()
         for rel, child in self.children.items():
             if ("#" in rel or rel in self.standbys or child.orphaned_at is not None
-                    or now - child.started < self.standby_delay or child.proc.poll() is not None):
+                    or now - child.started < self.standby_delay or child.proc.poll() is not None
+                    or self.standby_failures.spent(rel)):
                 continue
             self._fork_standby(rel)
 
@@ -361,10 +375,22 @@ class DeviceWatcher:
             os.close(read_end)
             os.close(go)
             log.error("%s: cannot fork a standby: %s", rel, exc.strerror)
+            self._standby_failed(rel)
             return
         os.close(read_end)
         self.standbys[rel] = Standby(proc, go)
         log.debug("%s: standby pid %d", rel, proc.pid)
+
+    def _standby_failed(self, rel: str) -> None:
+        """Count a standby that could not be forked or ended unasked (a woken or cancelled
+        one is no failure); say once when the device gets no more for a while."""
+        failures = self.standby_failures
+        failures.charge(rel)
+        if failures.spent(rel) and not self._standby_notices.spent(rel):
+            self._standby_notices.charge(rel)
+            log.error("%s: %d standbys failed within %.0f s; none for %.0f s (the serve runs "
+                      "on; if it dies, a successor is forked then)", rel, failures.used(rel),
+                      failures.window, failures.reopens_in(rel))
 
     def cancel_standby(self, rel: str) -> None:
         """The device needs no standby any more: close its pipe (it exits)."""
@@ -397,9 +423,11 @@ class DeviceWatcher:
             return None
         try:
             os.write(standby.go, b"g")
-        except OSError:  # it died: BrokenPipeError
+        except OSError:  # it died (BrokenPipeError) before a pass of reap saw it
             standby.proc.kill()
-            standby.proc.wait()
+            log.warning("%s: standby pid %d ended (%s)", rel, standby.proc.pid,
+                        _how(standby.proc.wait()))
+            self._standby_failed(rel)
             return None
         finally:
             os.close(standby.go)
@@ -412,19 +440,18 @@ class DeviceWatcher:
         for rel, standby in list(self.standbys.items()):
             status = standby.proc.poll()
             if status is not None:  # it should only wait: something is wrong with it
-                log.warning("%s: standby pid %d ended (%s)", rel, standby.proc.pid,
-                            f"exit status {status}" if status >= 0 else f"signal {-status}")
+                log.warning("%s: standby pid %d ended (%s)", rel, standby.proc.pid, _how(status))
                 del self.standbys[rel]
                 os.close(standby.go)
+                self._standby_failed(rel)
         for rel, child in list(self.children.items()):
             status = child.proc.poll()
             if status is None:
                 continue
             del self.children[rel]
-            how = f"exit status {status}" if status >= 0 else f"signal {-status}"
             level = logging.INFO if status in (0, EXIT_HANDED_OVER) else logging.WARNING
             log.log(level, "%s: serve pid %d ended (%s) after %.1f s", rel, child.proc.pid,
-                    how, time.monotonic() - child.started)
+                    _how(status), time.monotonic() - child.started)
             self._supervise(rel, child, status)
 
     def _supervise(self, rel: str, child: Child, status: int) -> None:

@@ -1,16 +1,22 @@
 """`blkpy hotplug daemon` against a simulated xenstored: which devices get a serve, and that
-serves are reaped, stopped when their device vanishes, and stopped with the daemon."""
+serves are reaped, stopped when their device vanishes, and stopped with the daemon; and how
+the daemon treats standbys that keep failing."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
+
+from blkpy.hotplug import watcher
+from blkpy.hotplug.watcher import RESTART_BUDGET, RESTART_WINDOW_S, DeviceWatcher
 
 from .conftest import BLKPY, add_disk
 
@@ -162,3 +168,192 @@ def test_a_forked_serve_is_recognised_by_its_command_line(tmp_path):
     finally:
         child.kill()
         child.wait()
+
+
+# ---- standbys that keep failing ------------------------------------------------------------
+
+
+def _fake_forked_child(out: Path, standbys_fail: bool, argv: list[str], log_path: Path | None,
+                       inherited: list[int], title: list[str] | None = None) -> NoReturn:
+    """Stands in for what a forked child of the daemon runs (``_serve_in_child``): records
+    its arguments as ``<out>/started-<pid>``. A serve then runs until killed; a standby
+    exits at once (``standbys_fail``) or waits for its word, and once woken records
+    ``<out>/took-over-<pid>`` and runs on as the device's serve."""
+    code = 0
+    try:
+        for fd in inherited:
+            os.close(fd)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):  # not pytest's: a child left over must not hold its output open
+            os.dup2(null, fd)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        (out / f"started-{os.getpid()}").write_text("\n".join(argv))
+        if "--standby-fd" in argv:
+            if standbys_fail:
+                code = 1
+                return  # (to finally)
+            if os.read(int(argv[argv.index("--standby-fd") + 1]), 1) != b"g":
+                return  # not needed any more
+            (out / f"took-over-{os.getpid()}").write_text("")
+        while True:
+            signal.pause()
+    except BaseException:
+        code = 2
+    finally:
+        os._exit(code)  # never back into pytest
+
+
+class ForkingDaemon:
+    """The daemon's DeviceWatcher in this process, forking serves and standbys for real
+    (their bodies faked) and driven pass by pass like its loop; its clock is ``now``, which
+    only the test moves."""
+
+    def __init__(self, xs, out: Path, standbys_fail: bool) -> None:
+        self.out = out
+        self.now = 0.0
+        self.watcher = DeviceWatcher(xs, serve_args=["--platform", "sim"], standby_delay=0,
+                                     clock=lambda: self.now)
+        self.standbys_fail = standbys_fail
+
+    def fake_child(self, *args, **kwargs) -> NoReturn:
+        _fake_forked_child(self.out, self.standbys_fail, *args, **kwargs)
+
+    def run_until(self, predicate, timeout: float = 30.0, what: str = "condition"):
+        """Passes of the daemon's loop (0.01 s apart) until ``predicate()``."""
+        def one_pass():
+            w = self.watcher
+            w.scan()
+            w.reap()
+            w.terminate_orphans()
+            w.start_standbys()
+            return predicate()
+        return wait_for(one_pass, timeout, what)
+
+    def run_for(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        self.run_until(lambda: time.monotonic() >= end)
+
+    def started(self, standby: bool) -> dict[int, list[str]]:
+        """The serves (or standbys) forked so far: pid -> arguments."""
+        found = {int(p.name.split("-")[1]): p.read_text().split("\n")
+                 for p in self.out.glob("started-*")}
+        return {pid: argv for pid, argv in found.items() if ("--standby-fd" in argv) == standby}
+
+
+@pytest.fixture
+def forking_daemon(xs, tmp_path, monkeypatch):
+    made: list[ForkingDaemon] = []
+
+    def make(standbys_fail: bool = True) -> ForkingDaemon:
+        out = tmp_path / "children"
+        out.mkdir()
+        d = ForkingDaemon(xs, out, standbys_fail)
+        monkeypatch.setattr(watcher, "_serve_in_child", d.fake_child)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.watcher.request_stop()  # as its loop does on SIGTERM: no successor for what stops
+        d.watcher.stop_all(grace=5.0)
+        alive = [pid for pid in d.started(standby=False) | d.started(standby=True)
+                 if Path(f"/proc/{pid}").exists()]
+        for pid in alive:
+            os.kill(pid, signal.SIGKILL)
+        assert not alive, "children outlived the daemon"
+
+
+def _failed(caplog) -> int:
+    """How many standbys the daemon saw end unasked."""
+    return sum(" standby pid " in r.getMessage() for r in caplog.records)
+
+
+def _gave_up(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "standbys failed" in r.getMessage()]
+
+
+def _exhaust_standbys(d: ForkingDaemon, caplog) -> None:
+    """Run the daemon until its device's failing standbys used up their budget, then on for
+    a while: no more are forked, and one line said so."""
+    d.run_until(lambda: len(d.started(standby=True)) >= RESTART_BUDGET and _gave_up(caplog),
+                what=f"{RESTART_BUDGET} standbys to fail")
+    d.run_for(1.0)  # 100 passes more, with no standby
+    assert len(d.started(standby=True)) == RESTART_BUDGET
+    assert _gave_up(caplog) == [
+        f"backend/vbd/5/51712: {RESTART_BUDGET} standbys failed within {RESTART_WINDOW_S:.0f} s; "
+        f"none for {RESTART_WINDOW_S:.0f} s (the serve runs on; if it dies, a successor is "
+        "forked then)"]
+
+
+def test_a_standby_that_keeps_failing_is_forked_a_limited_number_of_times(
+        forking_daemon, xs, caplog):
+    caplog.set_level(logging.WARNING, logger="blkpy.hotplug.daemon")
+    d = forking_daemon(standbys_fail=True)
+    add_disk(xs, "disk.raw")
+    _exhaust_standbys(d, caplog)
+    assert len(d.started(standby=False)) == 1
+    assert d.watcher.children["backend/vbd/5/51712"].proc.poll() is None, "the serve runs on"
+    assert _failed(caplog) == RESTART_BUDGET  # one line per failure, no more
+
+
+def test_standbys_are_forked_again_as_failures_leave_the_window(forking_daemon, xs, caplog):
+    """The window slides: a failure that left it makes room for one more standby; and the
+    daemon says it gives up once per window, not at every failure past the budget."""
+    caplog.set_level(logging.WARNING, logger="blkpy.hotplug.daemon")
+    d = forking_daemon(standbys_fail=True)
+    add_disk(xs, "disk.raw")
+    for i in range(RESTART_BUDGET):  # one failure a second
+        d.run_until(lambda i=i: _failed(caplog) == i + 1, what=f"failure {i + 1}")
+        d.now += 1.0
+    d.run_for(0.5)
+    assert len(d.started(standby=True)) == RESTART_BUDGET and len(_gave_up(caplog)) == 1
+    d.now = RESTART_WINDOW_S - 0.5
+    d.run_for(0.5)
+    assert len(d.started(standby=True)) == RESTART_BUDGET  # not quite yet
+    d.now = RESTART_WINDOW_S  # the first failure has left the window: room for one
+    d.run_until(lambda: _failed(caplog) == RESTART_BUDGET + 1, what="one more standby")
+    d.run_for(0.5)
+    assert len(d.started(standby=True)) == RESTART_BUDGET + 1
+    assert len(_gave_up(caplog)) == 1  # spent again at once, but said a minute ago
+    d.now = RESTART_WINDOW_S + RESTART_BUDGET - 1  # all the first failures have left
+    d.run_until(lambda: len(_gave_up(caplog)) == 2, what="giving up again")
+    d.run_for(0.5)
+    assert len(d.started(standby=True)) == 2 * RESTART_BUDGET
+    assert _gave_up(caplog)[1].startswith(
+        f"backend/vbd/5/51712: {RESTART_BUDGET} standbys failed within "
+        f"{RESTART_WINDOW_S:.0f} s; none for {RESTART_WINDOW_S - RESTART_BUDGET + 1:.0f} s ")
+
+
+def test_a_serve_killed_without_standby_still_gets_a_successor(forking_daemon, xs, caplog):
+    caplog.set_level(logging.INFO, logger="blkpy.hotplug.daemon")
+    d = forking_daemon(standbys_fail=True)
+    rel = add_disk(xs, "disk.raw")
+    _exhaust_standbys(d, caplog)
+    xs.write(f"/local/domain/0/{rel}/state", "4")  # connected: a successor must take over
+    (serve,) = d.started(standby=False)
+    os.kill(serve, signal.SIGKILL)
+    successors = d.run_until(lambda: {p: a for p, a in d.started(standby=False).items()
+                                      if p != serve}, what="a successor")
+    ((pid, argv),) = successors.items()
+    assert argv[0] == "serve" and argv[1] == rel and "--resume" in argv
+    assert f"{rel}: starting a successor to take the device over" in caplog.text
+    d.run_for(0.5)
+    assert d.watcher.children[rel].proc.pid == pid and d.watcher.children[rel].proc.poll() is None
+    assert len(d.started(standby=True)) == RESTART_BUDGET  # and still no standby
+
+
+def test_woken_standbys_are_no_failures(forking_daemon, xs, caplog):
+    """A device whose serve was killed as often as the daemon allows, each time succeeded by
+    its standby, still gets a standby."""
+    d = forking_daemon(standbys_fail=False)
+    rel = add_disk(xs, "disk.raw")
+    xs.write(f"/local/domain/0/{rel}/state", "4")
+    for _ in range(RESTART_BUDGET):
+        (standby,) = d.run_until(lambda: [p for p in d.started(standby=True)
+                                          if not (d.out / f"took-over-{p}").exists()],
+                                 what="a standby")
+        os.kill(d.watcher.children[rel].proc.pid, signal.SIGKILL)
+        d.run_until(lambda s=standby: (d.out / f"took-over-{s}").exists(), what="the takeover")
+    d.run_until(lambda: len(d.started(standby=True)) == RESTART_BUDGET + 1,
+                what="a standby for the last successor")
+    assert not _gave_up(caplog)
