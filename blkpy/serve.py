@@ -20,6 +20,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -90,6 +91,18 @@ class ServeError(Exception):
 
 class ConnectError(Exception):
     """The frontend's nodes or grants are unusable: the device goes to Closing."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectPlan:
+    """What the frontend published for its rings, checked: one (ring grant refs, event
+    channel port) pair per queue."""
+
+    protocol: str
+    abi: ring.Abi
+    persistent: bool
+    order: int | None
+    rings: list[tuple[list[int], int]]
 
 
 @dataclasses.dataclass
@@ -207,6 +220,12 @@ class DeviceServer:
         self._status: StatusPublisher | None = None
         self._status_timer: asyncio.TimerHandle | None = None
         self._link = {"queues": 0, "ring_order": 0, "grant_mode": "", "engine": ""}
+        #: read and mapped by ``prepare_takeover`` while the predecessor still serves
+        self._watching = False
+        self._prepared_snapshot: Snapshot | None = None
+        self._prepared_plan: ConnectPlan | None = None
+        self._premapped: dict[tuple[int, ...], GrantMapping] = {}
+        self._disk_open = open_image
 
     # ---- setup ------------------------------------------------------------------------
 
@@ -233,8 +252,15 @@ class DeviceServer:
         if not self.image:
             raise ServeError(f"{self.path}: no image (params node empty and no --image)")
 
+    def reread_backend_nodes(self) -> None:
+        """Read the backend's nodes again (a standby's may be old), and load the image's
+        format if it changed."""
+        self._read_backend_nodes()
+        load_format(self.fmt)
+
     def open_image(self) -> None:
         self.disk = self._open_disk()
+        self._disk_open = True
         if self.disk.readonly and not self.readonly and not self._image_pending:
             # a read-only NBD export
             log.info("%s: %s is read-only: so is the device", self.path, self.image)
@@ -304,7 +330,11 @@ class DeviceServer:
 
     def _close_disk(self) -> None:
         """Close the image, then let go of its lock (a qcow2 image's metadata is written
-        back by the close: a process waiting for the lock must find it complete)."""
+        back by the close: a process waiting for the lock must find it complete).
+        Idempotent: a pause, a hand-over and the teardown all close it."""
+        if not self._disk_open:
+            return
+        self._disk_open = False
         self.disk.close()
         if self._image_lock is not None:
             self._image_lock.close()
@@ -354,17 +384,57 @@ class DeviceServer:
         """Watch what the handshake depends on, publish the features and go to InitWait.
         Then every watch event calls ``step`` (``blkpy fuzz handshake`` calls both
         directly, without the event loop, to run thousands of handshakes in one process)."""
-        self.xs.write(f"{self.path}/kthread-pid", str(os.getpid()))
+        if self.opts.resume or self.opts.replace:
+            # a successor: the guest waits until the rings are served again, so the pid
+            # (for tools, not the guest) comes after
+            self._watch()
+            snapshot, self._prepared_snapshot = self._prepared_snapshot or self._snapshot(), None
+            self._execute(self.machine.resume(snapshot))
+            self._prepared_plan = None  # only this connect may use it: later ones read anew
+            self._unmap_premapped()
+            self.xs.write(f"{self.path}/kthread-pid", str(os.getpid()))
+        else:
+            self.xs.write(f"{self.path}/kthread-pid", str(os.getpid()))
+            self._watch()
+            self._execute(self.machine.start())
+
+    def _watch(self) -> None:
+        if self._watching:
+            return
+        self._watching = True
         self.xs.watch(f"{self.frontend}/state", "frontend")
         self.xs.watch(f"{self.path}/state", "backend")
         self.xs.watch(f"{self.path}/online", "backend")
         self.xs.watch("@releaseDomain", "domains")
         self.xs.watch(f"{self.path}/qos", "qos")
         self._read_qos()
-        if self.opts.resume or self.opts.replace:
-            self._execute(self.machine.resume(self._snapshot()))
-        else:
-            self._execute(self.machine.start())
+
+    def prepare_takeover(self) -> None:
+        """An upgrade's new serve, before it asks the running one to hand over: watch,
+        read what the handshake and the rings depend on, and map the rings (a grant may
+        be mapped twice), so that the guest waits only for the predecessor's drain, the
+        image, the journals and the channels. A frontend that changes anything meanwhile
+        fires a watch: the takeover's state machine sees it as it would see it after."""
+        self._watch()
+        self._prepared_snapshot = self._snapshot()
+        if self._prepared_snapshot.frontend_state != XenbusState.CONNECTED:
+            return
+        try:
+            plan = self._plan_connection()
+        except ConnectError:
+            return  # the takeover reads again, and says why it cannot connect
+        for refs, _ in plan.rings:
+            try:
+                self._premapped[tuple(refs)] = self.platform.map_grants(
+                    self.frontend_id, refs, writable=True)
+            except PlatformError:
+                break  # mapped at the takeover, which reports what is wrong
+        self._prepared_plan = plan
+
+    def _unmap_premapped(self) -> None:
+        for mapping in self._premapped.values():
+            mapping.unmap()
+        self._premapped.clear()
 
     def _read_qos(self) -> None:
         """The operator's I/O limits (blkpy.qos), applied at once to every queue. A bad
@@ -391,13 +461,28 @@ class DeviceServer:
             self._done.set_result(status)
 
     def _on_handover(self) -> None:
-        """SIGUSR2, for an upgrade: stop taking requests, finish and answer the ones in
-        flight, release the rings and exit without a word to xenstore; the journals say
-        nothing is owed, and a successor started with --resume carries on."""
+        """SIGUSR2, for an upgrade by a serve that does not ask through the control
+        socket: hand over, and exit; the successor waits for the exit."""
+        self._hand_over()
+        self._finish(EXIT_HANDED_OVER)
+
+    def _hand_over(self) -> None:
+        """Stop taking requests, finish and answer the ones in flight, and release what a
+        successor needs (channels, journals, the image and its lock), without a word to
+        xenstore; the journals say nothing is owed, and a successor started with
+        --resume carries on. The grant mappings are left to this process's exit: the
+        successor maps the rings itself, and does not wait for ours to go."""
+        if self._handed_over:
+            return
         log.info("%s: handing the device over", self.path)
         self._handed_over = True
-        self._disconnect()
-        self._finish(EXIT_HANDED_OVER)
+        self._disconnect(keep_mappings=True)
+        self._close_disk()
+        if self._status_timer is not None:
+            self._status_timer.cancel()
+        if self._status is not None:  # the successor publishes the device's status
+            self._status.close()
+            self._status = None
 
     def _on_terminate(self) -> None:
         log.info("%s: terminating: closing the device", self.path)
@@ -409,6 +494,8 @@ class DeviceServer:
         self._finish(0)
 
     def _on_xenstore(self) -> None:
+        if self._handed_over:
+            return  # the device is the successor's: nothing more goes to xenstore
         try:
             while (events := self.xs.events()) and not self.machine.finished:
                 if any(token == "qos" for _, token in events):
@@ -504,9 +591,9 @@ class DeviceServer:
     def _frontend_node(self, name: str) -> str | None:
         return self.xs.read_str(f"{self.frontend}/{name}")
 
-    def _connect(self, resume: bool = False) -> None:
-        if self._image_pending:
-            self._wait_for_image()
+    def _plan_connection(self) -> ConnectPlan:
+        """Read and check what the frontend published for its rings (ConnectError if
+        anything is missing, malformed or beyond our limits)."""
         fe = self._frontend_node
         protocol = fe("protocol") or ring.DEFAULT_PROTOCOL
         if protocol not in ring.ABIS:
@@ -534,13 +621,23 @@ class DeviceServer:
             raise ConnectError("frontend published the same ring grant twice")
         if len({port for _, port in rings}) != len(rings):
             raise ConnectError("frontend published the same event channel for two queues")
+        return ConnectPlan(protocol, abi, persistent, order, rings)
+
+    def _connect(self, resume: bool = False) -> None:
+        if self._image_pending:
+            self._wait_for_image()
+        plan, self._prepared_plan = self._prepared_plan or self._plan_connection(), None
+        protocol, persistent, order = plan.protocol, plan.persistent, plan.order
+        queues = len(plan.rings)
         geometry = self._geometry()
         try:
-            for q, (refs, port) in enumerate(rings):
-                self._attach_queue(abi, refs, port, geometry, persistent, q, resume)
+            for q, (refs, port) in enumerate(plan.rings):
+                self._attach_queue(plan.abi, refs, port, geometry, persistent, q, resume)
         except BaseException:
             self._disconnect()
             raise
+        finally:
+            self._unmap_premapped()
         nodes = {
             "feature-flush-cache": "1",
             "feature-barrier": "1",
@@ -583,7 +680,8 @@ class DeviceServer:
                       geometry: DiskGeometry, persistent: bool, queue: int = 0,
                       resume: bool = False) -> None:
         t0 = time.monotonic()
-        mapping = self.platform.map_grants(self.frontend_id, refs, writable=True)
+        mapping = self._premapped.pop(tuple(refs), None) \
+            or self.platform.map_grants(self.frontend_id, refs, writable=True)
         self._ring_maps.append(mapping)
         journal = RingJournal(self._state_dir / f"queue-{queue}.journal",
                               ring.ring_size(abi, len(refs).bit_length() - 1), abi.entry_size)
@@ -621,8 +719,8 @@ class DeviceServer:
     def _check_resize(self) -> None:
         """Publish a new size like Linux blkback: `sectors`, then `state` rewritten with
         its current value in the same transaction so the frontend's watch fires."""
-        if self._paused:
-            return  # no image open; resume checks the size
+        if not self._disk_open:
+            return  # paused or handed over; a resume checks the size
         old = self.disk.size
         try:
             new = self.disk.refresh_size()
@@ -646,19 +744,23 @@ class DeviceServer:
     def _ring_broken(self, message: str) -> None:
         self._execute(self.machine.ring_broken(message))
 
-    def _disconnect(self) -> None:
+    def _disconnect(self, keep_mappings: bool = False) -> None:
+        """Stop every queue, answer what is in flight, unbind the channels; and unmap the
+        rings and grants, unless ``keep_mappings`` (a hand-over: the exit does it)."""
         self._past_stats = _per_queue_totals(self._past_stats,
                                              [v.stats.as_dict() for v in self.vbds])
         self._past_loops = _per_queue_totals(self._past_loops,
                                              [v.loop_counters() for v in self.vbds])
         for vbd in self.vbds:
-            vbd.close()
+            vbd.close(release_grants=not keep_mappings)
             if not vbd.paused:  # a paused queue's engine is closed already
                 vbd.engine.close()
         self.vbds.clear()
-        for mapping in self._ring_maps:
-            mapping.unmap()
+        if not keep_mappings:
+            for mapping in self._ring_maps:
+                mapping.unmap()
         self._ring_maps.clear()
+        self._unmap_premapped()
         for journal in self._journals:
             journal.close()
         self._journals.clear()
@@ -676,8 +778,7 @@ class DeviceServer:
         if self._loop is not None:
             self._loop.remove_reader(self.xs.fileno())
         self.write_stats()
-        if not self._paused:
-            self._close_disk()
+        self._close_disk()
 
     # ---- control: pause and resume (tap-ctl's semantics) -------------------------------------
 
@@ -713,6 +814,8 @@ class DeviceServer:
             pass  # the client went away: nothing to tell it
         finally:
             writer.close()
+            if self._handed_over:
+                self._finish(EXIT_HANDED_OVER)
 
     def _control_command(self, request: dict[str, object]) -> dict[str, object]:
         command = request.get("command")
@@ -724,6 +827,9 @@ class DeviceServer:
             return self._resume(str(image) if image else None, str(fmt) if fmt else None)
         if command == "status":
             return {"ok": True, "paused": self._paused, "image": self.image, "format": self.fmt}
+        if command == "handover":  # an upgrade's new serve; we exit once it has the answer
+            self._hand_over()
+            return {"ok": True, "pid": os.getpid()}
         return {"ok": False, "error": f"unknown command {str(command)[:32]!r}"}
 
     def _pause(self) -> dict[str, object]:
@@ -754,7 +860,7 @@ class DeviceServer:
                 lock.close()
             return {"ok": False, "error": f"{new_image}: {disk.size} bytes in sectors of "
                     f"{disk.sector_size}, the guest has {old_size} in {old_sector}"}
-        self.disk, self._image_lock = disk, lock
+        self.disk, self._image_lock, self._disk_open = disk, lock, True
         for vbd in self.vbds:
             vbd.resume(disk, make_engine(self.opts.engine, disk))
         if (new_image, new_fmt) != (self.image, self.fmt):
@@ -861,27 +967,46 @@ def serve(backend_path: str, platform: Platform, xenstore_path: str | None,
         raise ServeError(f"cannot connect to xenstore at {path}: {exc}") from None
     with xs:
         if options.standby_fd is not None:
-            if not _await_turn(options.standby_fd):
-                return 0  # the hotplug daemon no longer needs this standby
-            from blkpy.hotplug.watcher import set_cmdline
-
-            set_cmdline(["blkpy", "serve", backend_path, "--resume"])  # a serve now
+            return _serve_as_standby(platform, xs, backend_path, options, options.standby_fd)
         server = DeviceServer(platform, xs, backend_path, options,
                               open_image=not options.replace)
         if options.replace:
-            # Everything is imported, connected and read, the image's format loaded: only
-            # now stop the predecessor, so that the guest waits for its drain and our
-            # attach, not for an interpreter start. The image is opened once it has
-            # exited (a qcow2 image has one writer; its metadata is complete only then).
+            # Everything is imported, connected and read, the rings mapped, the image's
+            # format loaded: only now stop the predecessor, so that the guest waits for
+            # its drain and our attach, not for an interpreter start. The image is opened
+            # once it has let go of it (a qcow2 image has one writer; its metadata is
+            # complete only then).
+            server.prepare_takeover()
             _take_priority_of(options.replace)
             t0 = time.monotonic()
-            _replace(options.replace)
+            how = _replace(options.replace, server.control_path)
             t1 = time.monotonic()
             server.open_image()
-            log.info("%s: serve pid %d handed over in %.0f ms; image opened in %.0f ms",
-                     server.path, options.replace, (t1 - t0) * 1000,
+            log.info("%s: serve pid %d handed over in %.0f ms (%s); image opened in %.0f ms",
+                     server.path, options.replace, (t1 - t0) * 1000, how,
                      (time.monotonic() - t1) * 1000)
         return server.run()
+
+
+def _serve_as_standby(platform: Platform, xs: XenstoreClient, backend_path: str,
+                      options: ServeOptions, go: int) -> int:
+    """A standby (forked by the hotplug daemon): read the device now, wait until the
+    daemon says its serve died, then read what may have changed since (a resume on a
+    snapshot's overlay rewrites params), open the image and take the rings over."""
+    server = DeviceServer(platform, xs, backend_path, options, open_image=False)
+    if not _await_turn(go):
+        return 0  # the hotplug daemon no longer needs this standby
+    t0 = time.monotonic()
+    from blkpy.hotplug.watcher import set_cmdline
+
+    set_cmdline(["blkpy", "serve", backend_path, "--resume"])  # a serve now
+    server.reread_backend_nodes()
+    t1 = time.monotonic()
+    server.open_image()
+    # where a takeover's time goes (the guest waits for all of it)
+    log.info("%s: standby in service: device read in %.0f ms, image opened in %.0f ms",
+             server.path, (t1 - t0) * 1000, (time.monotonic() - t1) * 1000)
+    return server.run()
 
 
 def _take_priority_of(pid: int) -> None:
@@ -908,16 +1033,41 @@ def _await_turn(fd: int) -> bool:
         os.close(fd)
 
 
-def _replace(pid: int, timeout: float = 30.0) -> None:
-    """Ask serve ``pid`` to hand its device over (SIGUSR2) and wait until it is gone."""
+def _replace(pid: int, control: Path, timeout: float = 30.0) -> str:
+    """Have serve ``pid`` hand its device over; returns how it said it was done: an
+    answer on its control socket once the device is released (it exits after), or, from
+    a serve that does not know that command, its exit after SIGUSR2."""
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
-        return  # already gone: take over what it left
+        return "gone already"  # take over what it left
     try:
-        os.kill(pid, signal.SIGUSR2)
+        if _ask_hand_over(control, pid, timeout):
+            return "released"
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR2)
         ready, _, _ = select.select([fd], [], [], timeout)
         if not ready:
             raise ServeError(f"serve pid {pid} did not hand its device over in {timeout:g} s")
+        return "exited"
     finally:
         os.close(fd)
+
+
+def _ask_hand_over(control: Path, pid: int, timeout: float) -> bool:
+    """Ask through the control socket; True once serve ``pid`` has released the device.
+    False if it cannot be asked that way (no socket, an older serve, another process's
+    socket) or died while asked: then its exit is what to wait for."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(control))
+            sock.sendall(json.dumps({"command": "handover"}).encode() + b"\n")
+            reply = sock.makefile("rb").readline()
+    except OSError:
+        return False
+    try:
+        answer = json.loads(reply)
+    except ValueError:
+        return False
+    return isinstance(answer, dict) and answer.get("ok") is True and answer.get("pid") == pid

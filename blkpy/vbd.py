@@ -438,17 +438,19 @@ class Vbd:
                 self._account(done)
         self._push()
 
-    def close(self) -> None:
-        """Stop the thread, drain, then release every grant and the event channel
-        (idempotent). The ring must not be touched afterwards: its pages are about to be
-        unmapped."""
+    def close(self, release_grants: bool = True) -> None:
+        """Stop the thread, drain, then release the event channel and every grant
+        (idempotent); ``release_grants`` False leaves the grants mapped, for a hand-over
+        whose process exits next (the exit unmaps them, after the successor is told).
+        The ring must not be touched afterwards: its pages are about to be unmapped."""
         if self.closed:
             return
         self.stop()
         self.drain()
         self.closed = True
-        self.pages.close()
         self.evtchn.close()
+        if release_grants:
+            self.pages.close()
         self.loop.close()
 
     # ---- the batch pipeline -------------------------------------------------------

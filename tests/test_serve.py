@@ -1,6 +1,7 @@
 """`blkpy serve` as a real subprocess on the simulated host: handshake, reconnect, toolstack
 removal, SIGTERM, hostile frontend nodes and operator errors."""
 
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 
 from blkpy import ring
-from blkpy.serve import parse_params
+from blkpy.defaults import EXIT_HANDED_OVER
+from blkpy.serve import _replace, parse_params
 from blkpy.sim.frontend import Frontend, NegotiationError
 from blkpy.sim.host import SimHost
 from blkpy.sim.toolstack import DiskSpec
@@ -420,3 +422,85 @@ def test_grown_image_is_published_to_the_frontend(host, raw_image):
         fe.service(timeout=0.5)
     assert fe.info.sectors == 16384
     assert fe.write(16384 - 8, b"z" * 4096).status == 0  # the new tail is usable
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_an_upgrade_takes_the_rings_over_from_a_serve_that_released_them(host, tmp_path, fmt):
+    """`serve --replace PID` (what `blkpy hotplug restart` starts) maps the rings while the
+    old serve still answers, asks it through its control socket to release the device,
+    and serves on once it has: the old one exits after, handed over; every request is
+    answered, and no ring grant stays mapped twice (the guest can revoke them all once
+    the successor disconnects)."""
+    image = tmp_path / f"disk.{fmt}"
+    if fmt == "raw":
+        image.write_bytes(bytes(4 << 20))
+    else:
+        subprocess.run([sys.executable, "-m", "blkpy", "image", "create", "-f", "qcow2",
+                        str(image), "4M"], check=True, capture_output=True)
+    guest, spec, old, fe = _attach(host, str(image))
+    fe.connect(timeout=10)
+    assert fe.write(8, b"\x11" * 4096).status == 0
+    new = host.start_backend(spec, ["--replace", str(old.proc.pid)])
+    assert old.wait(20) == EXIT_HANDED_OVER
+    deadline = time.monotonic() + 20
+    while "took the device over" not in new.log_path.read_text():
+        assert time.monotonic() < deadline and new.proc.poll() is None, new.log_path.read_text()
+        time.sleep(0.05)
+    assert re.search(rf"serve pid {old.proc.pid} handed over in \d+ ms \(released\)",
+                     new.log_path.read_text())
+    assert bytes(fe.read(8, 4096).data) == b"\x11" * 4096
+    assert fe.write(16, b"\x22" * 8192).status == 0
+    assert host.backend_state(spec) == XenbusState.CONNECTED
+    refs = list(fe.ring.ring_refs)
+    assert not any(guest.end_access(ref) for ref in refs)  # (the successor has them)
+    assert fe.close(timeout=10) == []
+    assert all(guest.end_access(ref) for ref in refs)
+    assert host.remove_disk(spec)
+    assert new.wait(10) == 0
+    assert _balanced(new.stats()), new.stats()
+
+
+_OLD_SERVE = """
+import json, os, signal, socket, sys
+path = sys.argv[1]
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind(path)
+srv.listen(1)
+signal.signal(signal.SIGUSR2, lambda *_: os._exit(75))
+print("ready", flush=True)
+while True:
+    conn, _ = srv.accept()
+    conn.makefile("rb").readline()
+    conn.sendall(json.dumps({"ok": False, "error": "unknown command 'handover'"}).encode() + b"\\n")
+    conn.close()
+"""
+
+
+def test_a_serve_without_the_handover_command_is_replaced_after_its_exit(tmp_path):
+    """A serve of an older blkpy answers "unknown command" on its control socket: its
+    successor falls back to SIGUSR2 and waits for its exit."""
+    control = tmp_path / "control"
+    proc = subprocess.Popen([sys.executable, "-c", _OLD_SERVE, str(control)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        assert _replace(proc.pid, control, timeout=10) == "exited"
+        assert proc.wait(5) == EXIT_HANDED_OVER
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_serve_without_a_control_socket_is_replaced_after_its_exit(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c",
+                             "import os, signal, time\n"
+                             "signal.signal(signal.SIGUSR2, lambda *_: os._exit(75))\n"
+                             "print('ready', flush=True)\n"
+                             "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        assert _replace(proc.pid, tmp_path / "no-such-socket", timeout=10) == "exited"
+        assert proc.wait(5) == EXIT_HANDED_OVER
+    finally:
+        proc.kill()
+        proc.wait()

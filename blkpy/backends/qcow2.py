@@ -619,7 +619,10 @@ class Qcow2Disk(Disk):
         try:
             if (self._fd >= 0 and not self.readonly and hasattr(self, "meta")
                     and not self.meta.write_failed):
-                self.meta.flush()
+                # Metadata only memory holds goes to the image, in its crash-safe order.
+                # No sync beyond that: the guest did not ask for one (a raw image's close
+                # has none either), and an upgrade's guest waits for this close.
+                self.meta.writeback()
                 self._record_metadata()
         finally:
             if self._restart_log is not None:

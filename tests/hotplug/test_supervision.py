@@ -203,9 +203,11 @@ def test_killed_and_upgraded_serves_are_succeeded_under_a_live_guest(tmp_path, s
     else:
         assert text.count("starting a successor") == 3, text[-3000:]
     assert text.count("upgrade: a new serve replaces") == 1, text[-3000:]
+    serve_log = (tmp_path / "serve-1-51712.log").read_text()
+    # the old serve said when the device was free: its successor did not wait for its exit
+    assert re.search(rf"serve pid {old} handed over in \d+ ms \(released\)", serve_log)
     if os.geteuid() == 0:  # the daemon lowers an upgrade's new serve only where it can
-        assert re.search(r"loaded at niceness \d+; now at serve pid \d+'s",
-                         (tmp_path / "serve-1-51712.log").read_text())
+        assert re.search(r"loaded at niceness \d+; now at serve pid \d+'s", serve_log)
 
 
 def test_vbd3_disks_are_served_beside_a_phy_disk_left_to_the_kernel(tmp_path):
