@@ -475,9 +475,15 @@ class DeviceServer:
         if self._handed_over:
             return
         log.info("%s: handing the device over", self.path)
+        t0 = time.monotonic()
         self._handed_over = True
         self._disconnect(keep_mappings=True)
+        t1 = time.monotonic()
         self._close_disk()
+        # where an upgrade's time goes (the guest waits for all of it)
+        log.debug("%s: queues stopped, requests answered, channels unbound in %.0f ms; "
+                  "image closed in %.0f ms", self.path, (t1 - t0) * 1000,
+                  (time.monotonic() - t1) * 1000)
         if self._status_timer is not None:
             self._status_timer.cancel()
         if self._status is not None:  # the successor publishes the device's status
