@@ -105,17 +105,23 @@ def format_xentop(rows: dict[str, dict[str, tuple[int, int | None]]]) -> list[st
 #: Beside it, lifecycle.<kind>.gap-ms: the longest a stream went without a completion.
 STALL_FIGURE = re.compile(r"lifecycle\.(?P<kind>\w+)\.stall-ms$")
 STALL_TARGET_MS = {"kill": 1000, "upgrade": 200}
+#: the table's row order: the reference window, then the phase's default order (the figures
+#: come in console order, and a migrated guest's console log is read first)
+STALL_ORDER = ("warmup", "upgrade", "save", "migrate", "snapshot", "kill")
 
 
 def format_stalls(figures: dict[str, Figure], checks: dict[str, Check]) -> list[str]:
     """One line per kind: the stall, its target, the longest gap without a completion when
     the guest reported one, and the kind's error and data checks."""
-    lines = []
+    rows = []
     for name, fig in figures.items():
         m = STALL_FIGURE.match(name)
-        if m is None:
-            continue
-        kind = m["kind"]
+        if m is not None:
+            rows.append((m["kind"], fig))
+    rows.sort(key=lambda row: (STALL_ORDER.index(row[0]) if row[0] in STALL_ORDER
+                               else len(STALL_ORDER)))
+    lines = []
+    for kind, fig in rows:
         target = STALL_TARGET_MS.get(kind)
         goal = (f"target <= {target} ms {'met' if fig.value <= target else 'short'}"
                 if target else "no target")

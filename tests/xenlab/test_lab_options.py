@@ -154,6 +154,15 @@ def test_the_stall_table_takes_the_guest_s_tenths_of_a_ms_and_its_gaps():
     assert "1000.1 ms" in kill and "target <= 1000 ms short" in kill and "gap" not in kill
 
 
+def test_the_stall_table_lists_warmup_first_and_then_the_phase_s_order():
+    """A migrated guest's console is relayed first, so its kinds come first in the log."""
+    text = "".join(f"LAB-FIGURE: lifecycle.{k}.stall-ms 1 ms x\n"
+                   for k in ("migrate", "kill", "warmup", "upgrade", "save"))
+    lines = format_summary(parse_checks(text), parse_figures(text)).splitlines()
+    table = lines[lines.index("guest stall per kind (lifecycle):") + 1:]
+    assert [row.split()[0] for row in table] == ["warmup", "upgrade", "save", "migrate", "kill"]
+
+
 def test_suites_and_their_phases(capsys):
     assert SUITES["trixie"].xen == "4.20" and SUITES["bookworm"].xen == "4.17"
     assert suite_phases("trixie") == ["vbd3"] and "vbd3" not in known_phases("bookworm")
