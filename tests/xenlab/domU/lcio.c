@@ -36,11 +36,16 @@
 /* errors printed per window: enough to say what failed, not a console flood when a disk
  * is gone for good */
 #define ERRORS_SHOWN 3
+/* requests at least this slow are printed with their time (CLOCK_MONOTONIC, which in the
+ * guest runs beside the kernel log's timestamps), at most SLOW_SHOWN per window: whether a
+ * window's longest request came at its start, in a burst or alone says what held it */
+#define SLOW_US 100000u
+#define SLOW_SHOWN 8
 
 struct window {
 	char name[NAME_MAX_LEN];
 	uint64_t max_us, gap_us;
-	unsigned long errs, bad, n, shown;
+	unsigned long errs, bad, n, shown, slow;
 };
 
 static int stream;
@@ -104,6 +109,10 @@ static int timed_io(struct window *w, int wr, int fd, char *buf, size_t bs, off_
 
 	if (t1 - t0 > w->max_us)
 		w->max_us = t1 - t0;
+	if (t1 - t0 >= SLOW_US && w->slow++ < SLOW_SHOWN)
+		fprintf(stderr, "lcio s%d: %s of block %ld took %.1f ms, done at %.3f s (%s %lu)\n",
+			stream, wr ? "write" : "read", block, (t1 - t0) / 1000.0, t1 / 1e6,
+			done != NULL ? "request" : "check after request", w->n);
 	if (done != NULL) {
 		if (t1 - *done > w->gap_us)
 			w->gap_us = t1 - *done;
