@@ -233,19 +233,20 @@ class DeviceServer:
         return self.xs.read_str(f"{self.path}/{name}")
 
     def _read_backend_nodes(self) -> None:
-        if self.xs.read_str(self.path) is None:
+        exists, self.frontend, fe_id_raw, mode_raw, discard, params = self.xs.read_many(
+            [self.path, *(f"{self.path}/{name}" for name in
+                          ("frontend", "frontend-id", "mode", "discard-enable", "params"))])
+        if exists is None:
             raise ServeError(f"backend directory {self.path} does not exist")
-        self.frontend = self._node("frontend")
-        fe_id = (self._node("frontend-id") or "").strip()
+        fe_id = (fe_id_raw or "").strip()
         # ASCII digits only (int() would raise on "²"), and a guest domid (< DOMID_FIRST_RESERVED)
         if not self.frontend or not (fe_id.isascii() and fe_id.isdigit()) \
                 or int(fe_id) >= 0x7FF0:
             raise ServeError(f"{self.path}: frontend/frontend-id nodes missing or invalid")
         self.frontend_id = int(fe_id)
-        mode = self._node("mode") or "r"
+        mode = mode_raw or "r"
         self.readonly = "w" not in mode
-        self.discard_enabled = (self._node("discard-enable") or "1").strip() != "0"
-        params = self._node("params")
+        self.discard_enabled = (discard or "1").strip() != "0"
         fmt, image = parse_params(params or "")
         self.image = self.opts.image or image
         self.fmt = self.opts.fmt or fmt
@@ -402,11 +403,11 @@ class DeviceServer:
         if self._watching:
             return
         self._watching = True
-        self.xs.watch(f"{self.frontend}/state", "frontend")
-        self.xs.watch(f"{self.path}/state", "backend")
-        self.xs.watch(f"{self.path}/online", "backend")
-        self.xs.watch("@releaseDomain", "domains")
-        self.xs.watch(f"{self.path}/qos", "qos")
+        self.xs.watch_many([(f"{self.frontend}/state", "frontend"),
+                            (f"{self.path}/state", "backend"),
+                            (f"{self.path}/online", "backend"),
+                            ("@releaseDomain", "domains"),
+                            (f"{self.path}/qos", "qos")])
         self._read_qos()
 
     def prepare_takeover(self) -> None:
@@ -513,11 +514,13 @@ class DeviceServer:
             self._finish(1)
 
     def _snapshot(self) -> Snapshot:
+        fe_state, state, online, exists = self.xs.read_many(
+            [f"{self.frontend}/state", f"{self.path}/state", f"{self.path}/online", self.path])
         snap = Snapshot(
-            frontend_state=parse_state(self.xs.read_str(f"{self.frontend}/state")),
-            backend_state=parse_state(self._node("state")),
-            online=(self._node("online") or "0").strip() == "1",
-            backend_exists=self.xs.read_str(self.path) is not None,
+            frontend_state=parse_state(fe_state),
+            backend_state=parse_state(state),
+            online=(online or "0").strip() == "1",
+            backend_exists=exists is not None,
         )
         log.debug("%s: frontend %s, backend %s, online %s, exists %s", self.path,
                   snap.frontend_state, snap.backend_state, snap.online, snap.backend_exists)
@@ -594,32 +597,34 @@ class DeviceServer:
 
     # ---- connect / disconnect -------------------------------------------------------------
 
-    def _frontend_node(self, name: str) -> str | None:
-        return self.xs.read_str(f"{self.frontend}/{name}")
-
     def _plan_connection(self) -> ConnectPlan:
         """Read and check what the frontend published for its rings (ConnectError if
-        anything is missing, malformed or beyond our limits)."""
-        fe = self._frontend_node
-        protocol = fe("protocol") or ring.DEFAULT_PROTOCOL
+        anything is missing, malformed or beyond our limits). The nodes are read in two
+        pipelined batches: the ring's shape, then every queue's grants and channel."""
+        protocol_raw, persistent_raw, nq_raw, order_raw = self._frontend_nodes(
+            "protocol", "feature-persistent", "multi-queue-num-queues", "ring-page-order")
+        protocol = protocol_raw or ring.DEFAULT_PROTOCOL
         if protocol not in ring.ABIS:
             raise ConnectError(f"unknown fe protocol {protocol[:32]!r}")
         abi = ring.ABIS[protocol]
-        persistent = self.opts.persistent and (fe("feature-persistent") or "0").strip() == "1"
-        nq_raw = fe("multi-queue-num-queues")
+        persistent = self.opts.persistent and (persistent_raw or "0").strip() == "1"
         queues = 1 if nq_raw is None else _uint(nq_raw, "multi-queue-num-queues")
         if not 1 <= queues <= max(1, self.opts.max_queues):
             raise ConnectError(f"frontend asked for {queues} queues (max {self.opts.max_queues})")
-        order_raw = fe("ring-page-order")
         order = None if order_raw is None else _uint(order_raw, "ring-page-order")
         if order is not None and order > self.opts.max_ring_page_order:
             raise ConnectError(f"requested ring page order {order} exceeds max "
                                f"{self.opts.max_ring_page_order}")
+        # per queue: its ring-ref names (order 0 may be spelled either way), its channel
+        names = ["ring-ref"] if order is None else \
+            [*(f"ring-ref{i}" for i in range(1 << order)), *(["ring-ref"] if order == 0 else [])]
+        prefixes = [""] if queues == 1 else [f"queue-{q}/" for q in range(queues)]
+        values = iter(self._frontend_nodes(*(f"{prefix}{name}" for prefix in prefixes
+                                             for name in [*names, "event-channel"])))
         rings = []
-        for q in range(queues):
-            prefix = "" if queues == 1 else f"queue-{q}/"
-            refs = self._ring_refs(prefix, order)
-            rings.append((refs, _uint(fe(f"{prefix}event-channel"), f"{prefix}event-channel")))
+        for prefix in prefixes:
+            refs = self._ring_refs(prefix, order, {name: next(values) for name in names})
+            rings.append((refs, _uint(next(values), f"{prefix}event-channel")))
         # One page in two ring slots (or two rings) would have two consumers race on the
         # same requests; the map itself would succeed, so refuse it here.
         all_refs = [ref for refs, _ in rings for ref in refs]
@@ -628,6 +633,16 @@ class DeviceServer:
         if len({port for _, port in rings}) != len(rings):
             raise ConnectError("frontend published the same event channel for two queues")
         return ConnectPlan(protocol, abi, persistent, order, rings)
+
+    @staticmethod
+    def _ring_refs(prefix: str, order: int | None, raw: dict[str, str | None]) -> list[int]:
+        """A queue's ring grant refs, from its ring-ref nodes' values ``raw`` by name."""
+        if order is None or (order == 0 and raw["ring-ref0"] is None):  # one page, either
+            return [_uint(raw["ring-ref"], f"{prefix}ring-ref")]       # spelling
+        return [_uint(raw[f"ring-ref{i}"], f"{prefix}ring-ref{i}") for i in range(1 << order)]
+
+    def _frontend_nodes(self, *names: str) -> list[str | None]:
+        return self.xs.read_many([f"{self.frontend}/{name}" for name in names])
 
     def _connect(self, resume: bool = False) -> None:
         if self._image_pending:
@@ -672,15 +687,6 @@ class DeviceServer:
         }
         self._guest_log.info("%s: connected: %s, %d queue(s), ring order %s, persistent=%s, %s %s",
                  self.path, protocol, queues, order or 0, persistent, self.fmt, self.image)
-
-    def _ring_refs(self, prefix: str, order: int | None) -> list[int]:
-        fe = self._frontend_node
-        if order is None:
-            return [_uint(fe(f"{prefix}ring-ref"), f"{prefix}ring-ref")]
-        if order == 0 and fe(f"{prefix}ring-ref0") is None:  # both spellings for one page
-            return [_uint(fe(f"{prefix}ring-ref"), f"{prefix}ring-ref")]
-        return [_uint(fe(f"{prefix}ring-ref{i}"), f"{prefix}ring-ref{i}")
-                for i in range(1 << order)]
 
     def _attach_queue(self, abi: ring.Abi, refs: list[int], port: int,
                       geometry: DiskGeometry, persistent: bool, queue: int = 0,

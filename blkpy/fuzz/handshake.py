@@ -380,6 +380,11 @@ class Tripwire:
                 self.fire()
         return value
 
+    def read_many(self, paths: list[str], tx: int = 0) -> list[str | None]:
+        # one read at a time, so that the action can land between any two of them: the
+        # real client's pipelined reads may have another client's writes between them too
+        return [self.read_str(path, None, tx) for path in paths]
+
     def __getattr__(self, name: str) -> object:
         return getattr(self._xs, name)
 

@@ -5,6 +5,7 @@ import os
 import select
 import socket
 import threading
+import time
 
 import pytest
 
@@ -274,3 +275,58 @@ def test_device_write_errors_concern_one_request():
     assert device_write_error(OSError(errno.E2BIG, "too big")).errno_name == "E2BIG"
     assert device_write_error(OSError(errno.EINVAL, "bad")).errno_name == "EINVAL"
     assert device_write_error(OSError(errno.EIO, "gone")) is None
+
+
+def test_read_many_answers_each_path_in_order_in_one_round_trip(xenstored, client, base):
+    client.write(f"{base}/a", "1")
+    client.write(f"{base}/b", b"\xff")
+    client.watch(base, "t")
+    with XenstoreClient.connect(xenstored) as other:
+        other.write(f"{base}/c", "3")  # an event on the stream among the answers
+    paths = [f"{base}/c", f"{base}/missing", f"{base}/a", f"{base}/b", f"{base}/a"]
+    assert client.read_many(paths) == ["3", None, "1", "\ufffd", "1"]
+    assert (f"{base}/c", "t") in client.events()  # kept for the watcher, not lost
+    assert client.read_many([]) == []
+    assert client.read_str(f"{base}/a") == "1"  # the stream is still in step
+
+
+def test_read_many_sends_every_request_before_reading(xenstored, client, base, monkeypatch):
+    client.write(f"{base}/a", "1")
+    sends = []
+    real = client._send
+    monkeypatch.setattr(client, "_send", lambda data: (sends.append(data), real(data)))
+    assert client.read_many([f"{base}/a"] * 5) == ["1"] * 5
+    assert len(sends) == 1
+
+
+def test_read_many_raises_what_is_not_a_missing_node(xenstored, client, base):
+    client.write(f"{base}/private", "secret")
+    client.set_perms(f"{base}/private", ["n0"])
+    client.mkdir("/local/domain/6")
+    client.set_perms("/local/domain/6", ["n6", "r0"])
+    with XenstoreClient.connect(xenstored, domid=6) as guest:
+        with pytest.raises(XenstoreError) as info:
+            guest.read_many(["/local/domain/6/nothing", f"{base}/private"])
+        assert info.value.errno_name == "EACCES" and f"{base}/private" in str(info.value)
+        assert guest.read_many(["/local/domain/6/nothing"] * 2) == [None, None]
+
+
+def test_watch_many_sets_every_watch_in_one_round_trip(xenstored, client, base, monkeypatch):
+    sends = []
+    real = client._send
+    monkeypatch.setattr(client, "_send", lambda data: (sends.append(data), real(data)))
+    client.watch_many([(f"{base}/a", "ta"), (f"{base}/b", "tb")])
+    assert len(sends) == 1
+    with XenstoreClient.connect(xenstored) as other:
+        other.write(f"{base}/b", "1")
+        other.write(f"{base}/a", "1")
+    deadline = time.monotonic() + 10
+    seen = []
+    while len(seen) < 4 and time.monotonic() < deadline:  # each watch's first, each change
+        event = client.wait_event(1)
+        if event is not None:
+            seen.append(event)
+    assert sorted(seen) == [(f"{base}/a", "ta")] * 2 + [(f"{base}/b", "tb")] * 2
+    with pytest.raises(XenstoreError) as info:
+        client.watch_many([(f"{base}/c", "tc"), ("relative//bad", "tx")])
+    assert info.value.errno_name == "EINVAL" and "relative//bad" in str(info.value)
