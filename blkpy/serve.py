@@ -226,6 +226,8 @@ class DeviceServer:
         self._prepared_plan: ConnectPlan | None = None
         self._premapped: dict[tuple[int, ...], GrantMapping] = {}
         self._disk_open = open_image
+        self._runner: asyncio.Runner | None = None
+        self._signals_handled = False
 
     # ---- setup ------------------------------------------------------------------------
 
@@ -354,16 +356,32 @@ class DeviceServer:
 
     def run(self) -> int:
         """Serve until the device is removed or SIGTERM; returns the exit status."""
-        return asyncio.run(self._main())
+        runner = self._runner or asyncio.Runner()
+        with runner:
+            self.prepare_loop(runner, signals=True)
+            return runner.run(self._main())
 
-    async def _main(self) -> int:
-        self._loop = asyncio.get_running_loop()
-        self._done = self._loop.create_future()
+    def prepare_loop(self, runner: asyncio.Runner | None = None, signals: bool = False) -> None:
+        """Make the event loop now, and with ``signals`` take the serve's signals (a
+        successor's guest does not wait for them: under emulation they cost tens of ms).
+        A standby, waiting maybe for days, keeps the default signals until it takes over,
+        so that a plain SIGTERM still ends it. Idempotent."""
+        if self._runner is None:
+            self._runner = runner or asyncio.Runner()
+            self._loop = self._runner.get_loop()
+            self._done = self._loop.create_future()
+        if not signals or self._signals_handled:
+            return
+        assert self._loop is not None
+        self._signals_handled = True
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._on_terminate)
         self._loop.add_signal_handler(signal.SIGUSR1, self._on_stats_signal)
         self._loop.add_signal_handler(signal.SIGHUP, self._check_resize)
         self._loop.add_signal_handler(signal.SIGUSR2, self._on_handover)
+
+    async def _main(self) -> int:
+        assert self._loop is not None
         self._resize_timer = self._loop.call_later(RESIZE_CHECK_S, self._periodic_resize)
         self._loop.add_reader(self.xs.fileno(), self._on_xenstore)
         self.start()
@@ -375,9 +393,9 @@ class DeviceServer:
         finally:
             self._teardown()
             if self._handed_over:
-                # The successor waits for this process to be gone before it opens the
-                # image, and the image is closed: skip the event loop's and the
-                # interpreter's teardown, the guest is waiting.
+                # Everything the successor needs is released, and it may be waiting for
+                # this exit (an older serve's SIGUSR2 hand-over): skip the event loop's
+                # and the interpreter's teardown.
                 logging.shutdown()
                 os._exit(EXIT_HANDED_OVER)
 
@@ -989,6 +1007,7 @@ def serve(backend_path: str, platform: Platform, xenstore_path: str | None,
             # once it has let go of it (a qcow2 image has one writer; its metadata is
             # complete only then).
             server.prepare_takeover()
+            server.prepare_loop(signals=True)
             _take_priority_of(options.replace)
             t0 = time.monotonic()
             how = _replace(options.replace, server.control_path)
@@ -1006,6 +1025,7 @@ def _serve_as_standby(platform: Platform, xs: XenstoreClient, backend_path: str,
     daemon says its serve died, then read what may have changed since (a resume on a
     snapshot's overlay rewrites params), open the image and take the rings over."""
     server = DeviceServer(platform, xs, backend_path, options, open_image=False)
+    server.prepare_loop()
     if not _await_turn(go):
         return 0  # the hotplug daemon no longer needs this standby
     t0 = time.monotonic()
