@@ -238,3 +238,27 @@ def test_plain_clusters_agrees_with_fast_host(cluster_bits, writes, discards):
             assert first == table_start >> cluster_bits
             assert (int(hosts[k]) or None) == read
             assert bool(own[k]) == (write is not None)
+
+
+class _ReadCounting(MemoryStorage):
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.reads: list[tuple[int, int]] = []
+
+    def read(self, offset: int, length: int) -> bytes:
+        self.reads.append((offset, length))
+        return super().read(offset, length)
+
+
+@pytest.mark.parametrize("cluster_size", [4096, 65536, 1 << 21])
+def test_the_header_is_read_with_its_first_cluster_only(cluster_size):
+    """A successor opens its image while the guest waits: the header read takes the first
+    cluster (where the backing file's name lives), not the largest cluster size."""
+    image = new_image(CreateOptions(size=64 << 20, cluster_size=cluster_size,
+                                    backing_file="base.img", backing_format="raw"))
+    storage = _ReadCounting(image)
+    meta = Metadata(storage, len(storage.data), writable=False)
+    assert meta.header.backing_file == "base.img"
+    assert meta.header.cluster_size == cluster_size
+    header_reads = [n for off, n in storage.reads if off == 0]
+    assert max(header_reads) == min(len(image), max(cluster_size, 65536))
