@@ -51,7 +51,6 @@ kernel = "$DOMU_KERNEL"
 ramdisk = "$DOMU_INITRD"
 memory = 256
 vcpus = ${VCPUS:-1}
-${CPUS:+cpus = \"$CPUS\"}
 extra = "console=hvc0 $args"
 disk = [ $disks ]
 on_poweroff = "destroy"

@@ -24,16 +24,10 @@ rm -f $LAB/lc-* $LAB/lc.save
 truncate -s 64M $RAW; truncate -s 1M $CTL
 qemu-img create -q -f qcow2 $QCOW 64M || { check lifecycle.create FAIL "qemu-img create"; exit 1; }
 start_daemon || exit 1
-# The guest's vCPU gets a physical CPU of its own and dom0 the other, as Xen's tuning
-# advice has it for dom0 (and the config's cpus= follows the guest through save/restore
-# and migration). Shared, a new serve's interpreter start (tens of seconds of emulated CPU
-# at niceness 10, which only dom0's kernel sees) took the guest's CPU from it, and every
-# stream of both disks stalled together, 0.5 s at a time, whatever the serves did.
-xl vcpu-pin Domain-0 all 0 || check lifecycle.pin-dom0 FAIL "xl vcpu-pin Domain-0 all 0"
 # one vCPU, one single-page ring per disk: with two queues, then with 4-page rings, dom0
 # processes (serves connecting, bash, xl) died of damaged memory within seconds of the
 # guest's first I/O (tests/xenlab/README.md); the sim covers both
-CPUS=1 mkcfg lc /tmp/lc.cfg "labjob=lifecycle lcblocks=${LAB_LIFECYCLE_BLOCKS:-16}" \
+mkcfg lc /tmp/lc.cfg "labjob=lifecycle lcblocks=${LAB_LIFECYCLE_BLOCKS:-16}" \
   "format=raw,vdev=xvda,access=rw,backendtype=phy,script=block-blkpy,target=raw:$RAW" \
   "format=raw,vdev=xvdb,access=rw,backendtype=phy,script=block-blkpy,target=qcow2:$QCOW" \
   "format=raw,vdev=xvdc,access=rw,backendtype=phy,script=block-blkpy,target=raw:$CTL"
@@ -254,5 +248,4 @@ for img in $QCOW ${TOP_51712:-} ${TOP_51728:-} $LAB/lc-*-snap1.qcow2; do
   check_cond "lifecycle.check-$(basename "$img" .qcow2)" "qemu-img check: $(echo "$out" | tr '\n' ' ' | cut -c1-160)" -- \
     sh -c "qemu-img check '$img' >/dev/null 2>&1"
 done
-xl vcpu-pin Domain-0 all all
 stop_daemon
