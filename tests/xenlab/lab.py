@@ -154,12 +154,14 @@ def run_lab(phases: list[str], timeout: float, echo: bool = True,
             debug: list[str] | None = None, accel: str = "tcg",
             cpu: str = CPU_MODEL, suite: str | None = None,
             phase_env: dict[str, str] | None = None, smp: int = 2,
-            xen_args: str = "") -> BootResult:
+            xen_args: str = "", packaged_xen: bool = False) -> BootResult:
     """Build (cached), stage and boot once. Raises BuildError if the images cannot be made."""
     builder = ImageBuilder(suite=suite_named(suite))
     with LabLock(builder.cache):
         t0 = time.monotonic()
         images = builder.build()
+        if packaged_xen:  # a comparison: the package's hypervisor, without shadow paging
+            images.built_xen = None
         run_dir = prepare_run(builder, images, phases, debug, phase_env)
         prep = time.monotonic() - t0
         load_before = os.getloadavg()
@@ -175,6 +177,7 @@ def run_lab(phases: list[str], timeout: float, echo: bool = True,
                f"verdict {result.verdict} (qemu rc {result.qemu_rc}) boot {result.elapsed:.1f}s "
                f"prep {prep:.1f}s host load (1 min) {load_before[0]:.1f} before, "
                f"{load_after[0]:.1f} after ({os.cpu_count()} cpus)\n"
+               f"hypervisor: {'the lab build ' + images.built_xen.parent.name if images.built_xen else 'the package'}\n"
                + format_summary(parse_checks(text), parse_figures(text)))
     (run_dir / "summary.txt").write_text(summary + "\n")
     return result
@@ -209,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
                           "the phases with two-vCPU guests need 2)")
     run.add_argument("--xen-args", default="",
                      help="more options for Xen's command line (e.g. pv-l1tf=false)")
+    run.add_argument("--packaged-xen", action="store_true",
+                     help="boot the xen-hypervisor package's hypervisor, not the lab's build "
+                          "with shadow paging (to compare; xl migrate cannot run on it)")
     run.add_argument("--lifecycle-kinds", default=None,
                      help="the lifecycle phase's kinds, comma-separated, in this order "
                           f"(default: {','.join(LIFECYCLE_KINDS)})")
@@ -256,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             phase_env["LAB_LIFECYCLE_BLOCKS"] = str(args.lifecycle_blocks)
         result = run_lab(phases, args.timeout, debug=debug, accel=args.accel,
                          cpu=args.cpu, suite=suite.name, phase_env=phase_env, smp=args.smp,
-                         xen_args=args.xen_args)
+                         xen_args=args.xen_args, packaged_xen=args.packaged_xen)
     except BuildError as exc:
         print(f"xenlab: build failed: {exc}", file=sys.stderr)
         return 2
