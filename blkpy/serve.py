@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import errno
 import gc
+import io
 import json
 import logging
 import os
@@ -85,6 +86,8 @@ STATUS_INTERVAL_S = 1.0  # how often `blkpy list`/xentop figures are refreshed
 IMAGE_WAIT_S = 60.0
 #: formats whose image is a local file or device, locked while a serve has it open
 LOCKED_FORMATS = ("raw", "qcow2")
+#: how long a serve asked to get ready for a hand-over waits for the word to do it
+HANDOVER_GO_S = 60.0
 
 
 
@@ -521,6 +524,7 @@ class DeviceServer:
         """SIGUSR2, for an upgrade by a serve that does not ask through the control
         socket: hand over, and exit; the successor waits for the exit."""
         self._hand_over()
+        self._log_timings()
         self._finish(EXIT_HANDED_OVER)
 
     def _hand_over(self) -> None:
@@ -531,16 +535,15 @@ class DeviceServer:
         successor maps the rings itself, and does not wait for ours to go."""
         if self._handed_over:
             return
-        log.info("%s: handing the device over", self.path)
         t0 = time.monotonic()
         self._handed_over = True
         self._disconnect(keep_mappings=True)
         t1 = time.monotonic()
         self._close_disk()
-        # where an upgrade's time goes (the guest waits for all of it)
-        log.debug("%s: queues stopped, requests answered, channels unbound in %.0f ms; "
-                  "image closed in %.0f ms", self.path, (t1 - t0) * 1000,
-                  (time.monotonic() - t1) * 1000)
+        # where an upgrade's time goes (the guest waits for all of it: logged after)
+        self.note_timing(f"handed the device over: queues stopped, requests answered, "
+                         f"channels unbound in {(t1 - t0) * 1000:.0f} ms; image closed in "
+                         f"{(time.monotonic() - t1) * 1000:.0f} ms")
         if self._status_timer is not None:
             self._status_timer.cancel()
         if self._status is not None:  # the successor publishes the device's status
@@ -876,17 +879,36 @@ class DeviceServer:
             line = await asyncio.wait_for(reader.readline(), 10)
             try:
                 request = json.loads(line)
-                reply = self._control_command(request)
+                if request.get("command") == "handover":
+                    reply = await self._handover_command(reader, writer)
+                else:
+                    reply = self._control_command(request)
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
                 reply = {"ok": False, "error": f"bad request: {exc}"}
-            writer.write(json.dumps(reply).encode() + b"\n")
-            await writer.drain()
+            if reply:
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await writer.drain()
         except (TimeoutError, OSError):
             pass  # the client went away: nothing to tell it
         finally:
             writer.close()
             if self._handed_over:
+                self._log_timings()
                 self._finish(EXIT_HANDED_OVER)
+
+    async def _handover_command(self, reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter) -> dict[str, object]:
+        """An upgrade's new serve, in two steps: it connects when it is ready but for the
+        image (we answer with our pid and keep serving), then sends one byte when it
+        takes its predecessor's priority; we hand over at once and answer again (then
+        exit). The byte wakes one waiting read: no connection or request to set up while
+        the guest waits. An empty answer: no hand-over (the new serve went away)."""
+        writer.write(json.dumps({"ok": True, "pid": os.getpid()}).encode() + b"\n")
+        await writer.drain()
+        if await asyncio.wait_for(reader.read(1), HANDOVER_GO_S) != b"g":
+            return {}
+        self._hand_over()
+        return {"ok": True, "pid": os.getpid(), "released": True}
 
     def _control_command(self, request: dict[str, object]) -> dict[str, object]:
         command = request.get("command")
@@ -898,9 +920,6 @@ class DeviceServer:
             return self._resume(str(image) if image else None, str(fmt) if fmt else None)
         if command == "status":
             return {"ok": True, "paused": self._paused, "image": self.image, "format": self.fmt}
-        if command == "handover":  # an upgrade's new serve; we exit once it has the answer
-            self._hand_over()
-            return {"ok": True, "pid": os.getpid()}
         return {"ok": False, "error": f"unknown command {str(command)[:32]!r}"}
 
     def _pause(self) -> dict[str, object]:
@@ -1049,9 +1068,11 @@ def serve(backend_path: str, platform: Platform, xenstore_path: str | None,
             # complete only then).
             server.prepare_takeover()
             server.prepare_loop(signals=True)
+            predecessor = _Predecessor(options.replace, server.control_path)
+            predecessor.ready()
             _take_priority_of(options.replace)
             t0 = time.monotonic()
-            how = _replace(options.replace, server.control_path)
+            how = predecessor.replace()
             t1 = time.monotonic()
             server.open_image()
             server.note_timing(f"serve pid {options.replace} handed over in "
@@ -1110,37 +1131,85 @@ def _replace(pid: int, control: Path, timeout: float = 30.0) -> str:
     """Have serve ``pid`` hand its device over; returns how it said it was done: an
     answer on its control socket once the device is released (it exits after), or, from
     a serve that does not know that command, its exit after SIGUSR2."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return "gone already"  # take over what it left
-    try:
-        if _ask_hand_over(control, pid, timeout):
-            return "released"
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGUSR2)
-        ready, _, _ = select.select([fd], [], [], timeout)
-        if not ready:
-            raise ServeError(f"serve pid {pid} did not hand its device over in {timeout:g} s")
-        return "exited"
-    finally:
-        os.close(fd)
+    return _Predecessor(pid, control, timeout).replace()
 
 
-def _ask_hand_over(control: Path, pid: int, timeout: float) -> bool:
-    """Ask through the control socket; True once serve ``pid`` has released the device.
-    False if it cannot be asked that way (no socket, an older serve, another process's
-    socket) or died while asked: then its exit is what to wait for."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(control))
+class _Predecessor:
+    """The serve an upgrade replaces. ``ready()`` connects to its control socket while it
+    still serves (it answers with its pid); ``replace()`` then sends the one byte that has
+    it hand over, and waits for its answer: or, from a serve that does not know the
+    command, sends SIGUSR2 and waits for its exit."""
+
+    def __init__(self, pid: int, control: Path, timeout: float = 30.0) -> None:
+        self.pid = pid
+        self.control = control
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._replies: io.BufferedReader | None = None
+
+    def ready(self) -> bool:
+        """Connect and ask it to get ready; False if it cannot be asked that way (no
+        socket, an older serve, another process's socket)."""
+        if self._sock is not None:
+            return True
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(str(self.control))
             sock.sendall(json.dumps({"command": "handover"}).encode() + b"\n")
-            reply = sock.makefile("rb").readline()
-    except OSError:
-        return False
-    try:
-        answer = json.loads(reply)
-    except ValueError:
-        return False
-    return isinstance(answer, dict) and answer.get("ok") is True and answer.get("pid") == pid
+            replies = sock.makefile("rb")
+            if self._answer(replies.readline()) is None:
+                sock.close()
+                return False
+        except OSError:
+            sock.close()
+            return False
+        self._sock, self._replies = sock, replies
+        return True
+
+    def _answer(self, line: bytes) -> dict[str, object] | None:
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            return None
+        if isinstance(answer, dict) and answer.get("ok") is True and answer.get("pid") == self.pid:
+            return answer
+        return None
+
+    def replace(self) -> str:
+        try:
+            fd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            self.close()
+            return "gone already"  # take over what it left
+        try:
+            if self.ready() and self._go():
+                return "released"
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGUSR2)
+            ready, _, _ = select.select([fd], [], [], self.timeout)
+            if not ready:
+                raise ServeError(f"serve pid {self.pid} did not hand its device over in "
+                                 f"{self.timeout:g} s")
+            return "exited"
+        finally:
+            os.close(fd)
+            self.close()
+
+    def _go(self) -> bool:
+        """The word to hand over; True once it answered that the device is released
+        (False if it died meanwhile: then its exit is what to wait for)."""
+        assert self._sock is not None and self._replies is not None
+        try:
+            self._sock.sendall(b"g")
+            answer = self._answer(self._replies.readline())
+        except OSError:
+            return False
+        return answer is not None and answer.get("released") is True
+
+    def close(self) -> None:
+        if self._replies is not None:
+            self._replies.close()
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = self._replies = None

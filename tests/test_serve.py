@@ -1,8 +1,10 @@
 """`blkpy serve` as a real subprocess on the simulated host: handshake, reconnect, toolstack
 removal, SIGTERM, hostile frontend nodes and operator errors."""
 
+import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -504,3 +506,21 @@ def test_a_serve_without_a_control_socket_is_replaced_after_its_exit(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_serve_asked_to_get_ready_serves_on_if_the_word_never_comes(host, raw_image):
+    """The first step of a hand-over only gets the old serve ready: an upgrade's new serve
+    that goes away before its word (killed, failed to load) leaves the device served."""
+    guest, spec, backend, fe = _attach(host, raw_image)
+    fe.connect(timeout=10)
+    control = next(Path(host.sim_dir).rglob("vbd-1-51712/control"))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(control))
+        sock.sendall(b'{"command": "handover"}\n')
+        ready = json.loads(sock.makefile("rb").readline())
+        assert ready == {"ok": True, "pid": backend.proc.pid}
+    assert fe.write(8, b"\x33" * 4096).status == 0  # still served, by the same process
+    assert bytes(fe.read(8, 4096).data) == b"\x33" * 4096
+    assert backend.proc.poll() is None
+    assert host.backend_state(spec) == XenbusState.CONNECTED
