@@ -23,8 +23,8 @@ from .images import (
     xen_build_key,
 )
 
-# Debian's debian/xen-kconfig, as in xen 4.17.5+72-g01140da4e8-1
-DEBIAN_FRAGMENT = "##  Xen release branches have debug turned off\nCONFIG_DEBUG=n\n"
+# the shape of Debian's debian/xen-kconfig: a comment, then the options it sets
+DEBIAN_FRAGMENT = "## a comment line\nCONFIG_DEBUG=n\n"
 
 STATUS = """Package: libxenmisc4.17
 Status: install ok installed
