@@ -903,10 +903,15 @@ class DeviceServer:
         takes its predecessor's priority; we hand over at once and answer again (then
         exit). The byte wakes one waiting read: no connection or request to set up while
         the guest waits. An empty answer: no hand-over (the new serve went away)."""
+        taken = {"ok": False, "error": "the device is handed over already", "taken": True}
+        if self._handed_over:  # to another new serve: only one may have it
+            return taken
         writer.write(json.dumps({"ok": True, "pid": os.getpid()}).encode() + b"\n")
         await writer.drain()
         if await asyncio.wait_for(reader.read(1), HANDOVER_GO_S) != b"g":
             return {}
+        if self._handed_over:
+            return taken
         self._hand_over()
         return {"ok": True, "pid": os.getpid(), "released": True}
 
@@ -1168,11 +1173,18 @@ class _Predecessor:
         return True
 
     def _answer(self, line: bytes) -> dict[str, object] | None:
+        """Its answer if it is a yes from serve ``pid``; raises ServeError if it handed
+        the device over to another new serve (two upgrades of one device at once)."""
         try:
             answer = json.loads(line)
         except ValueError:
             return None
-        if isinstance(answer, dict) and answer.get("ok") is True and answer.get("pid") == self.pid:
+        if not isinstance(answer, dict):
+            return None
+        if answer.get("taken") is True:
+            raise ServeError(f"serve pid {self.pid} has handed its device over to another "
+                             "serve")
+        if answer.get("ok") is True and answer.get("pid") == self.pid:
             return answer
         return None
 

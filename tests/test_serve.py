@@ -15,7 +15,7 @@ import pytest
 
 from blkpy import ring
 from blkpy.defaults import EXIT_HANDED_OVER
-from blkpy.serve import _replace, parse_params
+from blkpy.serve import ServeError, _replace, parse_params
 from blkpy.sim.frontend import Frontend, NegotiationError
 from blkpy.sim.host import SimHost
 from blkpy.sim.toolstack import DiskSpec
@@ -524,3 +524,36 @@ def test_a_serve_asked_to_get_ready_serves_on_if_the_word_never_comes(host, raw_
     assert bytes(fe.read(8, 4096).data) == b"\x33" * 4096
     assert backend.proc.poll() is None
     assert host.backend_state(spec) == XenbusState.CONNECTED
+
+
+
+_TAKEN_SERVE = """
+import json, os, socket, sys, time
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind(sys.argv[1])
+srv.listen(1)
+print("ready", flush=True)
+conn, _ = srv.accept()
+conn.makefile("rb").readline()
+conn.sendall(json.dumps({"ok": True, "pid": os.getpid()}).encode() + b"\\n")
+conn.recv(1)
+conn.sendall(json.dumps({"ok": False, "error": "handed over already", "taken": True}).encode()
+             + b"\\n")
+time.sleep(30)
+"""
+
+
+def test_a_serve_that_handed_its_device_to_another_new_serve_is_not_taken_over(tmp_path):
+    """Two upgrades of one device at once: the new serve the old one did not hand the
+    device to stops with one clear error, instead of taking the device over too."""
+    control = tmp_path / "control"
+    proc = subprocess.Popen([sys.executable, "-c", _TAKEN_SERVE, str(control)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        with pytest.raises(ServeError, match="handed its device over to another serve"):
+            _replace(proc.pid, control, timeout=10)
+        assert proc.poll() is None  # not signalled either
+    finally:
+        proc.kill()
+        proc.wait()
