@@ -79,6 +79,20 @@ class GrantMapper:
     def persistent_grants(self) -> int:
         return self.table.count if self.table is not None else 0
 
+    def persistent_grefs(self) -> list[int]:
+        """The grefs kept mapped (what a successor maps before it takes over)."""
+        return self.table.grefs() if self.table is not None else []
+
+    def map_persistent(self, grefs: list[int]) -> None:
+        """Map ``grefs`` now, as far as the cache has room (a successor's head start:
+        its loop then serves the first requests without leaving C). A gref the guest no
+        longer grants is skipped, as on first use."""
+        assert self.table is not None
+        wanted = [g for g in dict.fromkeys(grefs) if 0 <= g < 2**32]
+        room = self.max_persistent - self.table.count
+        if wanted and room > 0:
+            self._map_persistent(wanted[:room])
+
     def acquire(self, segs: np.ndarray, owner: np.ndarray, to_guest: np.ndarray) -> Acquired:
         """Map the pages of ``segs`` (one row per segment, ``owner`` its request,
         ``to_guest`` whether data flows into the guest page)."""

@@ -76,6 +76,12 @@ class PersistentGrantTable(NativeTable):
     def clear(self) -> None:
         self._wipe()
 
+    def grefs(self) -> list[int]:
+        """Every gref with a mapped page (the C side stores each key plus one; 0 is an
+        empty slot)."""
+        held = (self._keys != 0) & (self._vals != 0)
+        return sorted(int(k) - 1 for k in self._keys[held])
+
 
 class ExtentMap(NativeTable):
     """Guest cluster -> host offset | EXTENT_READ | EXTENT_WRITE of an image format, for

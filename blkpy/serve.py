@@ -231,6 +231,7 @@ class DeviceServer:
         self._prepared_snapshot: Snapshot | None = None
         self._prepared_plan: ConnectPlan | None = None
         self._premapped: dict[tuple[int, ...], GrantMapping] = {}
+        self._pages_ahead: dict[int, GrantMapper] = {}
         self._disk_open = open_image
         self._runner: asyncio.Runner | None = None
         #: where a takeover's time went, logged after it
@@ -468,6 +469,25 @@ class DeviceServer:
         """Where a takeover's time went: logged once the rings are served."""
         self._timings.append((logging.INFO, line))
 
+    def map_grants_ahead(self, grants: list[object]) -> None:
+        """Map the grefs each queue of the predecessor keeps mapped (its "ready" answer),
+        so that our loop serves the first requests in C instead of mapping them then, in
+        a process that never ran that code. Only for persistent grants, as negotiated."""
+        plan = self._prepared_plan
+        if plan is None or not plan.persistent or not self.opts.persistent \
+                or choose_grant_mode(self.opts.grant_mode, True) != "map":
+            return
+        for queue, grefs in enumerate(grants[:len(plan.rings)]):
+            if not isinstance(grefs, list) or not grefs:
+                continue
+            pages = GrantMapper(self.platform, self.frontend_id, persistent=True,
+                                max_persistent=self.opts.max_persistent_grants)
+            pages.map_persistent([g for g in grefs if isinstance(g, int)])
+            self._pages_ahead[queue] = pages
+        if self._pages_ahead:
+            self.note_timing(f"{sum(p.persistent_grants for p in self._pages_ahead.values())}"
+                             " persistent grants mapped before the hand-over")
+
     def rehearse_takeover(self) -> None:
         """Run, on throwaway objects, what a takeover runs first after its predecessor
         let go (a journal's recovery, the grant table, a thread's start): a fresh process
@@ -495,6 +515,9 @@ class DeviceServer:
         for mapping in self._premapped.values():
             mapping.unmap()
         self._premapped.clear()
+        for pages in self._pages_ahead.values():
+            pages.close()
+        self._pages_ahead.clear()
 
     def _read_qos(self) -> None:
         """The operator's I/O limits (blkpy.qos), applied at once to every queue. A bad
@@ -776,7 +799,8 @@ class DeviceServer:
                   poll_us=poll_us,
                   max_persistent_grants=self.opts.max_persistent_grants,
                   on_broken=self._on_ring_broken,
-                  bad_request_log=self._bad_log, qos=self.qos)
+                  bad_request_log=self._bad_log, qos=self.qos,
+                  pages=self._pages_ahead.pop(queue, None))
         self.vbds.append(vbd)
         vbd.start()
         # where a takeover's time goes (the guest waits for all of it; logged once the
@@ -906,7 +930,10 @@ class DeviceServer:
         taken = {"ok": False, "error": "the device is handed over already", "taken": True}
         if self._handed_over:  # to another new serve: only one may have it
             return taken
-        writer.write(json.dumps({"ok": True, "pid": os.getpid()}).encode() + b"\n")
+        grants = [vbd.pages.persistent_grefs() if isinstance(vbd.pages, GrantMapper) else []
+                  for vbd in self.vbds]
+        writer.write(json.dumps({"ok": True, "pid": os.getpid(), "grants": grants}).encode()
+                     + b"\n")
         await writer.drain()
         if await asyncio.wait_for(reader.read(1), HANDOVER_GO_S) != b"g":
             return {}
@@ -1074,7 +1101,8 @@ def serve(backend_path: str, platform: Platform, xenstore_path: str | None,
             server.prepare_takeover()
             server.prepare_loop(signals=True)
             predecessor = _Predecessor(options.replace, server.control_path)
-            predecessor.ready()
+            if predecessor.ready():
+                server.map_grants_ahead(predecessor.grants)
             _take_priority_of(options.replace)
             t0 = time.monotonic()
             how = predecessor.replace()
@@ -1151,6 +1179,8 @@ class _Predecessor:
         self.timeout = timeout
         self._sock: socket.socket | None = None
         self._replies: io.BufferedReader | None = None
+        #: per queue, the grefs it keeps mapped (from its "ready" answer)
+        self.grants: list[object] = []
 
     def ready(self) -> bool:
         """Connect and ask it to get ready; False if it cannot be asked that way (no
@@ -1163,13 +1193,16 @@ class _Predecessor:
             sock.connect(str(self.control))
             sock.sendall(json.dumps({"command": "handover"}).encode() + b"\n")
             replies = sock.makefile("rb")
-            if self._answer(replies.readline()) is None:
+            answer = self._answer(replies.readline())
+            if answer is None:
                 sock.close()
                 return False
         except OSError:
             sock.close()
             return False
         self._sock, self._replies = sock, replies
+        grants = answer.get("grants")
+        self.grants = grants if isinstance(grants, list) else []
         return True
 
     def _answer(self, line: bytes) -> dict[str, object] | None:

@@ -157,7 +157,10 @@ class Vbd:
         on_broken: Callable[[str], None] | None = None,
         bad_request_log: RateLimitedLog | None = None,
         qos: QosState | None = None,
+        pages: GrantMapper | None = None,
     ) -> None:
+        """``pages``: a persistent grant cache mapped ahead (an upgrade's successor), used
+        if this queue maps persistent grants; else one is made."""
         self.platform = platform
         self.domid = domid
         self.ring = back_ring
@@ -171,10 +174,14 @@ class Vbd:
         self._log = bad_request_log or RateLimitedLog(log)
         if grant_mode == "copy":
             self.pages: GrantMapper | GrantCopier = GrantCopier(platform, domid)
+        elif grant_mode == "map" and persistent and pages is not None and pages.persistent:
+            self.pages = pages
         elif grant_mode == "map":
             self.pages = GrantMapper(platform, domid, persistent, max_persistent_grants)
         else:
             raise ValueError(f"unknown grant mode {grant_mode!r}")
+        if pages is not None and pages is not self.pages:
+            pages.close()  # mapped ahead for a mode this queue does not use
         self._batches: dict[int, _Batch] = {}
         self._next_batch = 0
         self._geometry = geometry

@@ -71,7 +71,9 @@ def test_persistent_grant_table_is_a_dict(entries, probes):
     keys = list(model) + probes
     got = table.lookup(np.array(keys, dtype=np.uint32)) if keys else np.zeros(0)
     assert [int(x) for x in got] == [model.get(k, 0) for k in keys]
+    assert table.grefs() == sorted(model)  # what an upgrade's successor maps ahead
     table.clear()
+    assert table.grefs() == []
     assert not table.lookup(np.array(list(model) or [1], dtype=np.uint32)).any()
 
 

@@ -450,6 +450,9 @@ def test_an_upgrade_takes_the_rings_over_from_a_serve_that_released_them(host, t
         time.sleep(0.05)
     assert re.search(rf"serve pid {old.proc.pid} handed over in \d+ ms \(released\)",
                      new.log_path.read_text())
+    # the old serve's persistent grants were mapped before the word
+    assert re.search(r"[1-9]\d* persistent grants mapped before the hand-over",
+                     new.log_path.read_text())
     assert bytes(fe.read(8, 4096).data) == b"\x11" * 4096
     assert fe.write(16, b"\x22" * 8192).status == 0
     assert host.backend_state(spec) == XenbusState.CONNECTED
@@ -513,13 +516,17 @@ def test_a_serve_asked_to_get_ready_serves_on_if_the_word_never_comes(host, raw_
     that goes away before its word (killed, failed to load) leaves the device served."""
     guest, spec, backend, fe = _attach(host, raw_image)
     fe.connect(timeout=10)
+    assert fe.write(8, b"\x11" * 8192).status == 0  # two persistent grants
     control = next(Path(host.sim_dir).rglob("vbd-1-51712/control"))
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(10)
         sock.connect(str(control))
         sock.sendall(b'{"command": "handover"}\n')
         ready = json.loads(sock.makefile("rb").readline())
-        assert ready == {"ok": True, "pid": backend.proc.pid}
+        assert ready["ok"] is True and ready["pid"] == backend.proc.pid
+        # what its queue keeps mapped, for the new serve to map before the word
+        (grefs,) = ready["grants"]
+        assert len(grefs) >= 2 and all(isinstance(g, int) and g > 0 for g in grefs)
     assert fe.write(8, b"\x33" * 4096).status == 0  # still served, by the same process
     assert bytes(fe.read(8, 4096).data) == b"\x33" * 4096
     assert backend.proc.poll() is None
