@@ -326,13 +326,19 @@ class XenstoreClient:
         if self._broken is not None:
             raise ConnectionError(self._broken)
 
+    def _next_request(self, msg_type: MsgType, payload: bytes, tx: int,
+                      what: str) -> tuple[int, bytes]:
+        """A new request id and the message carrying ``payload`` (E2BIG if too long)."""
+        if len(payload) > self._payload_max:
+            context = f"{msg_type.name} {what}" if what else msg_type.name
+            raise make_error("E2BIG", f"{context}: {len(payload)}-byte payload")
+        self._req_id = (self._req_id + 1) & 0xFFFFFFFF or 1
+        return self._req_id, encode_message(msg_type, self._req_id, tx, payload)
+
     def _request(self, msg_type: MsgType, payload: bytes, tx: int, what: str) -> bytes:
         self._check_usable()
-        if len(payload) > self._payload_max:
-            raise make_error("E2BIG", f"{msg_type.name} {what}: {len(payload)}-byte payload")
-        self._req_id = (self._req_id + 1) & 0xFFFFFFFF or 1
-        req_id = self._req_id
-        self._send(encode_message(msg_type, req_id, tx, payload))
+        req_id, message = self._next_request(msg_type, payload, tx, what)
+        self._send(message)
         # The device answers WATCH/UNWATCH itself, with req_id 0.
         device_answered = self.is_device and msg_type in (MsgType.WATCH, MsgType.UNWATCH)
         while True:
@@ -349,14 +355,9 @@ class XenstoreClient:
         """Send every request, then collect each one's answer (its payload, or the error
         xenstored gave it), in the order sent."""
         self._check_usable()
-        ids = []
-        for payload in payloads:
-            if len(payload) > self._payload_max:
-                raise make_error("E2BIG", f"{msg_type.name}: {len(payload)}-byte payload")
-            self._req_id = (self._req_id + 1) & 0xFFFFFFFF or 1
-            ids.append(self._req_id)
-        self._send(b"".join(encode_message(msg_type, i, tx, payload)
-                            for i, payload in zip(ids, payloads, strict=True)))
+        requests = [self._next_request(msg_type, payload, tx, "") for payload in payloads]
+        ids = [req_id for req_id, _ in requests]
+        self._send(b"".join(message for _, message in requests))
         answers: dict[int, bytes | XenstoreError] = {}
         wanted = set(ids)
         while len(answers) < len(ids):
