@@ -240,9 +240,6 @@ class DeviceServer:
 
     # ---- setup ------------------------------------------------------------------------
 
-    def _node(self, name: str) -> str | None:
-        return self.xs.read_str(f"{self.path}/{name}")
-
     def _read_backend_nodes(self) -> None:
         exists, self.frontend, fe_id_raw, mode_raw, discard, params = self.xs.read_many(
             [self.path, *(f"{self.path}/{name}" for name in
@@ -474,7 +471,7 @@ class DeviceServer:
         so that our loop serves the first requests in C instead of mapping them then, in
         a process that never ran that code. Only for persistent grants, as negotiated."""
         plan = self._prepared_plan
-        if plan is None or not plan.persistent or not self.opts.persistent \
+        if plan is None or not plan.persistent \
                 or choose_grant_mode(self.opts.grant_mode, True) != "map":
             return
         for queue, grefs in enumerate(grants[:len(plan.rings)]):
@@ -575,7 +572,7 @@ class DeviceServer:
 
     def _on_terminate(self) -> None:
         log.info("%s: terminating: closing the device", self.path)
-        if not self._paused:  # (a paused serve has closed its image)
+        if self._disk_open:  # (a paused or handed-over serve has closed its image)
             self.disk.give_up()
         self._disconnect()
         with contextlib.suppress(XenstoreError, ConnectionError):
@@ -1194,10 +1191,13 @@ class _Predecessor:
             sock.sendall(json.dumps({"command": "handover"}).encode() + b"\n")
             replies = sock.makefile("rb")
             answer = self._answer(replies.readline())
-            if answer is None:
-                sock.close()
-                return False
         except OSError:
+            sock.close()
+            return False
+        except BaseException:  # (ServeError: it handed the device to another serve)
+            sock.close()
+            raise
+        if answer is None:
             sock.close()
             return False
         self._sock, self._replies = sock, replies
