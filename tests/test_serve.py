@@ -427,6 +427,40 @@ def test_grown_image_is_published_to_the_frontend(host, raw_image):
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_a_takeover_is_rehearsed_beside_the_serving_process_without_touching_its_image(
+        host, tmp_path, fmt):
+    """What an upgrade's new serve and a standby rehearse while the device's serve still
+    answers: a ring's attach from a journal, the grant table, a read-only look at the image
+    with an engine on it, a thread. All of it runs although the serve holds the image's
+    lock; the image's bytes stay as they were, and the serve serves on."""
+    from blkpy.serve import DeviceServer, ServeOptions
+    from blkpy.sim.platform import SimPlatform
+    from blkpy.xenstore.client import XenstoreClient
+
+    image = tmp_path / f"disk.{fmt}"
+    if fmt == "raw":
+        image.write_bytes(bytes(4 << 20))
+    else:
+        subprocess.run([sys.executable, "-m", "blkpy", "image", "create", "-f", "qcow2",
+                        str(image), "4M"], check=True, capture_output=True)
+    guest, spec, backend, fe = _attach(host, str(image))
+    fe.connect(timeout=10)
+    assert fe.write(8, b"\x5a" * 4096).status == 0
+    assert fe.flush().status == 0
+    before = image.read_bytes()
+    platform = SimPlatform(host.sim_dir, host.socket)
+    with XenstoreClient.connect(host.socket) as xs:
+        successor = DeviceServer(platform, xs, spec.backend_path, ServeOptions(),
+                                 open_image=False)
+        assert successor.rehearse_takeover() == ["ring", "grants", "image", "thread"]
+    platform.close()
+    assert image.read_bytes() == before
+    assert fe.write(16, b"\x6b" * 4096).status == 0
+    assert bytes(fe.read(8, 4096).data) == b"\x5a" * 4096
+    assert backend.proc.poll() is None
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 def test_an_upgrade_takes_the_rings_over_from_a_serve_that_released_them(host, tmp_path, fmt):
     """`serve --replace PID` (what `blkpy hotplug restart` starts) maps the rings while the
     old serve still answers, asks it through its control socket to release the device,
