@@ -189,6 +189,16 @@ def preload_serve() -> None:
     gc.freeze()
 
 
+
+def _once(func: Callable[..., object], *args: object) -> Callable[[], None]:
+    """``func(*args)`` on the first call only."""
+    pending = [args]
+
+    def call() -> None:
+        if pending:
+            func(*pending.pop())
+    return call
+
 @dataclasses.dataclass
 class Standby:
     """A device's ready successor, waiting for its word on a pipe."""
@@ -450,31 +460,38 @@ class DeviceWatcher:
                 continue
             del self.children[rel]
             level = logging.INFO if status in (0, EXIT_HANDED_OVER) else logging.WARNING
-            log.log(level, "%s: serve pid %d ended (%s) after %.1f s", rel, child.proc.pid,
-                    _how(status), time.monotonic() - child.started)
-            self._supervise(rel, child, status)
+            self._supervise(rel, child, status, _once(
+                log.log, level, "%s: serve pid %d ended (%s) after %.1f s", rel,
+                child.proc.pid, _how(status), time.monotonic() - child.started))
 
-    def _supervise(self, rel: str, child: Child, status: int) -> None:
+    def _supervise(self, rel: str, child: Child, status: int,
+                   report: Callable[[], None]) -> None:
         """A serve that ended while its device is still connected (a crash, a kill, an
         upgrade hand-over) gets a successor that takes the rings over from their journals;
         the guest sees a pause, not a state change. A clean exit (device removed, frontend
         gone), a serve that never connected and a failed takeover get none, nor a device
-        whose serves keep dying."""
+        whose serves keep dying. ``report`` logs the end: after a standby's word, which
+        the guest waits for (under emulation a log line costs ms)."""
         if "#" in rel or self.stopping:
+            report()
             return
-        if not self._needs_successor(rel, child, status):
+        if not self._needs_successor(rel, child, status, report):
+            report()
             self.cancel_standby(rel)
             return
         if status != EXIT_HANDED_OVER:  # a crash: the standby is ready (a hand-over that
             proc = self._wake_standby(rel)  # nobody asked for gets the code on disk)
             if proc is not None:
                 self.children[rel] = Child(rel, proc, time.monotonic())
+                report()
                 log.info("%s: standby pid %d takes the device over", rel, proc.pid)
                 return
+        report()
         log.info("%s: starting a successor to take the device over", rel)
         self.start(rel, resume=True, fresh=status == EXIT_HANDED_OVER)
 
-    def _needs_successor(self, rel: str, child: Child, status: int) -> bool:
+    def _needs_successor(self, rel: str, child: Child, status: int,
+                         report: Callable[[], None]) -> bool:
         if (child.orphaned_at is not None or rel not in self.seen
                 or status in (0, EXIT_TAKEOVER_FAILED)):
             return False
@@ -483,6 +500,7 @@ class DeviceWatcher:
             return False
         # an upgrade's hand-over is asked for: never refused, but counted
         if status != EXIT_HANDED_OVER and self.restarts.spent(rel):
+            report()
             log.error("%s: %d serves died within %.0f s; not starting another", rel,
                       self.restarts.used(rel), RESTART_WINDOW_S)
             return False

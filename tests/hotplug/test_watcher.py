@@ -357,3 +357,36 @@ def test_woken_standbys_are_no_failures(forking_daemon, xs, caplog):
     d.run_until(lambda: len(d.started(standby=True)) == RESTART_BUDGET + 1,
                 what="a standby for the last successor")
     assert not _gave_up(caplog)
+
+
+def test_a_killed_serve_s_standby_gets_its_word_before_the_end_is_logged(
+        forking_daemon, xs, caplog, monkeypatch):
+    """The guest waits from the kill to the standby's takeover: the daemon writes the
+    standby's byte first and logs the serve's end after (once)."""
+    caplog.set_level(logging.INFO, logger="blkpy.hotplug.daemon")
+    d = forking_daemon(standbys_fail=False)
+    rel = add_disk(xs, "disk.raw")
+    xs.write(f"/local/domain/0/{rel}/state", "4")
+    (standby,) = d.run_until(lambda: list(d.started(standby=True)), what="a standby")
+    events: list[str] = []
+    wake = d.watcher._wake_standby
+
+    def woken(rel: str):
+        events.append("word")
+        return wake(rel)
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "ended (signal 9)" in record.getMessage():
+                events.append("ended")
+
+    monkeypatch.setattr(d.watcher, "_wake_standby", woken)
+    seen = Seen()
+    logging.getLogger("blkpy.hotplug.daemon").addHandler(seen)
+    try:
+        os.kill(d.watcher.children[rel].proc.pid, signal.SIGKILL)
+        d.run_until(lambda: (d.out / f"took-over-{standby}").exists(), what="the takeover")
+    finally:
+        logging.getLogger("blkpy.hotplug.daemon").removeHandler(seen)
+    assert events == ["word", "ended"]
+    assert f"{rel}: standby pid {standby} takes the device over" in caplog.text
