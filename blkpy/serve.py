@@ -81,6 +81,9 @@ FORMAT_PREFIXES = {"raw": "raw", "aio": "raw", "qcow2": "qcow2"}
 STATS_FILE_ENV = "BLKPY_STATS_FILE"
 RESIZE_CHECK_S = 2.0  # how often a connected device looks for a grown image
 STATUS_INTERVAL_S = 1.0  # how often `blkpy list`/xentop figures are refreshed
+#: beside the journals: the grefs each queue keeps mapped, for a standby to map before it
+#: serves (rewritten when they change, at most once a status interval)
+GRANTS_FILE = "grants.json"
 #: how long a connecting frontend waits for another process to let go of the image (the
 #: serve of the guest's old domain during a migration to this host flushing and closing)
 IMAGE_WAIT_S = 60.0
@@ -232,6 +235,7 @@ class DeviceServer:
         self._prepared_plan: ConnectPlan | None = None
         self._premapped: dict[tuple[int, ...], GrantMapping] = {}
         self._pages_ahead: dict[int, GrantMapper] = {}
+        self._saved_grants: list[list[int]] | None = None  # as GRANTS_FILE holds them
         self._disk_open = open_image
         self._runner: asyncio.Runner | None = None
         #: where a takeover's time went, logged after it
@@ -413,6 +417,8 @@ class DeviceServer:
             # a successor: the guest waits until the rings are served again, so the pid
             # (for tools, not the guest) comes after
             self._watch()
+            if not self.opts.replace:  # a dead serve's successor (an upgrade's has them)
+                self.map_saved_grants()
             snapshot, self._prepared_snapshot = self._prepared_snapshot or self._snapshot(), None
             self._execute(self.machine.resume(snapshot))
             self._prepared_plan = None  # only this connect may use it: later ones read anew
@@ -467,9 +473,10 @@ class DeviceServer:
         self._timings.append((logging.INFO, line))
 
     def map_grants_ahead(self, grants: list[object]) -> None:
-        """Map the grefs each queue of the predecessor keeps mapped (its "ready" answer),
-        so that our loop serves the first requests in C instead of mapping them then, in
-        a process that never ran that code. Only for persistent grants, as negotiated."""
+        """Map the grefs each queue of the predecessor keeps mapped (an upgrade's "ready"
+        answer, a standby's GRANTS_FILE), so that our loop serves the first requests in C
+        instead of mapping them then, in a process that never ran that code. Only for
+        persistent grants, as negotiated."""
         plan = self._prepared_plan
         if plan is None or not plan.persistent \
                 or choose_grant_mode(self.opts.grant_mode, True) != "map":
@@ -483,7 +490,44 @@ class DeviceServer:
             self._pages_ahead[queue] = pages
         if self._pages_ahead:
             self.note_timing(f"{sum(p.persistent_grants for p in self._pages_ahead.values())}"
-                             " persistent grants mapped before the hand-over")
+                             " persistent grants mapped before the rings")
+
+    def map_saved_grants(self) -> None:
+        """A dead serve's successor: map what that serve's queues kept mapped, as it last
+        saved them (a gref the guest no longer grants is skipped; one it kept unsaved is
+        mapped on first use). The connection's plan read for it is the takeover's."""
+        try:
+            grants = json.loads((self._state_dir / GRANTS_FILE).read_text())
+        except (OSError, ValueError):
+            return  # none saved (a serve of an older blkpy, no persistent grants)
+        if not isinstance(grants, list) or not any(grants):
+            return
+        try:
+            self._prepared_plan = self._plan_connection()
+        except ConnectError:
+            return  # the takeover reads again, and says why it cannot connect
+        self.map_grants_ahead(grants)
+
+    def _kept_grants(self) -> list[list[int]]:
+        """Per queue, the grefs its persistent cache keeps mapped."""
+        return [vbd.pages.persistent_grefs() if isinstance(vbd.pages, GrantMapper) else []
+                for vbd in self.vbds]
+
+    def _save_grants(self) -> None:
+        """Keep GRANTS_FILE up to date with what each queue keeps mapped (written anew
+        only when that changed): what ``map_saved_grants`` of a standby reads if we die."""
+        grants = self._kept_grants()
+        if grants == self._saved_grants:
+            return
+        path = self._state_dir / GRANTS_FILE
+        try:
+            tmp = path.with_name(f".{GRANTS_FILE}.tmp")
+            tmp.write_text(json.dumps(grants))
+            os.replace(tmp, path)  # a standby reads the old list or the new, never half
+        except OSError as exc:
+            log.debug("%s: cannot save the mapped grants: %s", self.path, exc)
+            return
+        self._saved_grants = grants
 
     def rehearse_takeover(self) -> list[str]:
         """Run, on throwaway objects, what a takeover runs first after its predecessor
@@ -961,8 +1005,7 @@ class DeviceServer:
         taken = {"ok": False, "error": "the device is handed over already", "taken": True}
         if self._handed_over:  # to another new serve: only one may have it
             return taken
-        grants = [vbd.pages.persistent_grefs() if isinstance(vbd.pages, GrantMapper) else []
-                  for vbd in self.vbds]
+        grants = self._kept_grants()
         writer.write(json.dumps({"ok": True, "pid": os.getpid(), "grants": grants}).encode()
                      + b"\n")
         await writer.drain()
@@ -1051,6 +1094,7 @@ class DeviceServer:
             log.warning("%s: cannot publish the device status (blkpy list): %s",
                         self.path, exc)
             return  # not again: the device serves on regardless
+        self._save_grants()
         self._status_timer = self._loop.call_later(STATUS_INTERVAL_S, self._publish_status)
 
     def stats(self) -> dict[str, object]:

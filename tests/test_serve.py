@@ -460,6 +460,36 @@ def test_a_takeover_is_rehearsed_beside_the_serving_process_without_touching_its
     assert backend.proc.poll() is None
 
 
+@pytest.mark.parametrize("saved", ["not json", "{}", "[1, 2]",
+                                   '[["x", -1, 4294967296, 1.5, null, [7]]]', "[[99999]]"])
+def test_a_successor_maps_only_sane_saved_grants(host, raw_image, saved):
+    """The grants file beside the journals is read by a dead serve's successor: anything
+    in it that is not a gref the guest grants maps nothing, and never raises."""
+    from blkpy.serve import GRANTS_FILE, DeviceServer, ServeOptions
+    from blkpy.sim.platform import SimPlatform
+    from blkpy.xenstore.client import XenstoreClient
+
+    guest, spec, backend, fe = _attach(host, raw_image)
+    fe.connect(timeout=10)
+    assert fe.write(8, b"\x11" * 8192).status == 0
+    state_dir = next(Path(host.sim_dir).rglob("vbd-1-51712/control")).parent
+    deadline = time.monotonic() + 10  # the serve saved them (then not again: no change)
+    while not (state_dir / GRANTS_FILE).exists() \
+            or not any(json.loads((state_dir / GRANTS_FILE).read_text())):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    (state_dir / GRANTS_FILE).write_text(saved)
+    platform = SimPlatform(host.sim_dir, host.socket)
+    with XenstoreClient.connect(host.socket) as xs:
+        successor = DeviceServer(platform, xs, spec.backend_path, ServeOptions(),
+                                 open_image=False)
+        successor.map_saved_grants()
+        assert sum(p.persistent_grants for p in successor._pages_ahead.values()) == 0
+        successor._unmap_premapped()
+    platform.close()
+    assert fe.write(8, b"\x22" * 4096).status == 0
+
+
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 def test_an_upgrade_takes_the_rings_over_from_a_serve_that_released_them(host, tmp_path, fmt):
     """`serve --replace PID` (what `blkpy hotplug restart` starts) maps the rings while the
@@ -485,7 +515,7 @@ def test_an_upgrade_takes_the_rings_over_from_a_serve_that_released_them(host, t
     assert re.search(rf"serve pid {old.proc.pid} handed over in \d+ ms \(released\)",
                      new.log_path.read_text())
     # the old serve's persistent grants were mapped before the word
-    assert re.search(r"[1-9]\d* persistent grants mapped before the hand-over",
+    assert re.search(r"[1-9]\d* persistent grants mapped before the rings",
                      new.log_path.read_text())
     assert bytes(fe.read(8, 4096).data) == b"\x11" * 4096
     assert fe.write(16, b"\x22" * 8192).status == 0

@@ -7,6 +7,7 @@ verified I/O all along sees no error and no state change."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import re
@@ -156,6 +157,10 @@ def test_killed_and_upgraded_serves_are_succeeded_under_a_live_guest(tmp_path, s
         fe.connect(timeout=30)
         g = Guest(fe, model, rng)
         g.run(200)
+        # what the serve's queues keep mapped, saved for a successor to map before it serves
+        wait_for(lambda: any(any(json.loads(p.read_text())) for p in
+                             Path(host.sim_dir).rglob("vbd-1-51712/grants.json")),
+                 what="the saved grants")
         for _ in range(3):  # killed mid-I/O, three times
             victim = _serve_pid(host)
             if standby:  # the daemon forks it once the serve has run 0.2 s
@@ -204,6 +209,9 @@ def test_killed_and_upgraded_serves_are_succeeded_under_a_live_guest(tmp_path, s
         assert text.count("starting a successor") == 3, text[-3000:]
     assert text.count("upgrade: a new serve replaces") == 1, text[-3000:]
     serve_log = (tmp_path / "serve-1-51712.log").read_text()
+    # each successor mapped its predecessor's persistent grants before serving
+    ahead = re.findall(r"([1-9]\d*) persistent grants mapped before the rings", serve_log)
+    assert len(ahead) == 4, serve_log[-3000:]
     # the old serve said when the device was free: its successor did not wait for its exit
     assert re.search(rf"serve pid {old} handed over in \d+ ms \(released\)", serve_log)
     if os.geteuid() == 0:  # the daemon lowers an upgrade's new serve only where it can
