@@ -109,10 +109,20 @@ static int timed_io(struct window *w, int wr, int fd, char *buf, size_t bs, off_
 
 	if (t1 - t0 > w->max_us)
 		w->max_us = t1 - t0;
-	if (t1 - t0 >= SLOW_US && w->slow++ < SLOW_SHOWN)
-		fprintf(stderr, "lcio s%d: %s of block %ld took %.1f ms, done at %.3f s (%s %lu)\n",
+	if (t1 - t0 >= SLOW_US && w->slow++ < SLOW_SHOWN) {
+		/* and the wall clock it ended at (UTC, from Xen like dom0's), to line the
+		 * request up with dom0's logs */
+		struct timespec wall;
+		struct tm tm;
+
+		clock_gettime(CLOCK_REALTIME, &wall);
+		gmtime_r(&wall.tv_sec, &tm);
+		fprintf(stderr, "lcio s%d: %s of block %ld took %.1f ms, done at %.3f s "
+			"(%02d:%02d:%02d.%03ld UTC) (%s %lu)\n",
 			stream, wr ? "write" : "read", block, (t1 - t0) / 1000.0, t1 / 1e6,
+			tm.tm_hour, tm.tm_min, tm.tm_sec, wall.tv_nsec / 1000000,
 			done != NULL ? "request" : "check after request", w->n);
+	}
 	if (done != NULL) {
 		if (t1 - *done > w->gap_us)
 			w->gap_us = t1 - *done;
