@@ -30,6 +30,7 @@ from pathlib import Path
 
 import aiofiles
 import aiofiles.os
+import numpy as np
 
 from blkpy import ring
 from blkpy.backends import Disk, DiskError, load_format, network_format, open_disk
@@ -41,7 +42,7 @@ from blkpy.defaults import (
     MAX_QUEUES_DEFAULT,
     POLL_US_DEFAULT,
 )
-from blkpy.engine import make_engine
+from blkpy.engine import READ, IoEngine, IoVector, make_engine
 from blkpy.fastpath import add_counters
 from blkpy.grants import GrantMapper
 from blkpy.hotplug import untap
@@ -84,6 +85,8 @@ STATUS_INTERVAL_S = 1.0  # how often `blkpy list`/xentop figures are refreshed
 #: beside the journals: the grefs each queue keeps mapped, for a standby to map before it
 #: serves (rewritten when they change, at most once a status interval)
 GRANTS_FILE = "grants.json"
+#: how long a takeover's rehearsal waits for its reads of the image (its predecessor is busy)
+REHEARSAL_READ_S = 5.0
 #: how long a connecting frontend waits for another process to let go of the image (the
 #: serve of the guest's old domain during a migration to this host flushing and closing)
 IMAGE_WAIT_S = 60.0
@@ -578,13 +581,17 @@ class DeviceServer:
             log.debug("%s: no image rehearsal: %s", self.path, exc)
             return False
         try:
-            make_engine(self.opts.engine, look).close()
+            engine = make_engine(self.opts.engine, look)
+            try:
+                read = _rehearse_reads(engine, look.size)
+            finally:
+                engine.close()
         except (OSError, ValueError, DiskError) as exc:
             log.debug("%s: no engine rehearsal: %s", self.path, exc)
             return False
         finally:
             look.close()
-        return True
+        return read
 
     def _unmap_premapped(self) -> None:
         for mapping in self._premapped.values():
@@ -1187,6 +1194,30 @@ def serve(backend_path: str, platform: Platform, xenstore_path: str | None,
                                f"{(t1 - t0) * 1000:.0f} ms ({how}); image opened in "
                                f"{(time.monotonic() - t1) * 1000:.0f} ms")
         return server.run()
+
+
+def _rehearse_reads(engine: IoEngine, size: int) -> bool:
+    """Two page reads through ``engine`` (the image's start and middle), waited for at most
+    REHEARSAL_READ_S: a format's request path in Python (a qcow2 image's table lookups, its
+    extent map), which is what a fresh process's first requests after a takeover take
+    until it has learnt where the guest's clusters live. Whether both read."""
+    page = ring.PAGE_SIZE
+    if size < 2 * page:
+        return False
+    buf = np.zeros(3 * page, dtype=np.uint8)
+    base = (buf.ctypes.data + page - 1) & ~(page - 1)  # O_DIRECT's alignment
+    vec = IoVector(kind=np.full(2, READ, dtype=np.int32),
+                   offset=np.array([0, (size // 2) & ~(page - 1)], dtype=np.uint64),
+                   length=np.full(2, page, dtype=np.int64),
+                   iov_first=np.arange(2, dtype=np.uint32), iov_count=np.ones(2, dtype=np.uint32),
+                   iov=np.array([(base, page), (base + page, page)], dtype=np.uint64),
+                   owner=np.arange(2))
+    engine.submit(vec)
+    deadline = time.monotonic() + REHEARSAL_READ_S
+    done: list[IoVector] = []
+    while not done and time.monotonic() < deadline:
+        done = engine.wait(0.1)
+    return bool(done) and not vec.result.any()
 
 
 def _serve_as_standby(platform: Platform, xs: XenstoreClient, backend_path: str,
