@@ -64,6 +64,12 @@ class NativeTable:
                                 len(wanted), ffi.cast("uint64_t *", out.ctypes.data))
         return out
 
+    def held_keys(self) -> np.ndarray:
+        """Every key with a value now (the C side stores each key plus one; 0 is an empty
+        slot, and a forgotten key keeps its slot with value 0)."""
+        held = (self._keys != 0) & (self._vals != 0)
+        return self._keys[held] - np.uint64(1)
+
     def _wipe(self) -> None:
         self._vals[:] = 0
         self._keys[:] = 0
@@ -77,10 +83,8 @@ class PersistentGrantTable(NativeTable):
         self._wipe()
 
     def grefs(self) -> list[int]:
-        """Every gref with a mapped page (the C side stores each key plus one; 0 is an
-        empty slot)."""
-        held = (self._keys != 0) & (self._vals != 0)
-        return sorted(int(k) - 1 for k in self._keys[held])
+        """Every gref with a mapped page."""
+        return sorted(self.held_keys().tolist())
 
 
 class ExtentMap(NativeTable):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from blkpy import ring
+from blkpy.backends import open_disk
 from blkpy.defaults import EXIT_HANDED_OVER
 from blkpy.serve import ServeError, _replace, parse_params
 from blkpy.sim.frontend import Frontend, NegotiationError
@@ -443,7 +444,7 @@ def test_a_takeover_is_rehearsed_beside_the_serving_process_without_touching_its
     else:
         subprocess.run([sys.executable, "-m", "blkpy", "image", "create", "-f", "qcow2",
                         str(image), "4M"], check=True, capture_output=True)
-    guest, spec, backend, fe = _attach(host, str(image))
+    guest, spec, backend, fe = _attach(host, f"{fmt}:{image}")
     fe.connect(timeout=10)
     assert fe.write(8, b"\x5a" * 4096).status == 0
     assert fe.flush().status == 0
@@ -460,32 +461,47 @@ def test_a_takeover_is_rehearsed_beside_the_serving_process_without_touching_its
     assert backend.proc.poll() is None
 
 
-@pytest.mark.parametrize("saved", ["not json", "{}", "[1, 2]",
-                                   '[["x", -1, 4294967296, 1.5, null, [7]]]', "[[99999]]"])
-def test_a_successor_maps_only_sane_saved_grants(host, raw_image, saved):
-    """The grants file beside the journals is read by a dead serve's successor: anything
-    in it that is not a gref the guest grants maps nothing, and never raises."""
-    from blkpy.serve import GRANTS_FILE, DeviceServer, ServeOptions
+@pytest.mark.parametrize("saved", [
+    None, "not json", "[[3, 4]]", '{"grants": [1, 2], "regions": "x"}',
+    '{"grants": [["x", -1, 4294967296, 1.5, null, [7]]], "regions": [-1, true, 1e9, "0"]}',
+    '{"grants": [[99999]], "regions": [99999999]}'])
+def test_a_successor_takes_only_sane_saved_state(host, tmp_path, saved):
+    """The file beside the journals is read by a dead serve's successor: what the serve
+    saved (None) is mapped and learnt; anything in it that is not a gref the guest grants
+    maps nothing, anything that is not a region of the image learns nothing, and nothing
+    raises."""
+    from blkpy.serve import SUCCESSOR_FILE, DeviceServer, ServeOptions
     from blkpy.sim.platform import SimPlatform
     from blkpy.xenstore.client import XenstoreClient
 
-    guest, spec, backend, fe = _attach(host, raw_image)
+    image = tmp_path / "disk.qcow2"
+    subprocess.run([sys.executable, "-m", "blkpy", "image", "create", "-f", "qcow2",
+                    str(image), "4M"], check=True, capture_output=True)
+    guest, spec, backend, fe = _attach(host, f"qcow2:{image}")
     fe.connect(timeout=10)
     assert fe.write(8, b"\x11" * 8192).status == 0
+    assert fe.flush().status == 0  # the metadata on disk, for the successor's look
     state_dir = next(Path(host.sim_dir).rglob("vbd-1-51712/control")).parent
-    deadline = time.monotonic() + 10  # the serve saved them (then not again: no change)
-    while not (state_dir / GRANTS_FILE).exists() \
-            or not any(json.loads((state_dir / GRANTS_FILE).read_text())):
-        assert time.monotonic() < deadline
+    state = state_dir / SUCCESSOR_FILE
+    deadline = time.monotonic() + 10  # the serve saved it (then not again: no change)
+    while not state.exists() or json.loads(state.read_text())["regions"] != [0] \
+            or not any(json.loads(state.read_text())["grants"]):
+        assert time.monotonic() < deadline, state.read_text() if state.exists() else None
         time.sleep(0.05)
-    (state_dir / GRANTS_FILE).write_text(saved)
+    if saved is not None:
+        state.write_text(saved)
     platform = SimPlatform(host.sim_dir, host.socket)
     with XenstoreClient.connect(host.socket) as xs:
         successor = DeviceServer(platform, xs, spec.backend_path, ServeOptions(),
                                  open_image=False)
-        successor.map_saved_grants()
-        assert sum(p.persistent_grants for p in successor._pages_ahead.values()) == 0
+        successor.disk = open_disk(str(image), "qcow2", readonly=True)  # a look
+        successor._disk_open = True
+        successor.take_saved_state()
+        mapped = sum(p.persistent_grants for p in successor._pages_ahead.values())
+        assert (mapped >= 2) == (saved is None) and (mapped == 0) == (saved is not None)
+        assert successor.disk.learnt_regions() == ([0] if saved is None else [])
         successor._unmap_premapped()
+        successor.disk.close()
     platform.close()
     assert fe.write(8, b"\x22" * 4096).status == 0
 
@@ -503,7 +519,7 @@ def test_an_upgrade_takes_the_rings_over_from_a_serve_that_released_them(host, t
     else:
         subprocess.run([sys.executable, "-m", "blkpy", "image", "create", "-f", "qcow2",
                         str(image), "4M"], check=True, capture_output=True)
-    guest, spec, old, fe = _attach(host, str(image))
+    guest, spec, old, fe = _attach(host, f"{fmt}:{image}")
     fe.connect(timeout=10)
     assert fe.write(8, b"\x11" * 4096).status == 0
     new = host.start_backend(spec, ["--replace", str(old.proc.pid)])
@@ -517,6 +533,9 @@ def test_an_upgrade_takes_the_rings_over_from_a_serve_that_released_them(host, t
     # the old serve's persistent grants were mapped before the word
     assert re.search(r"[1-9]\d* persistent grants mapped before the rings",
                      new.log_path.read_text())
+    # and a qcow2 image's regions the old serve had learnt, learnt before the rings
+    learnt = re.search(r"[1-9]\d* region\(s\) of the image learnt", new.log_path.read_text())
+    assert (learnt is not None) == (fmt == "qcow2")
     assert bytes(fe.read(8, 4096).data) == b"\x11" * 4096
     assert fe.write(16, b"\x22" * 8192).status == 0
     assert host.backend_state(spec) == XenbusState.CONNECTED

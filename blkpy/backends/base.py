@@ -75,6 +75,17 @@ class Disk(abc.ABC):
         serve the write itself. False: this request needs the format's own write path."""
         return False
 
+    def learnt_regions(self) -> list[int]:
+        """The regions whose places this disk's extent map learnt whole (a qcow2 image:
+        its L2 tables, by L1 index), for a successor to learn before it serves."""
+        return []
+
+    def learn_regions(self, regions: list[object]) -> int:
+        """Learn the places of ``regions`` (a predecessor's ``learnt_regions``; anything
+        else is skipped) now, so the native loop serves their first requests itself. How
+        many were learnt."""
+        return 0
+
     def mapping_batch(self) -> contextlib.AbstractContextManager[None]:
         """Around several ``map_for_write`` calls of one hand-back: a format may defer
         what each would do once (qcow2 records its metadata for a successor once, at the

@@ -32,6 +32,8 @@ MAX_BACKING_DEPTH = 64  # QEMU's limit too; a deeper chain is most likely a loop
 EXTENT_MAP_CLUSTERS = 32768
 #: clusters learnt per request served in Python (bounds the cost of one long request)
 LEARN_CLUSTERS = 64
+#: a successor learns its predecessor's tables (learn_regions) up to half the extent map
+LEARN_AHEAD_CLUSTERS = EXTENT_MAP_CLUSTERS // 2
 #: most clusters mapped ahead of a sequential allocating writer (allocation_ahead)
 AHEAD_CLUSTERS = 16
 _ZEROS = bytes(1 << 20)
@@ -268,6 +270,32 @@ class Qcow2Disk(Disk):
             if host is not None:
                 extents.learn(cluster, host,
                               writable and meta.fast_host(start, cs, write=True) is not None)
+
+    def learnt_regions(self) -> list[int]:
+        # every table the loop knows a cluster of (a cluster mapped for a write is learnt
+        # alone, not with its table)
+        if self._extents is None:
+            return []
+        return np.unique(self._extents.held_keys() >> np.uint64(self.meta.geo.l2_bits)).tolist()
+
+    def learn_regions(self, regions: list[object]) -> int:
+        extents = self._extents
+        if extents is None:
+            return 0
+        meta = self.meta
+        writable = not self.readonly and meta.writable and not meta.write_failed
+        span = extents.cluster_bits + meta.geo.l2_bits
+        tables = max(1, LEARN_AHEAD_CLUSTERS >> meta.geo.l2_bits)
+        wanted = sorted({r for r in regions if isinstance(r, int) and not isinstance(r, bool)
+                         and 0 <= r < len(meta.l1)})[:tables]
+        with self._lock:
+            if self._learnt_generation != extents.generation:
+                self._learnt_tables.clear()
+                self._learnt_generation = extents.generation
+            for l1_index in wanted:
+                if l1_index not in self._learnt_tables:
+                    self._learn_table(l1_index << span, writable)
+        return len(self._learnt_tables.intersection(wanted))
 
     def _learn_table(self, guest: int, writable: bool) -> None:
         extents = self._extents

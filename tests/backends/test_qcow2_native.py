@@ -258,3 +258,36 @@ def test_a_sequential_allocating_writer_is_mapped_ahead(tmp_path):
         dev.close()
     check_clean(path)
     assert as_raw(path, f"{tmp_path}/x.raw") == bytes(g.model)
+
+
+def test_a_successor_that_learns_its_predecessor_s_regions_serves_their_first_reads_natively(
+        tmp_path):
+    """What a takeover's new serve learns before the rings (the old serve's learnt L2
+    tables, from its "ready" answer or the file beside the journals): the first reads there
+    are the loop's, not Python's as in a process that learnt nothing; anything in the list
+    that is not an L1 index is skipped."""
+    path = _image(tmp_path, 4096, snapshot=False)  # 4 KiB clusters: 2 MiB per table
+    model = bytearray(DISK)
+    dev = InProcessDevice(path, fmt="qcow2", persistent=True)
+    try:
+        g = Guest(dev, model)
+        g.write(16, 4, 1)
+        g.read(16, 4)
+        regions = dev.disk.learnt_regions()
+    finally:
+        dev.close()
+    assert regions == [0]
+    for learn in (False, True):
+        dev = InProcessDevice(path, fmt="qcow2", persistent=True)
+        try:
+            if learn:
+                assert dev.disk.learn_regions([*regions, -1, True, "0", 1.0, 10**9]) == 1
+                assert dev.disk.learnt_regions() == [0]
+            g = Guest(dev, model)
+            g.write(PAGES - 8, 4, 7)  # the other table, and the guest's pages mapped
+            before = dev.vbd.loop.counters()["rd_req"]
+            g.read(16, 4)
+            assert dev.vbd.loop.counters()["rd_req"] == before + learn
+        finally:
+            dev.close()
+    check_clean(path)

@@ -158,8 +158,8 @@ def test_killed_and_upgraded_serves_are_succeeded_under_a_live_guest(tmp_path, s
         g = Guest(fe, model, rng)
         g.run(200)
         # what the serve's queues keep mapped, saved for a successor to map before it serves
-        wait_for(lambda: any(any(json.loads(p.read_text())) for p in
-                             Path(host.sim_dir).rglob("vbd-1-51712/grants.json")),
+        wait_for(lambda: any(any(json.loads(p.read_text())["grants"]) for p in
+                             Path(host.sim_dir).rglob("vbd-1-51712/successor.json")),
                  what="the saved grants")
         for _ in range(3):  # killed mid-I/O, three times
             victim = _serve_pid(host)
