@@ -197,6 +197,9 @@ class Qcow2Disk(Disk):
         # backing files are read through this object).
         self._extents = ExtentMap(EXTENT_MAP_CLUSTERS, h.cluster_bits) if _depth == 0 else None
         self._learnt_tables: set[int] = set()  # L1 indices whose L2 table was learnt whole
+        #: learnt_regions' last answer, and the extent map's (generation, count) then
+        self._regions: list[int] = []
+        self._regions_key: tuple[int, int] | None = None
         self._miss_end = -1  # where the last write the loop could not place ended
         self._ahead_clusters = 0  # how far ahead of a sequential writer to map
         self._learnt_generation = 0
@@ -273,10 +276,16 @@ class Qcow2Disk(Disk):
 
     def learnt_regions(self) -> list[int]:
         # every table the loop knows a cluster of (a cluster mapped for a write is learnt
-        # alone, not with its table)
-        if self._extents is None:
+        # alone, not with its table); asked every second, so worked out again only once
+        # something was learnt (what was forgotten since costs a successor a read, no more)
+        extents = self._extents
+        if extents is None:
             return []
-        return np.unique(self._extents.held_keys() >> np.uint64(self.meta.geo.l2_bits)).tolist()
+        key = (extents.generation, extents.count)
+        if key != self._regions_key:
+            held = extents.held_keys() >> np.uint64(self.meta.geo.l2_bits)
+            self._regions, self._regions_key = np.unique(held).tolist(), key
+        return list(self._regions)
 
     def learn_regions(self, regions: list[object]) -> int:
         extents = self._extents
