@@ -40,6 +40,17 @@ def _attach(host, image, **spec_kw):
     return guest, spec, backend, fe
 
 
+def _image(tmp_path: Path, fmt: str) -> Path:
+    """A 4 MiB image of ``fmt`` (raw: zeros; qcow2: empty)."""
+    image = tmp_path / f"disk.{fmt}"
+    if fmt == "raw":
+        image.write_bytes(bytes(4 << 20))
+    else:
+        subprocess.run([sys.executable, "-m", "blkpy", "image", "create", "-f", "qcow2",
+                        str(image), "4M"], check=True, capture_output=True)
+    return image
+
+
 def _balanced(stats):
     p = stats["platform"]
     # map_calls counts attempts (a refused batch is a hypercall too); pages only successes
@@ -438,12 +449,7 @@ def test_a_takeover_is_rehearsed_beside_the_serving_process_without_touching_its
     from blkpy.sim.platform import SimPlatform
     from blkpy.xenstore.client import XenstoreClient
 
-    image = tmp_path / f"disk.{fmt}"
-    if fmt == "raw":
-        image.write_bytes(bytes(4 << 20))
-    else:
-        subprocess.run([sys.executable, "-m", "blkpy", "image", "create", "-f", "qcow2",
-                        str(image), "4M"], check=True, capture_output=True)
+    image = _image(tmp_path, fmt)
     guest, spec, backend, fe = _attach(host, f"{fmt}:{image}")
     fe.connect(timeout=10)
     assert fe.write(8, b"\x5a" * 4096).status == 0
@@ -474,9 +480,7 @@ def test_a_successor_takes_only_sane_saved_state(host, tmp_path, saved):
     from blkpy.sim.platform import SimPlatform
     from blkpy.xenstore.client import XenstoreClient
 
-    image = tmp_path / "disk.qcow2"
-    subprocess.run([sys.executable, "-m", "blkpy", "image", "create", "-f", "qcow2",
-                    str(image), "4M"], check=True, capture_output=True)
+    image = _image(tmp_path, "qcow2")
     guest, spec, backend, fe = _attach(host, f"qcow2:{image}")
     fe.connect(timeout=10)
     assert fe.write(8, b"\x11" * 8192).status == 0
@@ -513,12 +517,7 @@ def test_an_upgrade_takes_the_rings_over_from_a_serve_that_released_them(host, t
     and serves on once it has: the old one exits after, handed over; every request is
     answered, and no ring grant stays mapped twice (the guest can revoke them all once
     the successor disconnects)."""
-    image = tmp_path / f"disk.{fmt}"
-    if fmt == "raw":
-        image.write_bytes(bytes(4 << 20))
-    else:
-        subprocess.run([sys.executable, "-m", "blkpy", "image", "create", "-f", "qcow2",
-                        str(image), "4M"], check=True, capture_output=True)
+    image = _image(tmp_path, fmt)
     guest, spec, old, fe = _attach(host, f"{fmt}:{image}")
     fe.connect(timeout=10)
     assert fe.write(8, b"\x11" * 4096).status == 0
