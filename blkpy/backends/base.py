@@ -76,8 +76,8 @@ class Disk(abc.ABC):
         return False
 
     def learnt_regions(self) -> list[int]:
-        """The regions whose places this disk's extent map learnt whole (a qcow2 image:
-        its L2 tables, by L1 index), for a successor to learn before it serves."""
+        """The regions this disk's extent map knows places in (a qcow2 image: its L2
+        tables, by L1 index), for a successor to learn before it serves."""
         return []
 
     def learn_regions(self, regions: list[object]) -> int:

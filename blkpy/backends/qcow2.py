@@ -13,7 +13,7 @@ import os
 import stat
 import threading
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -255,14 +255,10 @@ class Qcow2Disk(Disk):
         if extents is None or length <= 0:
             return
         bits, cs, meta = extents.cluster_bits, self.cluster_size, self.meta
-        writable = not self.readonly and meta.writable and not meta.write_failed
-        if self._learnt_generation != extents.generation:
-            self._learnt_tables.clear()
-            self._learnt_generation = extents.generation
+        writable = self._writable_in_place()
         table_span = bits + meta.geo.l2_bits
-        for l1_index in range(offset >> table_span, ((offset + length - 1) >> table_span) + 1):
-            if l1_index not in self._learnt_tables:
-                self._learn_table(l1_index << table_span, writable)
+        self._learn_tables(range(offset >> table_span,
+                                 ((offset + length - 1) >> table_span) + 1), writable)
         first = offset >> bits
         last = min((offset + length - 1) >> bits, first + LEARN_CLUSTERS - 1)
         for cluster in range(first, last + 1):
@@ -288,23 +284,33 @@ class Qcow2Disk(Disk):
         return list(self._regions)
 
     def learn_regions(self, regions: list[object]) -> int:
-        extents = self._extents
-        if extents is None:
+        if self._extents is None:
             return 0
         meta = self.meta
-        writable = not self.readonly and meta.writable and not meta.write_failed
-        span = extents.cluster_bits + meta.geo.l2_bits
         tables = max(1, LEARN_AHEAD_CLUSTERS >> meta.geo.l2_bits)
         wanted = sorted({r for r in regions if isinstance(r, int) and not isinstance(r, bool)
                          and 0 <= r < len(meta.l1)})[:tables]
         with self._lock:
-            if self._learnt_generation != extents.generation:
-                self._learnt_tables.clear()
-                self._learnt_generation = extents.generation
-            for l1_index in wanted:
-                if l1_index not in self._learnt_tables:
-                    self._learn_table(l1_index << span, writable)
-        return len(self._learnt_tables.intersection(wanted))
+            self._learn_tables(wanted, self._writable_in_place())
+            return len(self._learnt_tables.intersection(wanted))
+
+    def _writable_in_place(self) -> bool:
+        """Whether the loop may write clusters we own alone in place at all."""
+        meta = self.meta
+        return not self.readonly and meta.writable and not meta.write_failed
+
+    def _learn_tables(self, l1_indices: Iterable[int], writable: bool) -> None:
+        """Learn the whole L2 tables of ``l1_indices`` not learnt since the extent map
+        last started over (lock held)."""
+        extents = self._extents
+        assert extents is not None
+        if self._learnt_generation != extents.generation:
+            self._learnt_tables.clear()
+            self._learnt_generation = extents.generation
+        span = extents.cluster_bits + self.meta.geo.l2_bits
+        for l1_index in l1_indices:
+            if l1_index not in self._learnt_tables:
+                self._learn_table(l1_index << span, writable)
 
     def _learn_table(self, guest: int, writable: bool) -> None:
         extents = self._extents
