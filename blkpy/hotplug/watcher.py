@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import gc
 import logging
 import os
@@ -188,16 +189,6 @@ def preload_serve() -> None:
     gc.collect()
     gc.freeze()
 
-
-
-def _once(func: Callable[..., object], *args: object) -> Callable[[], None]:
-    """``func(*args)`` on the first call only."""
-    pending = [args]
-
-    def call() -> None:
-        if pending:
-            func(*pending.pop())
-    return call
 
 @dataclasses.dataclass
 class Standby:
@@ -460,7 +451,7 @@ class DeviceWatcher:
                 continue
             del self.children[rel]
             level = logging.INFO if status in (0, EXIT_HANDED_OVER) else logging.WARNING
-            self._supervise(rel, child, status, _once(
+            self._supervise(rel, child, status, functools.partial(
                 log.log, level, "%s: serve pid %d ended (%s) after %.1f s", rel,
                 child.proc.pid, _how(status), time.monotonic() - child.started))
 
@@ -470,15 +461,23 @@ class DeviceWatcher:
         upgrade hand-over) gets a successor that takes the rings over from their journals;
         the guest sees a pause, not a state change. A clean exit (device removed, frontend
         gone), a serve that never connected and a failed takeover get none, nor a device
-        whose serves keep dying. ``report`` logs the end: after a standby's word, which
-        the guest waits for (under emulation a log line costs ms)."""
+        whose serves keep dying. ``report`` logs the end, once on every path: after a
+        standby's word, which the guest waits for (under emulation a log line costs ms)."""
         if "#" in rel or self.stopping:
             report()
             return
-        if not self._needs_successor(rel, child, status, report):
+        if not self._needs_successor(rel, child, status):
             report()
             self.cancel_standby(rel)
             return
+        # an upgrade's hand-over is asked for: never refused, but counted
+        if status != EXIT_HANDED_OVER and self.restarts.spent(rel):
+            report()
+            log.error("%s: %d serves died within %.0f s; not starting another", rel,
+                      self.restarts.used(rel), RESTART_WINDOW_S)
+            self.cancel_standby(rel)
+            return
+        self.restarts.charge(rel)
         if status != EXIT_HANDED_OVER:  # a crash: the standby is ready (a hand-over that
             proc = self._wake_standby(rel)  # nobody asked for gets the code on disk)
             if proc is not None:
@@ -490,22 +489,13 @@ class DeviceWatcher:
         log.info("%s: starting a successor to take the device over", rel)
         self.start(rel, resume=True, fresh=status == EXIT_HANDED_OVER)
 
-    def _needs_successor(self, rel: str, child: Child, status: int,
-                         report: Callable[[], None]) -> bool:
+    def _needs_successor(self, rel: str, child: Child, status: int) -> bool:
         if (child.orphaned_at is not None or rel not in self.seen
                 or status in (0, EXIT_TAKEOVER_FAILED)):
             return False
         state = (self.xs.read_str(f"/local/domain/{self.domid}/{rel}/state") or "").strip()
-        if state != "4":  # never connected (e.g. it could not open its image): nothing to keep
-            return False
-        # an upgrade's hand-over is asked for: never refused, but counted
-        if status != EXIT_HANDED_OVER and self.restarts.spent(rel):
-            report()
-            log.error("%s: %d serves died within %.0f s; not starting another", rel,
-                      self.restarts.used(rel), RESTART_WINDOW_S)
-            return False
-        self.restarts.charge(rel)
-        return True
+        # never connected (e.g. it could not open its image): nothing to keep
+        return state == "4"
 
     def terminate_orphans(self) -> None:
         now = time.monotonic()
