@@ -472,9 +472,9 @@ class DeviceServer:
             log.log(level, "%s: %s", self.path, line)
         self._timings.clear()
 
-    def note_timing(self, line: str) -> None:
+    def note_timing(self, line: str, level: int = logging.INFO) -> None:
         """Where a takeover's time went: logged once the rings are served."""
-        self._timings.append((logging.INFO, line))
+        self._timings.append((level, line))
 
     def map_grants_ahead(self, grants: list[object]) -> None:
         """Map the grefs each queue of the predecessor keeps mapped (an upgrade's "ready"
@@ -910,9 +910,9 @@ class DeviceServer:
         vbd.start()
         # where a takeover's time goes (the guest waits for all of it; logged once the
         # rings are served: under emulation each log line costs ms)
-        self._timings.append((logging.DEBUG, f"queue {queue}: ring mapped, journal read, "
-                              f"channel bound in {(t1 - t0) * 1000:.0f} ms; engine and loop "
-                              f"started in {(time.monotonic() - t1) * 1000:.0f} ms"))
+        self.note_timing(f"queue {queue}: ring mapped, journal read, channel bound in "
+                         f"{(t1 - t0) * 1000:.0f} ms; engine and loop started in "
+                         f"{(time.monotonic() - t1) * 1000:.0f} ms", logging.DEBUG)
 
     def _periodic_resize(self) -> None:
         assert self._loop is not None
