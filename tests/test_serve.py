@@ -1,6 +1,7 @@
 """`blkpy serve` as a real subprocess on the simulated host: handshake, reconnect, toolstack
 removal, SIGTERM, hostile frontend nodes and operator errors."""
 
+import contextlib
 import json
 import re
 import signal
@@ -8,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,23 @@ def _image(tmp_path: Path, fmt: str) -> Path:
         subprocess.run([sys.executable, "-m", "blkpy", "image", "create", "-f", "qcow2",
                         str(image), "4M"], check=True, capture_output=True)
     return image
+
+
+@contextlib.contextmanager
+def _successor(host, spec) -> Iterator[object]:
+    """A second DeviceServer of the device, beside its running serve (what an upgrade's
+    new serve or a standby is before it takes over): its image not opened."""
+    from blkpy.serve import DeviceServer, ServeOptions
+    from blkpy.sim.platform import SimPlatform
+    from blkpy.xenstore.client import XenstoreClient
+
+    platform = SimPlatform(host.sim_dir, host.socket)
+    try:
+        with XenstoreClient.connect(host.socket) as xs:
+            yield DeviceServer(platform, xs, spec.backend_path, ServeOptions(),
+                               open_image=False)
+    finally:
+        platform.close()
 
 
 def _balanced(stats):
@@ -445,22 +464,14 @@ def test_a_takeover_is_rehearsed_beside_the_serving_process_without_touching_its
     answers: a ring's attach from a journal, the grant table, a read-only look at the image
     with an engine on it, a thread. All of it runs although the serve holds the image's
     lock; the image's bytes stay as they were, and the serve serves on."""
-    from blkpy.serve import DeviceServer, ServeOptions
-    from blkpy.sim.platform import SimPlatform
-    from blkpy.xenstore.client import XenstoreClient
-
     image = _image(tmp_path, fmt)
     guest, spec, backend, fe = _attach(host, f"{fmt}:{image}")
     fe.connect(timeout=10)
     assert fe.write(8, b"\x5a" * 4096).status == 0
     assert fe.flush().status == 0
     before = image.read_bytes()
-    platform = SimPlatform(host.sim_dir, host.socket)
-    with XenstoreClient.connect(host.socket) as xs:
-        successor = DeviceServer(platform, xs, spec.backend_path, ServeOptions(),
-                                 open_image=False)
+    with _successor(host, spec) as successor:
         assert successor.rehearse_takeover() == ["ring", "grants", "image", "thread"]
-    platform.close()
     assert image.read_bytes() == before
     assert fe.write(16, b"\x6b" * 4096).status == 0
     assert bytes(fe.read(8, 4096).data) == b"\x5a" * 4096
@@ -476,9 +487,7 @@ def test_a_successor_takes_only_sane_saved_state(host, tmp_path, saved):
     saved (None) is mapped and learnt; anything in it that is not a gref the guest grants
     maps nothing, anything that is not a region of the image learns nothing, and nothing
     raises."""
-    from blkpy.serve import SUCCESSOR_FILE, DeviceServer, ServeOptions
-    from blkpy.sim.platform import SimPlatform
-    from blkpy.xenstore.client import XenstoreClient
+    from blkpy.serve import SUCCESSOR_FILE
 
     image = _image(tmp_path, "qcow2")
     guest, spec, backend, fe = _attach(host, f"qcow2:{image}")
@@ -494,10 +503,7 @@ def test_a_successor_takes_only_sane_saved_state(host, tmp_path, saved):
         time.sleep(0.05)
     if saved is not None:
         state.write_text(saved)
-    platform = SimPlatform(host.sim_dir, host.socket)
-    with XenstoreClient.connect(host.socket) as xs:
-        successor = DeviceServer(platform, xs, spec.backend_path, ServeOptions(),
-                                 open_image=False)
+    with _successor(host, spec) as successor:
         successor.disk = open_disk(str(image), "qcow2", readonly=True)  # a look
         successor._disk_open = True
         successor.take_saved_state()
@@ -506,7 +512,6 @@ def test_a_successor_takes_only_sane_saved_state(host, tmp_path, saved):
         assert successor.disk.learnt_regions() == ([0] if saved is None else [])
         successor._unmap_premapped()
         successor.disk.close()
-    platform.close()
     assert fe.write(8, b"\x22" * 4096).status == 0
 
 
