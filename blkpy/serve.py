@@ -47,6 +47,7 @@ from blkpy.fastpath import add_counters
 from blkpy.grants import GrantMapper
 from blkpy.hotplug import untap
 from blkpy.journal import JournalError, RingJournal
+from blkpy.laps import Laps
 from blkpy.platform import GrantMapping, Platform, PlatformError
 from blkpy.qos import QosError, QosState, parse_limits
 from blkpy.ratelimit import RateLimitedLog
@@ -95,6 +96,9 @@ IMAGE_WAIT_S = 60.0
 LOCKED_FORMATS = ("raw", "qcow2")
 #: how long a serve asked to get ready for a hand-over waits for the word to do it
 HANDOVER_GO_S = 60.0
+#: how long a serve that handed its device over waits, before it exits, for its successor
+#: to serve the rings (an exit's unmapping took the CPU from the successor's attach)
+HANDOVER_EXIT_WAIT_S = 5.0
 
 
 
@@ -244,6 +248,7 @@ class DeviceServer:
         self._runner: asyncio.Runner | None = None
         #: where a takeover's time went, logged after it
         self._timings: list[tuple[int, str]] = []
+        self._after_takeover: list[Callable[[], None]] = []
         self._signals_handled = False
 
     # ---- setup ------------------------------------------------------------------------
@@ -472,6 +477,16 @@ class DeviceServer:
             log.log(level, "%s: %s", self.path, line)
         self._timings.clear()
 
+    def after_takeover(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the takeover attached (or failed to): an upgrade's
+        predecessor waits for it to exit."""
+        self._after_takeover.append(callback)
+
+    def _run_after_takeover(self) -> None:
+        callbacks, self._after_takeover = self._after_takeover, []
+        for callback in callbacks:
+            callback()
+
     def note_timing(self, line: str, level: int = logging.INFO) -> None:
         """Where a takeover's time went: logged once the rings are served."""
         self._timings.append((level, line))
@@ -514,12 +529,7 @@ class DeviceServer:
         mapped and learn the regions it had learnt, as it last saved them (a gref the
         guest no longer grants is skipped; one it kept unsaved is mapped on first use).
         The connection's plan read for it is the takeover's."""
-        try:
-            saved = json.loads((self._state_dir / SUCCESSOR_FILE).read_text())
-        except (OSError, ValueError):
-            return  # none saved (a serve of an older blkpy)
-        if not isinstance(saved, dict):
-            return
+        saved = self._read_saved_state()
         self.learn_regions_ahead(saved.get("regions"))
         grants = saved.get("grants")
         if not isinstance(grants, list) or not any(grants):
@@ -529,6 +539,15 @@ class DeviceServer:
         except ConnectError:
             return  # the takeover reads again, and says why it cannot connect
         self.map_grants_ahead(grants)
+
+    def _read_saved_state(self) -> dict[str, object]:
+        """What SUCCESSOR_FILE holds now (empty if nothing sane: none saved, a serve of
+        an older blkpy, a file that is not ours)."""
+        try:
+            saved = json.loads((self._state_dir / SUCCESSOR_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        return saved if isinstance(saved, dict) else {}
 
     def _kept_grants(self) -> list[list[int]]:
         """Per queue, the grefs its persistent cache keeps mapped."""
@@ -584,37 +603,43 @@ class DeviceServer:
         GrantMapper(self.platform, self.frontend_id, persistent=True,
                     max_persistent=self.opts.max_persistent_grants)
         done.append("grants")
-        if self._rehearse_image():
-            done.append("image")
+        done += self._rehearse_image()
         thread = threading.Thread(target=lambda: None, name="blkpy-rehearsal")
         thread.start()
         thread.join()
         done.append("thread")
         return done
 
-    def _rehearse_image(self) -> bool:
+    def _rehearse_image(self) -> list[str]:
         """Open the image read-only, without its lock (the predecessor holds it), build
-        an engine on it, and close both. Not a network disk's: that would be a
+        an engine on it, read two pages, learn the regions saved for a successor, and
+        close both; what of it was done. Not a network disk's: that would be a
         connection to its server."""
         if self.fmt not in LOCKED_FORMATS:
-            return False
+            return []
         try:
             look, _ = self._open_image(self.image, self.fmt, lock=False, readonly=True)
         except (ServeError, ImageBusy, OSError) as exc:
             log.debug("%s: no image rehearsal: %s", self.path, exc)
-            return False
+            return []
+        done = []
         try:
             engine = make_engine(self.opts.engine, look)
             try:
-                read = _rehearse_reads(engine, look.size)
+                if _rehearse_reads(engine, look.size):
+                    done.append("image")
             finally:
                 engine.close()
+            # what a successor learns before the rings (its first run in a process cost
+            # 70-110 ms of an upgrade under emulation): the regions saved for it, if any
+            regions = self._read_saved_state().get("regions")
+            if isinstance(regions, list) and look.learn_regions(regions):
+                done.append("regions")
         except (OSError, ValueError, DiskError) as exc:
             log.debug("%s: no engine rehearsal: %s", self.path, exc)
-            return False
         finally:
             look.close()
-        return read
+        return done
 
     def _unmap_premapped(self) -> None:
         for mapping in self._premapped.values():
@@ -663,15 +688,20 @@ class DeviceServer:
         successor maps the rings itself, and does not wait for ours to go."""
         if self._handed_over:
             return
-        t0 = time.monotonic()
+        laps = Laps()
         self._handed_over = True
+        for vbd in self.vbds:
+            vbd.stop()
+        laps.lap("queues stopped")
+        for vbd in self.vbds:
+            vbd.drain()
+        laps.lap("requests answered")
         self._disconnect(keep_mappings=True)
-        t1 = time.monotonic()
+        laps.lap("channels unbound")
         self._close_disk()
+        laps.lap("image closed")
         # where an upgrade's time goes (the guest waits for all of it: logged after)
-        self.note_timing(f"handed the device over: queues stopped, requests answered, "
-                         f"channels unbound in {(t1 - t0) * 1000:.0f} ms; image closed in "
-                         f"{(time.monotonic() - t1) * 1000:.0f} ms")
+        self.note_timing(f"handed the device over: {laps}")
         if self._status_timer is not None:
             self._status_timer.cancel()
         if self._status is not None:  # the successor publishes the device's status
@@ -728,10 +758,12 @@ class DeviceServer:
                 except (ConnectError, PlatformError, ring.RingOverflow, JournalError) as exc:
                     # Never Closing: the guest's disk would die. Leave everything as the
                     # dead serve left it; the operator (or the next successor) decides.
+                    self._run_after_takeover()
                     log.error("%s: cannot take the device over: %s", self.path, exc)
                     self._disconnect()
                     self._finish(EXIT_TAKEOVER_FAILED)
                     return
+                self._run_after_takeover()
                 self._guest_log.info("%s: took the device over (%.0f ms to attach)", self.path,
                                      (time.monotonic() - t0) * 1000)
                 self._log_timings()
@@ -880,17 +912,20 @@ class DeviceServer:
     def _attach_queue(self, abi: ring.Abi, refs: list[int], port: int,
                       geometry: DiskGeometry, persistent: bool, queue: int = 0,
                       resume: bool = False) -> None:
-        t0 = time.monotonic()
+        laps = Laps()
         mapping = self._premapped.pop(tuple(refs), None) \
             or self.platform.map_grants(self.frontend_id, refs, writable=True)
         self._ring_maps.append(mapping)
+        laps.lap("ring mapped")
         journal = RingJournal(self._state_dir / f"queue-{queue}.journal",
                               ring.ring_size(abi, len(refs).bit_length() - 1), abi.entry_size)
         self._journals.append(journal)
         back = ring.BackRing(mapping.buffer, abi, len(refs), journal=journal, resume=resume)
+        laps.lap("journal read")
         evtchn = self.platform.bind_interdomain(self.frontend_id, port)
-        t1 = time.monotonic()
+        laps.lap("channel bound")
         engine = make_engine(self.opts.engine, self.disk)
+        laps.lap("engine")
         # The loop spinning on an empty ring watches only its own completions: for a disk
         # only Python's engine can reach a spin would delay every answer by the poll budget
         # and take a CPU from the I/O thread and the server. A network disk's queue (NBD,
@@ -906,13 +941,13 @@ class DeviceServer:
                   on_broken=self._on_ring_broken,
                   bad_request_log=self._bad_log, qos=self.qos,
                   pages=self._pages_ahead.pop(queue, None))
+        laps.lap("loop made")
         self.vbds.append(vbd)
         vbd.start()
+        laps.lap("thread started")
         # where a takeover's time goes (the guest waits for all of it; logged once the
         # rings are served: under emulation each log line costs ms)
-        self.note_timing(f"queue {queue}: ring mapped, journal read, channel bound in "
-                         f"{(t1 - t0) * 1000:.0f} ms; engine and loop started in "
-                         f"{(time.monotonic() - t1) * 1000:.0f} ms", logging.DEBUG)
+        self.note_timing(f"queue {queue} attached: {laps}", logging.DEBUG)
 
     def _periodic_resize(self) -> None:
         assert self._loop is not None
@@ -1017,6 +1052,11 @@ class DeviceServer:
             if reply:
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
+            if reply.get("released") is True:
+                # The successor attaches now: our exit (unmapping, freeing) would take
+                # CPU from it. It hangs up once it serves the rings (or dies).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(reader.read(1), HANDOVER_EXIT_WAIT_S)
         except (TimeoutError, OSError):
             pass  # the client went away: nothing to tell it
         finally:
@@ -1210,6 +1250,7 @@ def serve(backend_path: str, platform: Platform, xenstore_path: str | None,
             _take_priority_of(options.replace)
             t0 = time.monotonic()
             how = predecessor.replace()
+            server.after_takeover(predecessor.close)
             t1 = time.monotonic()
             server.open_image()
             server.note_timing(f"serve pid {options.replace} handed over in "
@@ -1293,7 +1334,11 @@ def _replace(pid: int, control: Path, timeout: float = 30.0) -> str:
     """Have serve ``pid`` hand its device over; returns how it said it was done: an
     answer on its control socket once the device is released (it exits after), or, from
     a serve that does not know that command, its exit after SIGUSR2."""
-    return _Predecessor(pid, control, timeout).replace()
+    predecessor = _Predecessor(pid, control, timeout)
+    try:
+        return predecessor.replace()
+    finally:
+        predecessor.close()
 
 
 class _Predecessor:
@@ -1357,13 +1402,17 @@ class _Predecessor:
         return None
 
     def replace(self) -> str:
+        """"released": the connection stays open until ``close()``, which the predecessor
+        waits for before it exits (the successor's attach then has the CPU)."""
         try:
             fd = os.pidfd_open(self.pid)
         except ProcessLookupError:
             self.close()
             return "gone already"  # take over what it left
+        released = False
         try:
             if self.ready() and self._go():
+                released = True
                 return "released"
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGUSR2)
@@ -1374,7 +1423,8 @@ class _Predecessor:
             return "exited"
         finally:
             os.close(fd)
-            self.close()
+            if not released:
+                self.close()
 
     def _go(self) -> bool:
         """The word to hand over; True once it answered that the device is released

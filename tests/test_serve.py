@@ -70,6 +70,18 @@ def _successor(host, spec) -> Iterator[object]:
         platform.close()
 
 
+def _saved_for_successor(host, name: str, regions: list[int]) -> Path:
+    """The running serve's file for its successor, once it holds ``regions`` and some
+    persistent grants (the serve saves it at its status tick, then only on a change)."""
+    state = next(Path(host.sim_dir).rglob("vbd-1-51712/control")).parent / name
+    deadline = time.monotonic() + 10
+    while not state.exists() or json.loads(state.read_text())["regions"] != regions \
+            or not any(json.loads(state.read_text())["grants"]):
+        assert time.monotonic() < deadline, state.read_text() if state.exists() else None
+        time.sleep(0.05)
+    return state
+
+
 def _balanced(stats):
     p = stats["platform"]
     # map_calls counts attempts (a refused batch is a hypercall too); pages only successes
@@ -462,16 +474,21 @@ def test_a_takeover_is_rehearsed_beside_the_serving_process_without_touching_its
         host, tmp_path, fmt):
     """What an upgrade's new serve and a standby rehearse while the device's serve still
     answers: a ring's attach from a journal, the grant table, a read-only look at the image
-    with an engine on it, a thread. All of it runs although the serve holds the image's
+    with an engine on it and two reads, the learning of the regions saved for a successor
+    (a qcow2 image's), a thread. All of it runs although the serve holds the image's
     lock; the image's bytes stay as they were, and the serve serves on."""
+    from blkpy.serve import SUCCESSOR_FILE
+
     image = _image(tmp_path, fmt)
     guest, spec, backend, fe = _attach(host, f"{fmt}:{image}")
     fe.connect(timeout=10)
     assert fe.write(8, b"\x5a" * 4096).status == 0
     assert fe.flush().status == 0
+    _saved_for_successor(host, SUCCESSOR_FILE, regions=[0] if fmt == "qcow2" else [])
     before = image.read_bytes()
     with _successor(host, spec) as successor:
-        assert successor.rehearse_takeover() == ["ring", "grants", "image", "thread"]
+        assert successor.rehearse_takeover() == [
+            "ring", "grants", "image", *(["regions"] if fmt == "qcow2" else []), "thread"]
     assert image.read_bytes() == before
     assert fe.write(16, b"\x6b" * 4096).status == 0
     assert bytes(fe.read(8, 4096).data) == b"\x5a" * 4096
@@ -494,13 +511,7 @@ def test_a_successor_takes_only_sane_saved_state(host, tmp_path, saved):
     fe.connect(timeout=10)
     assert fe.write(8, b"\x11" * 8192).status == 0
     assert fe.flush().status == 0  # the metadata on disk, for the successor's look
-    state_dir = next(Path(host.sim_dir).rglob("vbd-1-51712/control")).parent
-    state = state_dir / SUCCESSOR_FILE
-    deadline = time.monotonic() + 10  # the serve saved it (then not again: no change)
-    while not state.exists() or json.loads(state.read_text())["regions"] != [0] \
-            or not any(json.loads(state.read_text())["grants"]):
-        assert time.monotonic() < deadline, state.read_text() if state.exists() else None
-        time.sleep(0.05)
+    state = _saved_for_successor(host, SUCCESSOR_FILE, regions=[0])
     if saved is not None:
         state.write_text(saved)
     with _successor(host, spec) as successor:
@@ -619,6 +630,29 @@ def test_a_serve_asked_to_get_ready_serves_on_if_the_word_never_comes(host, raw_
     assert backend.proc.poll() is None
     assert host.backend_state(spec) == XenbusState.CONNECTED
 
+
+
+
+def test_a_serve_that_released_its_device_exits_once_its_successor_hangs_up(host, raw_image):
+    """After "released" the old serve waits for its successor's attach before it exits
+    (its exit's unmapping would take the CPU from that attach): it exits, handed over,
+    once the successor closes the connection."""
+    guest, spec, backend, fe = _attach(host, raw_image)
+    fe.connect(timeout=10)
+    assert fe.write(8, b"\x11" * 4096).status == 0
+    control = next(Path(host.sim_dir).rglob("vbd-1-51712/control"))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(control))
+        sock.sendall(b'{"command": "handover"}\n')
+        replies = sock.makefile("rb")
+        assert json.loads(replies.readline())["ok"] is True
+        sock.sendall(b"g")
+        assert json.loads(replies.readline())["released"] is True
+        with pytest.raises(subprocess.TimeoutExpired):
+            backend.proc.wait(1.0)  # held while we (the successor) attach
+        replies.close()
+    assert backend.wait(10) == EXIT_HANDED_OVER
 
 
 _TAKEN_SERVE = """

@@ -1,0 +1,29 @@
+"""Where a hand-over's milliseconds go: named laps of one stopwatch, for the timing lines
+a takeover logs once the rings are served (the guest waits for every lap, and under
+emulation each step's cost differs by an order of magnitude from a real host's)."""
+
+from __future__ import annotations
+
+import time
+
+
+class Laps:
+    """``lap(name)`` ends the current lap under ``name``; ``str()`` lists them in order."""
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+        self.laps: list[tuple[str, float]] = []
+
+    def lap(self, name: str) -> float:
+        """End the lap running since the last one (or the start); its seconds."""
+        now = time.monotonic()
+        took, self._last = now - self._last, now
+        self.laps.append((name, took))
+        return took
+
+    @property
+    def total(self) -> float:
+        return sum(took for _, took in self.laps)
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {took * 1000:.0f}" for name, took in self.laps) + " ms"
