@@ -32,7 +32,7 @@ import aiofiles
 import aiofiles.os
 import numpy as np
 
-from blkpy import ring
+from blkpy import native_table, ring
 from blkpy.backends import Disk, DiskError, load_format, network_format, open_disk
 from blkpy.backends.lock import ImageBusy, ImageLock, lock_image
 from blkpy.defaults import (
@@ -612,8 +612,8 @@ class DeviceServer:
 
     def _rehearse_image(self) -> list[str]:
         """Open the image read-only, without its lock (the predecessor holds it), build
-        an engine on it, read two pages, learn the regions saved for a successor, and
-        close both; what of it was done. Not a network disk's: that would be a
+        an engine on it, read two pages, learn the regions saved for a successor, make
+        the image's extent map ahead, and close both; what of it was done. Not a network disk's: that would be a
         connection to its server."""
         if self.fmt not in LOCKED_FORMATS:
             return []
@@ -635,6 +635,11 @@ class DeviceServer:
             regions = self._read_saved_state().get("regions")
             if isinstance(regions, list) and look.learn_regions(regions):
                 done.append("regions")
+            # and the fresh pages of its extent map, faulted in now, not by that learning
+            target = look.native_io()
+            if target is not None and target[1] is not None:
+                native_table.reserve(target[1].capacity)
+                done.append("extents")
         except (OSError, ValueError, DiskError) as exc:
             log.debug("%s: no engine rehearsal: %s", self.path, exc)
         finally:

@@ -1,6 +1,6 @@
 """The native ring loop (blkpy.fastpath, blkpy/gntdev/ringloop.c): its verdicts equal the
-numpy reference on arbitrary slot bytes, its persistent-grant table behaves like a dict,
-and a Vbd serving through it answers exactly as the reference path would."""
+numpy reference on arbitrary slot bytes, and a Vbd serving through it answers exactly as
+the reference path would."""
 
 import os
 import time
@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from blkpy import ring
 from blkpy.fastpath import validate_native
-from blkpy.native_table import PersistentGrantTable
 from blkpy.requests import DiskGeometry, validate_batch
 from blkpy.ring import BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY
 from blkpy.sim.inprocess import InProcessDevice
@@ -55,35 +54,6 @@ def test_native_verdicts_equal_numpy_on_any_bytes(abi, raw, sectors, sector_size
     np.testing.assert_array_equal(got.rsp_operation, ref.rsp_operation)
     np.testing.assert_array_equal(got.io_op, ref.io_op)
     np.testing.assert_array_equal(got.nbytes, ref.nbytes)
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(1, 2**48)), max_size=300),
-       st.lists(st.integers(0, 2**32 - 1), max_size=50))
-def test_persistent_grant_table_is_a_dict(entries, probes):
-    table = PersistentGrantTable(capacity=400)
-    model: dict[int, int] = {}
-    for gref, addr in entries:
-        if gref in model:
-            continue  # the cache maps a grant once
-        table.put(gref, addr)
-        model[gref] = addr
-    keys = list(model) + probes
-    got = table.lookup(np.array(keys, dtype=np.uint32)) if keys else np.zeros(0)
-    assert [int(x) for x in got] == [model.get(k, 0) for k in keys]
-    assert table.grefs() == sorted(model)  # what an upgrade's successor maps ahead
-    table.clear()
-    assert table.grefs() == []
-    assert not table.lookup(np.array(list(model) or [1], dtype=np.uint32)).any()
-
-
-def test_grant_table_refuses_more_than_its_capacity():
-    table = PersistentGrantTable(capacity=2)
-    table.put(1, 4096)
-    table.put(2, 8192)
-    with pytest.raises(OverflowError):
-        table.put(3, 12288)
-    assert table.full
 
 
 @pytest.fixture

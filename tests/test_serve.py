@@ -475,7 +475,7 @@ def test_a_takeover_is_rehearsed_beside_the_serving_process_without_touching_its
     """What an upgrade's new serve and a standby rehearse while the device's serve still
     answers: a ring's attach from a journal, the grant table, a read-only look at the image
     with an engine on it and two reads, the learning of the regions saved for a successor
-    (a qcow2 image's), a thread. All of it runs although the serve holds the image's
+    and its extent map made ahead (a qcow2 image's), a thread. All of it runs although the serve holds the image's
     lock; the image's bytes stay as they were, and the serve serves on."""
     from blkpy.serve import SUCCESSOR_FILE
 
@@ -488,7 +488,8 @@ def test_a_takeover_is_rehearsed_beside_the_serving_process_without_touching_its
     before = image.read_bytes()
     with _successor(host, spec) as successor:
         assert successor.rehearse_takeover() == [
-            "ring", "grants", "image", *(["regions"] if fmt == "qcow2" else []), "thread"]
+            "ring", "grants", "image", *(["regions", "extents"] if fmt == "qcow2" else []),
+            "thread"]
     assert image.read_bytes() == before
     assert fe.write(16, b"\x6b" * 4096).status == 0
     assert bytes(fe.read(8, 4096).data) == b"\x5a" * 4096
