@@ -32,7 +32,7 @@ import aiofiles
 import aiofiles.os
 import numpy as np
 
-from blkpy import native_table, ring
+from blkpy import heap, native_table, ring
 from blkpy.backends import Disk, DiskError, load_format, network_format, open_disk
 from blkpy.backends.lock import ImageBusy, ImageLock, lock_image
 from blkpy.defaults import (
@@ -249,6 +249,7 @@ class DeviceServer:
         #: where a takeover's time went, logged after it
         self._timings: list[tuple[int, str]] = []
         self._after_takeover: list[Callable[[], None]] = []
+        self._heap_ahead = False  # the heap is faulted in for the takeover (blkpy.heap)
         self._signals_handled = False
 
     # ---- setup ------------------------------------------------------------------------
@@ -581,7 +582,9 @@ class DeviceServer:
         touches (code pages, numpy's lazy set-ups, new heap and thread stacks) once, and
         profiled in the lab they were 100-150 ms of an upgrade's stall under emulation,
         and a standby's first image open took 170-180 ms against 55-60 ms for the next.
-        Done while the predecessor still serves; never fails. What was rehearsed."""
+        Then the heap the takeover allocates from is faulted in (blkpy.heap) until the
+        takeover is over. Done while the predecessor still serves; never fails. What was
+        rehearsed."""
         done: list[str] = []
         abi = ring.ABIS[ring.DEFAULT_PROTOCOL]
         try:
@@ -608,6 +611,11 @@ class DeviceServer:
         thread.start()
         thread.join()
         done.append("thread")
+        # last: the rehearsal's own garbage would take what is faulted in
+        if not self._heap_ahead and heap.prefault():
+            self._heap_ahead = True
+            self.after_takeover(heap.settle)
+            done.append("heap")
         return done
 
     def _rehearse_image(self) -> list[str]:

@@ -13,10 +13,10 @@ ffibuilder = FFI()
 # ring loop's common case without the interpreter; simfront.c: the simulated frontend's
 # request generator (so the load generator is never the bottleneck of a benchmark);
 # diskq.c: network disks' queues, which the ring loop drives, over nbdio.c (libnbd) and
-# rbdio.c (librbd).
+# rbdio.c (librbd); heap.c: the heap faulted in ahead of a takeover.
 BACKENDS = HERE.parent / "backends"
 UNITS = [HERE / "gntdev", HERE / "uring", HERE / "ringloop", HERE.parent / "sim" / "simfront",
-         BACKENDS / "diskq", BACKENDS / "nbdio", BACKENDS / "rbdio"]
+         BACKENDS / "diskq", BACKENDS / "nbdio", BACKENDS / "rbdio", HERE / "heap"]
 
 
 def _cdef(header: Path) -> str:
