@@ -56,17 +56,31 @@ class Recovery:
 
 
 class RingJournal:
-    def __init__(self, path: str | os.PathLike[str], size: int, entry_size: int) -> None:
+    def __init__(self, path: str | os.PathLike[str], size: int, entry_size: int,
+                 create: bool = True) -> None:
+        """``create`` False: only a journal of this ring's size already on file (a
+        running predecessor's, mapped ahead of its hand-over: its stores show through the
+        shared mapping), else JournalError; it is never created or resized."""
         if entry_size > SLOT_BYTES:
             raise ValueError(f"slots of {entry_size} bytes do not fit the journal")
         self.path = Path(path)
         self.size = size
         self.entry_size = entry_size
         nbytes = HEADER.itemsize + ENTRY.itemsize * size
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0),
+                         0o600)
+        except FileNotFoundError:
+            if create:
+                raise
+            raise JournalError(f"{self.path}: no journal on file") from None
         try:
             existed = os.fstat(fd).st_size
+            if existed != nbytes and not create:
+                raise JournalError(f"{self.path}: {existed} bytes, not a journal of a ring "
+                                   f"of {size}")
             if existed != nbytes:
                 os.ftruncate(fd, nbytes)
             self._map = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)

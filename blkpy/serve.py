@@ -99,6 +99,8 @@ HANDOVER_GO_S = 60.0
 #: how long a serve that handed its device over waits, before it exits, for its successor
 #: to serve the rings (an exit's unmapping took the CPU from the successor's attach)
 HANDOVER_EXIT_WAIT_S = 5.0
+#: how long after a takeover its successor lets the predecessor exit and trims its heap
+TAKEOVER_SETTLE_S = 1.0
 
 
 
@@ -242,6 +244,8 @@ class DeviceServer:
         self._prepared_snapshot: Snapshot | None = None
         self._prepared_plan: ConnectPlan | None = None
         self._premapped: dict[tuple[int, ...], GrantMapping] = {}
+        #: per queue, the predecessor's journal mapped ahead of an upgrade's hand-over
+        self._journals_ahead: dict[int, RingJournal] = {}
         self._pages_ahead: dict[int, GrantMapper] = {}
         self._saved_state: dict[str, object] | None = None  # as SUCCESSOR_FILE holds it
         self._disk_open = open_image
@@ -471,6 +475,14 @@ class DeviceServer:
                     self.frontend_id, refs, writable=True)
             except PlatformError:
                 break  # mapped at the takeover, which reports what is wrong
+        for queue, (refs, _) in enumerate(plan.rings):
+            try:  # read once it has let go; what it records meanwhile shows through
+                self._journals_ahead[queue] = self._journal(plan.abi, len(refs), queue,
+                                                            create=False)
+            except (OSError, JournalError):
+                break  # (none yet, or of another ring): opened at the takeover
+        self.note_timing(f"{len(self._premapped)} ring(s) and {len(self._journals_ahead)} "
+                         "journal(s) mapped ahead")
         self._prepared_plan = plan
 
     def _log_timings(self) -> None:
@@ -479,8 +491,8 @@ class DeviceServer:
         self._timings.clear()
 
     def after_takeover(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` once the takeover attached (or failed to): an upgrade's
-        predecessor waits for it to exit."""
+        """Call ``callback`` once the takeover has served a while (TAKEOVER_SETTLE_S), or
+        failed: an upgrade's predecessor waits for it to exit."""
         self._after_takeover.append(callback)
 
     def _run_after_takeover(self) -> None:
@@ -654,10 +666,19 @@ class DeviceServer:
             look.close()
         return done
 
+    def _journal(self, abi: ring.Abi, pages: int, queue: int,
+                 create: bool = True) -> RingJournal:
+        return RingJournal(self._state_dir / f"queue-{queue}.journal",
+                           ring.ring_size(abi, pages.bit_length() - 1), abi.entry_size,
+                           create=create)
+
     def _unmap_premapped(self) -> None:
         for mapping in self._premapped.values():
             mapping.unmap()
         self._premapped.clear()
+        for journal in self._journals_ahead.values():
+            journal.close()
+        self._journals_ahead.clear()
         for pages in self._pages_ahead.values():
             pages.close()
         self._pages_ahead.clear()
@@ -776,10 +797,15 @@ class DeviceServer:
                     self._disconnect()
                     self._finish(EXIT_TAKEOVER_FAILED)
                     return
-                self._run_after_takeover()
                 self._guest_log.info("%s: took the device over (%.0f ms to attach)", self.path,
                                      (time.monotonic() - t0) * 1000)
                 self._log_timings()
+                # once the first requests are served: the predecessor's exit and the
+                # heap's trim would take the CPU (and the memory map's lock) from them
+                if self._loop is not None:
+                    self._loop.call_later(TAKEOVER_SETTLE_S, self._run_after_takeover)
+                else:
+                    self._run_after_takeover()
                 queue[:0] = self.machine.connected()
             elif isinstance(action, Connect):
                 try:
@@ -930,8 +956,12 @@ class DeviceServer:
             or self.platform.map_grants(self.frontend_id, refs, writable=True)
         self._ring_maps.append(mapping)
         laps.lap("ring mapped")
-        journal = RingJournal(self._state_dir / f"queue-{queue}.journal",
-                              ring.ring_size(abi, len(refs).bit_length() - 1), abi.entry_size)
+        journal = self._journals_ahead.pop(queue, None)
+        if journal is None or journal.size != ring.ring_size(abi, len(refs).bit_length() - 1) \
+                or journal.entry_size != abi.entry_size:
+            if journal is not None:
+                journal.close()  # mapped for another plan than the one connecting
+            journal = self._journal(abi, len(refs), queue)
         self._journals.append(journal)
         back = ring.BackRing(mapping.buffer, abi, len(refs), journal=journal, resume=resume)
         laps.lap("journal read")

@@ -70,6 +70,32 @@ def test_a_journal_of_another_ring_is_refused(tmp_path):
         RingJournal(tmp_path / "fresh", SIZE, ENTRY).recover()
 
 
+def test_a_journal_mapped_ahead_sees_its_writers_stores_and_is_never_made_or_resized(
+        tmp_path):
+    """A successor maps its running predecessor's journal before the hand-over: what the
+    predecessor records afterwards is what it recovers; a journal not on file, or of
+    another ring's size, is refused and left as it was."""
+    with pytest.raises(JournalError):
+        RingJournal(tmp_path / "none", SIZE, ENTRY, create=False)
+    assert not (tmp_path / "none").exists()
+    writer = RingJournal(tmp_path / "q", SIZE, ENTRY)
+    writer.start(5)
+    size = (tmp_path / "q").stat().st_size
+    with pytest.raises(JournalError):
+        RingJournal(tmp_path / "q", SIZE * 2, ENTRY, create=False)
+    assert (tmp_path / "q").stat().st_size == size
+    ahead = RingJournal(tmp_path / "q", SIZE, ENTRY, create=False)
+    slots = np.concatenate([_slot(i) for i in range(3)])
+    entries = writer.consumed(5, slots)
+    writer.answering(entries[:1], 5)
+    writer.answered(entries[:1], 6)  # the first answered, two owed
+    writer.close()
+    got = ahead.recover()
+    assert (got.req_cons, got.rsp_prod_pvt) == (8, 6)
+    assert got.replay_indices.tolist() == [6, 7]
+    ahead.close()
+
+
 def test_an_old_request_waits_while_the_ring_laps_it(tmp_path):
     # Found by the property test: answers go out in completion order, so request 0 may
     # still be owed while request SIZE (same ring slot) is consumed; entries are not keyed

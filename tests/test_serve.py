@@ -547,6 +547,8 @@ def test_an_upgrade_takes_the_rings_over_from_a_serve_that_released_them(host, t
         time.sleep(0.05)
     assert re.search(rf"serve pid {old.proc.pid} handed over in \d+ ms \(released\)",
                      new.log_path.read_text())
+    # its ring and the old serve's journal (read after the word) were mapped before it
+    assert "1 ring(s) and 1 journal(s) mapped ahead" in new.log_path.read_text()
     # the old serve's persistent grants were mapped before the word
     assert re.search(r"[1-9]\d* persistent grants mapped before the rings",
                      new.log_path.read_text())
