@@ -11,7 +11,7 @@ class Laps:
     """``lap(name)`` ends the current lap under ``name``; ``str()`` lists them in order."""
 
     def __init__(self) -> None:
-        self._last = time.monotonic()
+        self.started = self._last = time.monotonic()
         self.laps: list[tuple[str, float]] = []
 
     def lap(self, name: str) -> float:

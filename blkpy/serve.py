@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import functools
 import gc
 import io
 import json
@@ -254,6 +255,8 @@ class DeviceServer:
         self._timings: list[tuple[int, str]] = []
         self._after_takeover: list[Callable[[], None]] = []
         self._heap_ahead = False  # the heap is faulted in for the takeover (blkpy.heap)
+        #: when a hand-over stopped taking requests (time.monotonic(), the system's clock)
+        self._stopped_at: float | None = None
         self._signals_handled = False
 
     # ---- setup ------------------------------------------------------------------------
@@ -495,6 +498,17 @@ class DeviceServer:
         failed: an upgrade's predecessor waits for it to exit."""
         self._after_takeover.append(callback)
 
+    def log_handover_window(self, pid: int, stopped_at: float | None) -> None:
+        """How long the guest's rings went without a request taken in an upgrade: from
+        serve ``pid`` stopping (its CLOCK_MONOTONIC, which is ours) to our first ring
+        thread serving. Logged once those threads ran (an after_takeover callback)."""
+        started = [v.serving_since for v in self.vbds if v.serving_since is not None]
+        if stopped_at is None or not started:
+            return
+        self._guest_log.info("%s: hand-over window %.0f ms: no request taken from serve pid "
+                             "%d stopping to our rings served", self.path,
+                             (min(started) - stopped_at) * 1000, pid)
+
     def _run_after_takeover(self) -> None:
         callbacks, self._after_takeover = self._after_takeover, []
         for callback in callbacks:
@@ -724,6 +738,7 @@ class DeviceServer:
             return
         laps = Laps()
         self._handed_over = True
+        self._stopped_at = laps.started
         for vbd in self.vbds:
             vbd.stop()
         laps.lap("queues stopped")
@@ -1126,7 +1141,7 @@ class DeviceServer:
         if self._handed_over:
             return taken
         self._hand_over()
-        return {"ok": True, "pid": os.getpid(), "released": True}
+        return {"ok": True, "pid": os.getpid(), "released": True, "stopped_at": self._stopped_at}
 
     def _control_command(self, request: dict[str, object]) -> dict[str, object]:
         command = request.get("command")
@@ -1294,6 +1309,8 @@ def serve(backend_path: str, platform: Platform, xenstore_path: str | None,
             t0 = time.monotonic()
             how = predecessor.replace()
             server.after_takeover(predecessor.close)
+            server.after_takeover(functools.partial(server.log_handover_window, options.replace,
+                                                    predecessor.stopped_at))
             t1 = time.monotonic()
             server.open_image()
             server.note_timing(f"serve pid {options.replace} handed over in "
@@ -1400,6 +1417,8 @@ class _Predecessor:
         self.grants: list[object] = []
         #: the regions its disk learnt where the guest's data lives
         self.regions: list[object] = []
+        #: when it stopped taking requests (its "released" answer; CLOCK_MONOTONIC)
+        self.stopped_at: float | None = None
 
     def ready(self) -> bool:
         """Connect and ask it to get ready; False if it cannot be asked that way (no
@@ -1478,7 +1497,12 @@ class _Predecessor:
             answer = self._answer(self._replies.readline())
         except OSError:
             return False
-        return answer is not None and answer.get("released") is True
+        if answer is None or answer.get("released") is not True:
+            return False
+        stopped_at = answer.get("stopped_at")
+        if isinstance(stopped_at, float) and 0 < time.monotonic() - stopped_at < 60:
+            self.stopped_at = stopped_at
+        return True
 
     def close(self) -> None:
         if self._replies is not None:

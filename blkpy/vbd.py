@@ -188,6 +188,9 @@ class Vbd:
         self._poll_us = poll_us
         self._io_errors_logged = 0
         self._thread: threading.Thread | None = None
+        #: when the ring's thread last started serving (time.monotonic(): a takeover's
+        #: hand-over window ends there)
+        self.serving_since: float | None = None
         # The disk's I/O limits, shared with its other queues: the loop charges what it
         # serves, the reference path what the loop did not (one request at a time then).
         self.qos = qos
@@ -268,6 +271,7 @@ class Vbd:
         self._thread.start()
 
     def _thread_main(self) -> None:
+        self.serving_since = time.monotonic()
         try:
             self._serve(may_sleep=True)
         except Exception as exc:  # a bug must close the device, never hang the guest

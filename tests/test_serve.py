@@ -558,6 +558,11 @@ def test_an_upgrade_takes_the_rings_over_from_a_serve_that_released_them(host, t
     assert bytes(fe.read(8, 4096).data) == b"\x11" * 4096
     assert fe.write(16, b"\x22" * 8192).status == 0
     assert host.backend_state(spec) == XenbusState.CONNECTED
+    # the window the guest's requests waited through, on dom0's clock, once it settled
+    pattern = rf"hand-over window (\d+) ms: no request taken from serve pid {old.proc.pid} "
+    while not re.search(pattern, new.log_path.read_text()):
+        assert time.monotonic() < deadline, new.log_path.read_text()
+        time.sleep(0.05)
     refs = list(fe.ring.ring_refs)
     assert not any(guest.end_access(ref) for ref in refs)  # (the successor has them)
     assert fe.close(timeout=10) == []

@@ -102,7 +102,8 @@ def format_xentop(rows: dict[str, dict[str, tuple[int, int | None]]]) -> list[st
 #: the longest request the guest saw while dom0 did each kind of restart (phase lifecycle):
 #: LAB-FIGURE: lifecycle.<kind>.stall-ms <ms> ms ...; issue 9's targets where it sets one.
 #: The guest times each request itself in microseconds and reports ms with one decimal.
-#: Beside it, lifecycle.<kind>.gap-ms: the longest a stream went without a completion.
+#: Beside it, lifecycle.<kind>.gap-ms: the longest a stream went without a completion, and
+#: lifecycle.<kind>.window-ms where the serves measure their own hand-over window.
 STALL_FIGURE = re.compile(r"lifecycle\.(?P<kind>\w+)\.stall-ms$")
 STALL_TARGET_MS = {"kill": 1000, "upgrade": 200}
 #: the table's row order: the reference window, then the phase's default order (the figures
@@ -127,6 +128,10 @@ def format_stalls(figures: dict[str, Figure], checks: dict[str, Check]) -> list[
                 if target else "no target")
         gap = figures.get(f"lifecycle.{kind}.gap-ms")
         gap_text = f"gap {gap.value:8.1f} ms" if gap is not None else ""
+        # the backend's own share where it measures one (an upgrade's hand-over window)
+        window = figures.get(f"lifecycle.{kind}.window-ms")
+        if window is not None:
+            gap_text += f"  window {window.value:6.1f} ms"
         outcomes = [f"{what} {checks[f'lifecycle.{kind}.{what}'].outcome}"
                     for what in ("io-errors", "data") if f"lifecycle.{kind}.{what}" in checks]
         # a kind this host cannot run (xl migrate without shadow paging) says so here too

@@ -146,12 +146,15 @@ def test_the_stall_table_takes_the_guest_s_tenths_of_a_ms_and_its_gaps():
     does not; the longest gap without a completion stands beside the stall."""
     text = ("LAB-FIGURE: lifecycle.upgrade.stall-ms 180.4 ms longest request of 900\n"
             "LAB-FIGURE: lifecycle.upgrade.gap-ms 212.7 ms longest time without a completion\n"
+            "LAB-FIGURE: lifecycle.upgrade.window-ms 96 ms longest of 20 hand-over windows\n"
             "LAB-FIGURE: lifecycle.kill.stall-ms 1000.1 ms longest request of 816\n")
     summary = format_summary(parse_checks(text), parse_figures(text))
     upgrade = next(line for line in summary.splitlines() if line.startswith("  upgrade   stall"))
     kill = next(line for line in summary.splitlines() if line.startswith("  kill      stall"))
     assert "180.4 ms" in upgrade and "target <= 200 ms met" in upgrade and "gap    212.7 ms" in upgrade
+    assert "window   96.0 ms" in upgrade
     assert "1000.1 ms" in kill and "target <= 1000 ms short" in kill and "gap" not in kill
+    assert "window" not in kill
 
 
 def test_the_stall_table_lists_warmup_first_and_then_the_phase_s_order():

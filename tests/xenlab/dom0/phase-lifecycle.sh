@@ -144,6 +144,18 @@ kind_upgrade() {
     done
   done
   figure lifecycle.upgrade.restart-command-ms $worst ms "longest blkpy hotplug restart, request to successor's pid"
+  # each successor logs the window a second after its takeover: from the old serve's
+  # last request taken to its own rings served, on dom0's clock (the guest's stall is
+  # that plus what was in flight, plus the emulation's own hiccups)
+  sleep 2
+  local windows
+  windows=$(cat /var/log/xen/serve-"$(domid)"-*.log 2>/dev/null \
+            | sed -n 's/.*hand-over window \([0-9]*\) ms.*/\1/p' | sort -n)
+  if [ -n "$windows" ]; then
+    figure lifecycle.upgrade.window-ms "$(echo "$windows" | tail -1)" ms \
+      "longest of $(echo "$windows" | wc -l) hand-over windows on dom0's clock, median" \
+      "$(echo "$windows" | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }') ms"
+  fi
   check_cond lifecycle.upgrade.handovers "$ROUNDS x 2 upgrades, $failed failed" -- test $failed -eq 0
   states_connected upgrade
 }
