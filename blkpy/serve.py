@@ -464,7 +464,7 @@ class DeviceServer:
         image, the journals and the channels. A frontend that changes anything meanwhile
         fires a watch: the takeover's state machine sees it as it would see it after."""
         self._watch()
-        self.rehearse_takeover()
+        self.note_timing(f"rehearsed: {', '.join(self.rehearse_takeover())}", logging.DEBUG)
         self._prepared_snapshot = self._snapshot()
         if self._prepared_snapshot.frontend_state != XenbusState.CONNECTED:
             return
@@ -745,10 +745,13 @@ class DeviceServer:
         for vbd in self.vbds:
             vbd.drain()
         laps.lap("requests answered")
-        self._disconnect(keep_mappings=True)
+        for vbd in self.vbds:
+            vbd.release_ring()
         laps.lap("channels unbound")
         self._close_disk()
         laps.lap("image closed")
+        # The loops, engines, journals and counters go at the exit, once the successor
+        # serves (the guest does not wait for them; nothing there touches the rings).
         # where an upgrade's time goes (the guest waits for all of it: logged after)
         self.note_timing(f"handed the device over: {laps}")
         if self._status_timer is not None:
@@ -758,6 +761,9 @@ class DeviceServer:
             self._status = None
 
     def _on_terminate(self) -> None:
+        if self._handed_over:  # the device is the successor's: say nothing, just go
+            self._finish(EXIT_HANDED_OVER)
+            return
         log.info("%s: terminating: closing the device", self.path)
         if self._disk_open:  # (a paused or handed-over serve has closed its image)
             self.disk.give_up()
@@ -1070,7 +1076,7 @@ class DeviceServer:
             self._status_timer.cancel()
         if self._status is not None:
             self._status.close()
-        self._disconnect()
+        self._disconnect(keep_mappings=self._handed_over)  # (a hand-over's: the exit's)
         if self._loop is not None:
             self._loop.remove_reader(self.xs.fileno())
         self.write_stats()
@@ -1144,6 +1150,8 @@ class DeviceServer:
         return {"ok": True, "pid": os.getpid(), "released": True, "stopped_at": self._stopped_at}
 
     def _control_command(self, request: dict[str, object]) -> dict[str, object]:
+        if self._handed_over:  # (waiting for its successor to settle before it exits)
+            return {"ok": False, "error": "the device is handed over to another serve"}
         command = request.get("command")
         if command == "pause":
             return self._pause()
@@ -1311,12 +1319,13 @@ def serve(backend_path: str, platform: Platform, xenstore_path: str | None,
             server.after_takeover(predecessor.close)
             server.after_takeover(functools.partial(server.log_handover_window, options.replace,
                                                     predecessor.stopped_at))
-            t1 = time.monotonic()
+            laps = Laps()
             server.open_image()
-            server.note_timing(f"serve pid {options.replace} handed over in "
-                               f"{(t1 - t0) * 1000:.0f} ms ({how}); image opened in "
-                               f"{(time.monotonic() - t1) * 1000:.0f} ms")
+            laps.lap("image opened")
             server.learn_regions_ahead(predecessor.regions)
+            laps.lap("regions learnt")
+            server.note_timing(f"serve pid {options.replace} handed over in "
+                               f"{(laps.started - t0) * 1000:.0f} ms ({how}); {laps}")
         return server.run()
 
 
@@ -1351,7 +1360,7 @@ def _serve_as_standby(platform: Platform, xs: XenstoreClient, backend_path: str,
     snapshot's overlay rewrites params), open the image and take the rings over."""
     server = DeviceServer(platform, xs, backend_path, options, open_image=False)
     server.prepare_loop()
-    server.rehearse_takeover()
+    server.note_timing(f"rehearsed: {', '.join(server.rehearse_takeover())}", logging.DEBUG)
     if not _await_turn(go):
         return 0  # the hotplug daemon no longer needs this standby
     t0 = time.monotonic()

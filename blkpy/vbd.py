@@ -198,6 +198,7 @@ class Vbd:
         self._ahead: tuple[int, int] | None = None  # what to map when the ring is idle
         self._retired: dict[str, int] = {}  # counters of the loops of earlier images
         self.paused = False  # between pause() and resume(): no loop, no engine
+        self.released = False  # handed over (release_ring): the ring is not ours any more
         self._make_loop()
 
     def _make_loop(self) -> None:
@@ -456,13 +457,23 @@ class Vbd:
         The ring must not be touched afterwards: its pages are about to be unmapped."""
         if self.closed:
             return
-        self.stop()
-        self.drain()
+        if not self.released:
+            self.stop()
+            self.drain()
         self.closed = True
         self.evtchn.close()
         if release_grants:
             self.pages.close()
         self.loop.close()
+
+    def release_ring(self) -> None:
+        """A hand-over: stop, answer what is in flight and unbind the channel; from now
+        on the ring is a successor's, and nothing of this queue touches it again
+        (``close`` then frees the rest: the loop, the grants, without a push)."""
+        self.stop()
+        self.drain()
+        self.released = True
+        self.evtchn.close()
 
     # ---- the batch pipeline -------------------------------------------------------
 

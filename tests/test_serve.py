@@ -642,10 +642,14 @@ def test_a_serve_asked_to_get_ready_serves_on_if_the_word_never_comes(host, raw_
 
 
 
-def test_a_serve_that_released_its_device_exits_once_its_successor_hangs_up(host, raw_image):
+@pytest.mark.parametrize("end", ["hang up", "SIGTERM"])
+def test_a_serve_that_released_its_device_exits_once_its_successor_hangs_up(
+        host, raw_image, end):
     """After "released" the old serve waits for its successor's attach before it exits
     (its exit's unmapping would take the CPU from that attach): it exits, handed over,
-    once the successor closes the connection."""
+    once the successor closes the connection. Meanwhile the device is not its own: a
+    control command is refused, and SIGTERM ends it without a word to xenstore (the
+    successor's device stays Connected)."""
     guest, spec, backend, fe = _attach(host, raw_image)
     fe.connect(timeout=10)
     assert fe.write(8, b"\x11" * 4096).status == 0
@@ -660,8 +664,18 @@ def test_a_serve_that_released_its_device_exits_once_its_successor_hangs_up(host
         assert json.loads(replies.readline())["released"] is True
         with pytest.raises(subprocess.TimeoutExpired):
             backend.proc.wait(1.0)  # held while we (the successor) attach
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+            other.settimeout(10)
+            other.connect(str(control))
+            other.sendall(b'{"command": "pause"}\n')
+            refused = json.loads(other.makefile("rb").readline())
+        assert refused == {"ok": False, "error": "the device is handed over to another serve"}
+        if end == "SIGTERM":
+            backend.proc.send_signal(signal.SIGTERM)
+            assert backend.wait(10) == EXIT_HANDED_OVER
         replies.close()
     assert backend.wait(10) == EXIT_HANDED_OVER
+    assert host.backend_state(spec) == XenbusState.CONNECTED
 
 
 _TAKEN_SERVE = """
