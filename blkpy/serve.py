@@ -1139,6 +1139,14 @@ class DeviceServer:
         taken = {"ok": False, "error": "the device is handed over already", "taken": True}
         if self._handed_over:  # to another new serve: only one may have it
             return taken
+        if self._disk_open:
+            # what the close at the word would write back, now, while the guest is served
+            # (the first upgrade after a round's allocations closed its qcow2 image in 82 ms)
+            try:
+                self.disk.write_back()
+            except OSError as exc:
+                log.warning("%s: %s: metadata not written back ahead: %s", self.path,
+                            self.image, exc)
         writer.write(json.dumps({"ok": True, "pid": os.getpid(), "grants": self._kept_grants(),
                                  "regions": self._learnt_regions()}).encode() + b"\n")
         await writer.drain()

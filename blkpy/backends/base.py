@@ -112,6 +112,12 @@ class Disk(abc.ABC):
         """Make the range read as zeros and release its space if possible."""
         raise NotImplementedError
 
+    def write_back(self) -> None:
+        """Write what only this process's memory holds (a format's metadata) to the image
+        now, as the close will, without ending anything: a hand-over does it before its
+        word, so that the close its guest waits for has little left to write."""
+        return None  # a raw image's memory holds nothing of its own
+
     def give_up(self) -> None:
         """The process is going away (SIGTERM): a network disk stops waiting for a lost
         server, so what waits for it fails now and closing does not wait either."""

@@ -654,6 +654,17 @@ class Qcow2Disk(Disk):
                         self._forget_all()
                 self._record_metadata()
 
+    def write_back(self) -> None:
+        with self._lock:
+            if self.readonly or not self.meta.dirty:
+                return
+            try:
+                self.meta.writeback()  # (in its crash-safe order, each phase synced)
+            finally:
+                if self.meta.write_failed:
+                    self._forget_all()
+            self._record_metadata()
+
     def close(self) -> None:
         with self._lock:
             self._close()

@@ -325,3 +325,21 @@ def test_failed_data_write_gives_its_clusters_back(tmp_path, monkeypatch):
     data = as_raw(path, str(tmp_path / "out.raw"))
     assert data[:4096] == b"\x11" * 4096 and data[2 << 20:(2 << 20) + 512] == b"\x33" * 512
     assert data[1 << 20:(1 << 20) + 3 * 4096] == bytes(3 * 4096)
+
+
+def test_a_write_back_puts_the_metadata_on_the_image_and_leaves_the_disk_serving(tmp_path):
+    """What a hand-over does before its word: the allocations so far are on the image (a
+    second, read-only look reads them, qemu-img finds it clean) while the disk stays open
+    and writable; the close after has nothing left to write back."""
+    path = str(tmp_path / "img.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", path, str(SIZE))
+    with Qcow2Disk(path) as disk:
+        disk.writev(8192, [memoryview(b"\x61" * 8192)])
+        assert disk.meta.dirty
+        disk.write_back()
+        assert not disk.meta.dirty
+        with Qcow2Disk(path, readonly=True) as look:
+            assert read_all(look)[8192:16384] == b"\x61" * 8192
+        check_clean(path)
+        disk.writev(65536, [memoryview(b"\x62" * 4096)])  # and it writes on
+    assert as_raw(path, str(tmp_path / "out.raw"))[65536:69632] == b"\x62" * 4096

@@ -37,8 +37,9 @@
  * is gone for good */
 #define ERRORS_SHOWN 3
 /* requests at least this slow are printed with their time (CLOCK_MONOTONIC, which in the
- * guest runs beside the kernel log's timestamps), at most SLOW_SHOWN per window: whether a
- * window's longest request came at its start, in a burst or alone says what held it */
+ * guest runs beside the kernel log's timestamps), at most SLOW_SHOWN per window and then
+ * each new longest: whether a window's longest request came at its start, in a burst or
+ * alone says what held it */
 #define SLOW_US 100000u
 #define SLOW_SHOWN 8
 
@@ -107,9 +108,12 @@ static int timed_io(struct window *w, int wr, int fd, char *buf, size_t bs, off_
 	ssize_t got = wr ? pwrite(fd, buf, bs, off) : pread(fd, buf, bs, off);
 	uint64_t t1 = now_us();
 
-	if (t1 - t0 > w->max_us)
+	int longest = t1 - t0 > w->max_us;
+
+	if (longest)
 		w->max_us = t1 - t0;
-	if (t1 - t0 >= SLOW_US && w->slow++ < SLOW_SHOWN) {
+	/* past SLOW_SHOWN, the window's new longest ones still (the one its figure reports) */
+	if (t1 - t0 >= SLOW_US && (w->slow++ < SLOW_SHOWN || longest)) {
 		/* and the wall clock it ended at (UTC, from Xen like dom0's), to line the
 		 * request up with dom0's logs */
 		struct timespec wall;
