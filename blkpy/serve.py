@@ -1384,27 +1384,18 @@ def _serve_as_standby(platform: Platform, xs: XenstoreClient, backend_path: str,
 
 
 def _take_priority_of(pid: int) -> None:
-    """An upgrade's new serve may have loaded at a lower priority and on one CPU (the
-    hotplug daemon starts it so, so that the serve still answering the guest keeps the CPU):
-    from now on it is the device's serve, at its predecessor's priority and on its CPUs."""
+    """An upgrade's new serve may have loaded at a lower priority (the hotplug daemon starts
+    it niced, so that the serve still answering the guest keeps the CPU): from now on it is
+    the device's serve, at its predecessor's priority."""
     try:
         target, ours = os.getpriority(os.PRIO_PROCESS, pid), os.getpriority(os.PRIO_PROCESS, 0)
         if ours != target:
             os.setpriority(os.PRIO_PROCESS, 0, target)  # this thread; later ones inherit it
             log.info("loaded at niceness %d; now at serve pid %d's, %d", ours, pid, target)
-        cpus, our_cpus = os.sched_getaffinity(pid), os.sched_getaffinity(0)
-        if cpus != our_cpus:  # (loaded on one CPU: several upgrades at once share it)
-            os.sched_setaffinity(0, cpus)
-            log.info("loaded on CPU(s) %s; now on serve pid %d's, %s", _cpu_list(our_cpus),
-                     pid, _cpu_list(cpus))
     except ProcessLookupError:
         pass  # gone already: keep ours
     except PermissionError as exc:
         log.warning("cannot take serve pid %d's priority: %s", pid, exc.strerror)
-
-
-def _cpu_list(cpus: set[int]) -> str:
-    return ",".join(str(c) for c in sorted(cpus))
 
 
 def _await_turn(fd: int) -> bool:

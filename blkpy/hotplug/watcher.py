@@ -65,10 +65,8 @@ STOP_GRACE_S = 10.0
 RESTART_BUDGET = 5
 RESTART_WINDOW_S = 60.0
 #: an upgrade's new serve loads (a fresh interpreter: seconds of CPU, ~50x more under
-#: emulation) at this niceness and on one CPU, so that the serve it replaces keeps the CPU
-#: meanwhile and several upgrades at once load on one CPU, not all of them (a guest's vCPUs
-#: share the host's CPUs with dom0's); it takes its predecessor's priority and CPUs before
-#: the hand-over
+#: emulation) at this niceness, so that the serve it replaces keeps the CPU meanwhile; it
+#: takes its predecessor's priority before the hand-over
 LOAD_NICENESS = 10
 #: a device's standby is forked once its serve has run this long: not while the serve
 #: starts or takes over, which need the CPU first
@@ -171,9 +169,6 @@ def _how(status: int) -> str:
 
 def _lower_priority() -> None:
     os.nice(LOAD_NICENESS)
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) > 1:
-        os.sched_setaffinity(0, {cpus[-1]})
 
 
 def preload_serve() -> None:
