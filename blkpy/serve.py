@@ -647,8 +647,8 @@ class DeviceServer:
     def _rehearse_image(self) -> list[str]:
         """Open the image read-only, without its lock (the predecessor holds it), build
         an engine on it, read two pages, learn the regions saved for a successor, make
-        the image's extent map ahead, and close both; what of it was done. Not a network disk's: that would be a
-        connection to its server."""
+        the image's extent map ahead, and close both; what of it was done. Not a network
+        disk's: that would be a connection to its server."""
         if self.fmt not in LOCKED_FORMATS:
             return []
         try:
@@ -837,6 +837,7 @@ class DeviceServer:
                 else:
                     queue[:0] = self.machine.connected()
                 self._log_timings()
+                self._run_after_takeover()  # (a successor whose guest connected anew)
             elif isinstance(action, Disconnect):
                 self._disconnect()
             elif isinstance(action, Fatal):
