@@ -13,7 +13,7 @@ import os
 import stat
 import threading
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -647,23 +647,23 @@ class Qcow2Disk(Disk):
             if self.meta.write_failed:
                 raise OSError(errno.EIO, f"{self.path}: an earlier metadata write failed")
             if not self.readonly:
-                try:
-                    self.meta.flush()
-                finally:
-                    if self.meta.write_failed:
-                        self._forget_all()
-                self._record_metadata()
+                self._write_metadata(self.meta.flush)
 
     def write_back(self) -> None:
         with self._lock:
-            if self.readonly or not self.meta.dirty:
-                return
-            try:
-                self.meta.writeback()  # (in its crash-safe order, each phase synced)
-            finally:
-                if self.meta.write_failed:
-                    self._forget_all()
-            self._record_metadata()
+            if not self.readonly and self.meta.dirty:
+                # (in its crash-safe order, each phase synced)
+                self._write_metadata(self.meta.writeback)
+
+    def _write_metadata(self, write: Callable[[], None]) -> None:
+        """Run a metadata write (lock held): after a failed one the loop writes nothing
+        in place any more; either way the restart record follows the image."""
+        try:
+            write()
+        finally:
+            if self.meta.write_failed:
+                self._forget_all()
+        self._record_metadata()
 
     def close(self) -> None:
         with self._lock:
