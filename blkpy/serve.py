@@ -464,7 +464,7 @@ class DeviceServer:
         image, the journals and the channels. A frontend that changes anything meanwhile
         fires a watch: the takeover's state machine sees it as it would see it after."""
         self._watch()
-        self.note_timing(f"rehearsed: {', '.join(self.rehearse_takeover())}", logging.DEBUG)
+        self.rehearse_takeover()
         self._prepared_snapshot = self._snapshot()
         if self._prepared_snapshot.frontend_state != XenbusState.CONNECTED:
             return
@@ -480,8 +480,8 @@ class DeviceServer:
                 break  # mapped at the takeover, which reports what is wrong
         for queue, (refs, _) in enumerate(plan.rings):
             try:  # read once it has let go; what it records meanwhile shows through
-                self._journals_ahead[queue] = self._journal(plan.abi, len(refs), queue,
-                                                            create=False)
+                self._journals_ahead[queue] = self._journal(
+                    queue, _ring_slots(plan.abi, refs), plan.abi.entry_size, create=False)
             except (OSError, JournalError):
                 break  # (none yet, or of another ring): opened at the takeover
         self.note_timing(f"{len(self._premapped)} ring(s) and {len(self._journals_ahead)} "
@@ -642,6 +642,7 @@ class DeviceServer:
             self._heap_ahead = True
             self.after_takeover(heap.settle)
             done.append("heap")
+        self.note_timing(f"rehearsed: {', '.join(done)}", logging.DEBUG)
         return done
 
     def _rehearse_image(self) -> list[str]:
@@ -680,10 +681,9 @@ class DeviceServer:
             look.close()
         return done
 
-    def _journal(self, abi: ring.Abi, pages: int, queue: int,
+    def _journal(self, queue: int, size: int, entry_size: int,
                  create: bool = True) -> RingJournal:
-        return RingJournal(self._state_dir / f"queue-{queue}.journal",
-                           ring.ring_size(abi, pages.bit_length() - 1), abi.entry_size,
+        return RingJournal(self._state_dir / f"queue-{queue}.journal", size, entry_size,
                            create=create)
 
     def _unmap_premapped(self) -> None:
@@ -752,7 +752,7 @@ class DeviceServer:
         laps.lap("image closed")
         # The loops, engines, journals and counters go at the exit, once the successor
         # serves (the guest does not wait for them; nothing there touches the rings).
-        # where an upgrade's time goes (the guest waits for all of it: logged after)
+        # The guest waited for every lap: logged after.
         self.note_timing(f"handed the device over: {laps}")
         if self._status_timer is not None:
             self._status_timer.cancel()
@@ -978,12 +978,12 @@ class DeviceServer:
             or self.platform.map_grants(self.frontend_id, refs, writable=True)
         self._ring_maps.append(mapping)
         laps.lap("ring mapped")
+        shape = (_ring_slots(abi, refs), abi.entry_size)
         journal = self._journals_ahead.pop(queue, None)
-        if journal is None or journal.size != ring.ring_size(abi, len(refs).bit_length() - 1) \
-                or journal.entry_size != abi.entry_size:
+        if journal is None or (journal.size, journal.entry_size) != shape:
             if journal is not None:
                 journal.close()  # mapped for another plan than the one connecting
-            journal = self._journal(abi, len(refs), queue)
+            journal = self._journal(queue, *shape)
         self._journals.append(journal)
         back = ring.BackRing(mapping.buffer, abi, len(refs), journal=journal, resume=resume)
         laps.lap("journal read")
@@ -1338,6 +1338,11 @@ def serve(backend_path: str, platform: Platform, xenstore_path: str | None,
         return server.run()
 
 
+def _ring_slots(abi: ring.Abi, refs: list[int]) -> int:
+    """Slots of a ring of ``refs`` pages (its journal's size)."""
+    return ring.ring_size(abi, len(refs).bit_length() - 1)
+
+
 def _rehearse_reads(engine: IoEngine, size: int) -> bool:
     """Two page reads through ``engine`` (the image's start and middle), waited for at most
     REHEARSAL_READ_S: a format's request path in Python (a qcow2 image's table lookups, its
@@ -1369,7 +1374,7 @@ def _serve_as_standby(platform: Platform, xs: XenstoreClient, backend_path: str,
     snapshot's overlay rewrites params), open the image and take the rings over."""
     server = DeviceServer(platform, xs, backend_path, options, open_image=False)
     server.prepare_loop()
-    server.note_timing(f"rehearsed: {', '.join(server.rehearse_takeover())}", logging.DEBUG)
+    server.rehearse_takeover()
     if not _await_turn(go):
         return 0  # the hotplug daemon no longer needs this standby
     t0 = time.monotonic()
