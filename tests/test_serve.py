@@ -83,6 +83,19 @@ def _saved_for_successor(host, name: str, regions: list[int]) -> Path:
     return state
 
 
+@contextlib.contextmanager
+def _control(host, request: bytes) -> Iterator[tuple[socket.socket, object]]:
+    """A connection to the device's control socket (as `blkpy ctl` or an upgrade's new
+    serve makes one) that sent ``request``: the socket and its replies, line by line."""
+    control = next(Path(host.sim_dir).rglob("vbd-1-51712/control"))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(control))
+        sock.sendall(request)
+        with sock.makefile("rb") as replies:
+            yield sock, replies
+
+
 def _balanced(stats):
     p = stats["platform"]
     # map_calls counts attempts (a refused batch is a hypercall too); pages only successes
@@ -628,12 +641,8 @@ def test_a_serve_asked_to_get_ready_serves_on_if_the_word_never_comes(host, tmp_
     guest, spec, backend, fe = _attach(host, f"{fmt}:{image}")
     fe.connect(timeout=10)
     assert fe.write(8, b"\x11" * 8192).status == 0  # two persistent grants
-    control = next(Path(host.sim_dir).rglob("vbd-1-51712/control"))
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
-        sock.connect(str(control))
-        sock.sendall(b'{"command": "handover"}\n')
-        ready = json.loads(sock.makefile("rb").readline())
+    with _control(host, b'{"command": "handover"}\n') as (_, replies):
+        ready = json.loads(replies.readline())
         assert ready["ok"] is True and ready["pid"] == backend.proc.pid
         # what its queue keeps mapped, for the new serve to map before the word
         (grefs,) = ready["grants"]
@@ -662,27 +671,18 @@ def test_a_serve_that_released_its_device_exits_once_its_successor_hangs_up(
     guest, spec, backend, fe = _attach(host, raw_image)
     fe.connect(timeout=10)
     assert fe.write(8, b"\x11" * 4096).status == 0
-    control = next(Path(host.sim_dir).rglob("vbd-1-51712/control"))
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
-        sock.connect(str(control))
-        sock.sendall(b'{"command": "handover"}\n')
-        replies = sock.makefile("rb")
+    with _control(host, b'{"command": "handover"}\n') as (sock, replies):
         assert json.loads(replies.readline())["ok"] is True
         sock.sendall(b"g")
         assert json.loads(replies.readline())["released"] is True
         with pytest.raises(subprocess.TimeoutExpired):
             backend.proc.wait(1.0)  # held while we (the successor) attach
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
-            other.settimeout(10)
-            other.connect(str(control))
-            other.sendall(b'{"command": "pause"}\n')
-            refused = json.loads(other.makefile("rb").readline())
+        with _control(host, b'{"command": "pause"}\n') as (_, other):
+            refused = json.loads(other.readline())
         assert refused == {"ok": False, "error": "the device is handed over to another serve"}
         if end == "SIGTERM":
             backend.proc.send_signal(signal.SIGTERM)
             assert backend.wait(10) == EXIT_HANDED_OVER
-        replies.close()
     assert backend.wait(10) == EXIT_HANDED_OVER
     assert host.backend_state(spec) == XenbusState.CONNECTED
 
