@@ -31,9 +31,8 @@ from pathlib import Path
 
 import aiofiles
 import aiofiles.os
-import numpy as np
 
-from blkpy import heap, native_table, ring
+from blkpy import heap, native_table, rehearsal, ring
 from blkpy.backends import Disk, DiskError, load_format, network_format, open_disk
 from blkpy.backends.lock import ImageBusy, ImageLock, lock_image
 from blkpy.defaults import (
@@ -43,7 +42,7 @@ from blkpy.defaults import (
     MAX_QUEUES_DEFAULT,
     POLL_US_DEFAULT,
 )
-from blkpy.engine import READ, IoEngine, IoVector, make_engine
+from blkpy.engine import make_engine
 from blkpy.fastpath import add_counters
 from blkpy.grants import GrantMapper
 from blkpy.hotplug import untap
@@ -88,8 +87,6 @@ STATUS_INTERVAL_S = 1.0  # how often `blkpy list`/xentop figures are refreshed
 #: disk learnt, for a dead serve's successor to map and learn before it serves (rewritten
 #: when they change, at most once a status interval)
 SUCCESSOR_FILE = "successor.json"
-#: how long a takeover's rehearsal waits for its reads of the image (its predecessor is busy)
-REHEARSAL_READ_S = 5.0
 #: how long a connecting frontend waits for another process to let go of the image (the
 #: serve of the guest's old domain during a migration to this host flushing and closing)
 IMAGE_WAIT_S = 60.0
@@ -604,7 +601,7 @@ class DeviceServer:
     def rehearse_takeover(self) -> list[str]:
         """Run, on throwaway objects, what a takeover runs first after its predecessor
         let go (a ring's attach from its journal, the grant table, a read-only look at the
-        image and an engine on it, a thread's start): a fresh process pays for first
+        image with an engine and a queue's loop and thread on it, a thread's start): a fresh process pays for first
         touches (code pages, numpy's lazy set-ups, new heap and thread stacks) once, and
         profiled in the lab they were 100-150 ms of an upgrade's stall under emulation,
         and a standby's first image open took 170-180 ms against 55-60 ms for the next.
@@ -647,8 +644,9 @@ class DeviceServer:
 
     def _rehearse_image(self) -> list[str]:
         """Open the image read-only, without its lock (the predecessor holds it), build
-        an engine on it, read two pages, learn the regions saved for a successor, make
-        the image's extent map ahead, and close both; what of it was done. Not a network
+        an engine on it, read two pages, run a queue on a ring of our own on them, learn
+        the regions saved for a successor, make the image's extent map ahead, and close
+        both; what of it was done. Not a network
         disk's: that would be a connection to its server."""
         if self.fmt not in LOCKED_FORMATS:
             return []
@@ -661,8 +659,16 @@ class DeviceServer:
         try:
             engine = make_engine(self.opts.engine, look)
             try:
-                if _rehearse_reads(engine, look.size):
+                if rehearsal.rehearse_reads(engine, look.size):
                     done.append("image")
+                # a queue's loop and thread on this engine (their first making in a
+                # process took 16-30 ms of the guest's wait under emulation, the next 5)
+                if rehearsal.rehearse_queue(
+                        self.platform, self.frontend_id, look, engine,
+                        grant_mode=choose_grant_mode(self.opts.grant_mode, True),
+                        poll_us=self.opts.poll_us if look.native_io() is not None else 0,
+                        max_persistent_grants=self.opts.max_persistent_grants):
+                    done.append("queue")
             finally:
                 engine.close()
             # what a successor learns before the rings (its first run in a process cost
@@ -1341,30 +1347,6 @@ def serve(backend_path: str, platform: Platform, xenstore_path: str | None,
 def _ring_slots(abi: ring.Abi, refs: list[int]) -> int:
     """Slots of a ring of ``refs`` pages (its journal's size)."""
     return ring.ring_size(abi, len(refs).bit_length() - 1)
-
-
-def _rehearse_reads(engine: IoEngine, size: int) -> bool:
-    """Two page reads through ``engine`` (the image's start and middle), waited for at most
-    REHEARSAL_READ_S: a format's request path in Python (a qcow2 image's table lookups, its
-    extent map), which is what a fresh process's first requests after a takeover take
-    until it has learnt where the guest's clusters live. Whether both read."""
-    page = ring.PAGE_SIZE
-    if size < 2 * page:
-        return False
-    buf = np.zeros(3 * page, dtype=np.uint8)
-    base = (buf.ctypes.data + page - 1) & ~(page - 1)  # O_DIRECT's alignment
-    vec = IoVector(kind=np.full(2, READ, dtype=np.int32),
-                   offset=np.array([0, (size // 2) & ~(page - 1)], dtype=np.uint64),
-                   length=np.full(2, page, dtype=np.int64),
-                   iov_first=np.arange(2, dtype=np.uint32), iov_count=np.ones(2, dtype=np.uint32),
-                   iov=np.array([(base, page), (base + page, page)], dtype=np.uint64),
-                   owner=np.arange(2))
-    engine.submit(vec)
-    deadline = time.monotonic() + REHEARSAL_READ_S
-    done: list[IoVector] = []
-    while not done and time.monotonic() < deadline:
-        done = engine.wait(0.1)
-    return bool(done) and not vec.result.any()
 
 
 def _serve_as_standby(platform: Platform, xs: XenstoreClient, backend_path: str,

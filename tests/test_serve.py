@@ -488,7 +488,7 @@ def test_a_takeover_is_rehearsed_beside_the_serving_process_without_touching_its
         host, tmp_path, fmt):
     """What an upgrade's new serve and a standby rehearse while the device's serve still
     answers: a ring's attach from a journal, the grant table, a read-only look at the image
-    with an engine on it and two reads, the learning of the regions saved for a successor
+    with an engine on it, two reads and a queue's loop and thread, the learning of the regions saved for a successor
     and its extent map made ahead (a qcow2 image's), a thread, the heap faulted in. All of it runs although the serve holds the image's
     lock; the image's bytes stay as they were, and the serve serves on."""
     from blkpy.serve import SUCCESSOR_FILE
@@ -502,7 +502,8 @@ def test_a_takeover_is_rehearsed_beside_the_serving_process_without_touching_its
     before = image.read_bytes()
     with _successor(host, spec) as successor:
         assert successor.rehearse_takeover() == [
-            "ring", "grants", "image", *(["regions", "extents"] if fmt == "qcow2" else []),
+            "ring", "grants", "image", "queue",
+            *(["regions", "extents"] if fmt == "qcow2" else []),
             "thread", "heap"]
     assert image.read_bytes() == before
     assert fe.write(16, b"\x6b" * 4096).status == 0
