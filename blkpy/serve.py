@@ -502,9 +502,13 @@ class DeviceServer:
         started = [v.serving_since for v in self.vbds if v.serving_since is not None]
         if stopped_at is None or not started:
             return
-        self._guest_log.info("%s: hand-over window %.0f ms: no request taken from serve pid "
-                             "%d stopping to our rings served", self.path,
-                             (min(started) - stopped_at) * 1000, pid)
+        # and on the wall clock, which a PV guest started after dom0 set its clock shares
+        # (the lab lines the guest's slow requests up with the windows by it)
+        offset = time.time() - time.monotonic()
+        self._guest_log.info("%s: hand-over window %.0f ms (%s to %s UTC): no request taken "
+                             "from serve pid %d stopping to our rings served", self.path,
+                             (min(started) - stopped_at) * 1000, _utc(stopped_at + offset),
+                             _utc(min(started) + offset), pid)
 
     def _run_after_takeover(self) -> None:
         callbacks, self._after_takeover = self._after_takeover, []
@@ -1342,6 +1346,11 @@ def serve(backend_path: str, platform: Platform, xenstore_path: str | None,
             server.note_timing(f"serve pid {options.replace} handed over in "
                                f"{(laps.started - t0) * 1000:.0f} ms ({how}); {laps}")
         return server.run()
+
+
+def _utc(wall: float) -> str:
+    """A wall-clock time of day to the millisecond."""
+    return time.strftime("%H:%M:%S", time.gmtime(wall)) + f".{int(wall * 1000) % 1000:03d}"
 
 
 def _ring_slots(abi: ring.Abi, refs: list[int]) -> int:

@@ -573,10 +573,16 @@ def test_an_upgrade_takes_the_rings_over_from_a_serve_that_released_them(host, t
     assert fe.write(16, b"\x22" * 8192).status == 0
     assert host.backend_state(spec) == XenbusState.CONNECTED
     # the window the guest's requests waited through, on dom0's clock, once it settled
-    pattern = rf"hand-over window (\d+) ms: no request taken from serve pid {old.proc.pid} "
-    while not re.search(pattern, new.log_path.read_text()):
+    pattern = (rf"hand-over window (\d+) ms \((\d\d:\d\d:\d\d\.\d{{3}}) to "
+               rf"(\d\d:\d\d:\d\d\.\d{{3}}) UTC\): no request taken from serve pid "
+               rf"{old.proc.pid} ")
+    while not (window := re.search(pattern, new.log_path.read_text())):
         assert time.monotonic() < deadline, new.log_path.read_text()
         time.sleep(0.05)
+    # (and from when to when on the wall clock, the same length to the millisecond)
+    start, end = (sum(float(x) * u for x, u in zip(t.split(":"), (3600, 60, 1), strict=True))
+                  for t in window.group(2, 3))
+    assert abs((end - start) % 86400 * 1000 - int(window[1])) <= 2
     refs = list(fe.ring.ring_refs)
     assert not any(guest.end_access(ref) for ref in refs)  # (the successor has them)
     assert fe.close(timeout=10) == []

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from .boot import ACCELS, CPU_MODEL, BootResult, boot
+from .handovers import handover_stalls
 from .images import SUITES, BuildError, ImageBuilder, Images, kconfig_value, suite_named
 from .results import format_summary, parse_checks, parse_figures
 from .staging import REPO, build_domu_initrd, build_native
@@ -178,7 +179,8 @@ def run_lab(phases: list[str], timeout: float, echo: bool = True,
                f"prep {prep:.1f}s host load (1 min) {load_before[0]:.1f} before, "
                f"{load_after[0]:.1f} after ({os.cpu_count()} cpus)\n"
                f"hypervisor: {'the lab build ' + images.built_xen.parent.name if images.built_xen else 'the package'}\n"
-               + format_summary(parse_checks(text), parse_figures(text)))
+               + format_summary(parse_checks(text), parse_figures(text),
+                                handover_stalls(run_dir)))
     (run_dir / "summary.txt").write_text(summary + "\n")
     return result
 

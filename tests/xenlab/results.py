@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from .handovers import HandoverStalls, format_handover_stalls
+
 CHECK_LINE = re.compile(r"LAB-CHECK: (\S+) (PASS|FAIL|SKIP)\b ?(.*)")
 FIGURE_LINE = re.compile(r"LAB-FIGURE: (\S+) (-?[0-9.]+) (\S+) ?(.*)")
 _RANK = {"PASS": 0, "SKIP": 1, "FAIL": 2}
@@ -143,7 +145,8 @@ def format_stalls(figures: dict[str, Figure], checks: dict[str, Check]) -> list[
     return ["guest stall per kind (lifecycle):", *lines] if lines else []
 
 
-def format_summary(checks: dict[str, Check], figures: dict[str, Figure]) -> str:
+def format_summary(checks: dict[str, Check], figures: dict[str, Figure],
+                   handovers: HandoverStalls | None = None) -> str:
     counts = {o: sum(c.outcome == o for c in checks.values()) for o in _RANK}
     lines = [f"checks: {counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped"]
     lines += [f"  {c.outcome:4} {c.name}  {c.detail}" for c in checks.values()]
@@ -152,6 +155,9 @@ def format_summary(checks: dict[str, Check], figures: dict[str, Figure]) -> str:
     if xentop:
         lines += format_xentop(xentop)
     lines += format_stalls(figures, checks)
+    # the upgrade's stall as the requests its hand-overs held (the kind's longest request
+    # may be the emulation's own, as the warmup's is)
+    lines += format_handover_stalls(handovers, STALL_TARGET_MS["upgrade"])
     rows = side_by_side(figures)
     if rows:
         lines.append(f"side by side (same guest job; blkpy : kernel blkback; goal >= {RATIO_GOAL:.1f}):")

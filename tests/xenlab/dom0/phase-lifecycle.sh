@@ -31,6 +31,10 @@ mkcfg lc /tmp/lc.cfg "labjob=lifecycle lcblocks=${LAB_LIFECYCLE_BLOCKS:-16}" \
   "format=raw,vdev=xvda,access=rw,backendtype=phy,script=block-blkpy,target=raw:$RAW" \
   "format=raw,vdev=xvdb,access=rw,backendtype=phy,script=block-blkpy,target=qcow2:$QCOW" \
   "format=raw,vdev=xvdc,access=rw,backendtype=phy,script=block-blkpy,target=raw:$CTL"
+# Step dom0's clock onto itself: a step makes Linux hand dom0's time to Xen at once, and a
+# PV guest started after it reads its wall clock from Xen's, so the guest's slow requests
+# (lcio prints when each ended) line up with the serves' hand-over windows on dom0's clock
+date -s "@$(date +%s.%N)" > /dev/null || mark "lifecycle: dom0's clock not handed to Xen"
 xl_create /tmp/lc.cfg lc
 check_cond lifecycle.xl-create "xl create with a raw, a qcow2 and a control disk" -- test $? -eq 0
 mark "lifecycle: serves $(serve_pids); $(free -m | awk '/Mem:/ {print "dom0 MB used " $3 " free " $4}')"
