@@ -694,13 +694,24 @@ static void nbdio_wait_kick(struct blkpy_nbd *c, int ms)
         nbdio_drain_fd(c->kick_fd);
 }
 
-/* Ring loops' epoll sets hold sock_ep, which holds the current socket. */
-static void nbdio_watch_socket(struct blkpy_nbd *c)
+/* Ring loops' epoll sets hold sock_ep, which holds the current socket. A socket it cannot
+ * hold (no fd, or epoll out of memory or of max_user_watches) is a failed connection: a
+ * loop that never wakes for its replies would leave the guest's requests unanswered. 0, or
+ * -1 with the reason in msg. */
+static int nbdio_watch_socket(struct blkpy_nbd *c, struct nbd_handle *h, char *msg,
+                              uint32_t msglen)
 {
     struct epoll_event ev = {.events = EPOLLIN};
-    int fd = L(nbd_aio_get_fd)(c->h);
-    if (fd >= 0)
-        epoll_ctl(c->sock_ep, EPOLL_CTL_ADD, fd, &ev);
+    int fd = L(nbd_aio_get_fd)(h);
+    if (fd < 0) {
+        nbdio_error(msg, msglen);
+        return -1;
+    }
+    if (epoll_ctl(c->sock_ep, EPOLL_CTL_ADD, fd, &ev)) {
+        snprintf(msg, msglen, "cannot watch the NBD socket: epoll_ctl: %s", strerror(errno));
+        return -1;
+    }
+    return 0;
 }
 
 static void nbdio_reconnect(struct blkpy_nbd *c)
@@ -716,10 +727,13 @@ static void nbdio_reconnect(struct blkpy_nbd *c)
         }
         struct nbd_handle *h = nbdio_connect(c->uri, c->connect_ms, &c->stop, msg,
                                              sizeof msg);
+        if (h && nbdio_watch_socket(c, h, msg, sizeof msg)) {
+            L(nbd_close)(h);   /* (then as any failed attempt: back off, or give up) */
+            h = NULL;
+        }
         if (h) {
             pthread_mutex_lock(&c->drive_mu);
             c->h = h;
-            nbdio_watch_socket(c);
             pthread_mutex_lock(&c->mu);
             nbdio_fill_info(h, &c->info);
             c->state = NBDIO_UP;
@@ -853,7 +867,10 @@ struct blkpy_nbd *blkpy_nbd_open(const char *uri, int readonly, int64_t connect_
     if (!c->h)
         goto fail;
     nbdio_fill_info(c->h, &c->info);
-    nbdio_watch_socket(c);
+    if (nbdio_watch_socket(c, c->h, msg, msglen)) {
+        L(nbd_close)(c->h);
+        goto fail;
+    }
     int err = pthread_create(&c->thread, NULL, nbdio_thread, c);
     if (err) {
         snprintf(msg, msglen, "pthread_create: %s", strerror(err));
