@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 
 SOURCE = Path(__file__).parent / "domU" / "lcio.c"
+ECHO = Path(__file__).parent / "dom0" / "clock-echo.py"
 BLOCKS = 4
 #: (stream, block size): both sizes the guest job uses, in the areas of two different streams
 STREAMS = [(0, 65536), (1, 4096)]
@@ -142,3 +145,36 @@ def test_a_block_changed_behind_the_streams_back_is_a_mismatch(guest: Guest):
     errs = guest.stop()
     assert all("does not hold" in e for e in errs)
     assert all(r[2] == 0 for r in guest.results("kill"))
+
+
+def test_the_clock_pings_measure_dom0_s_clock_against_the_guest_s(lcio: Path, tmp_path: Path):
+    """`lcio clock` against dom0's echo (dom0/clock-echo.py) on one file: both read this
+    host's clock, so the offset it finds is nought within the bound it gives."""
+    disk = tmp_path / "ctl"
+    disk.write_bytes(bytes(MIB))
+    env = dict(os.environ)
+    if not _direct_ok(disk):
+        env["LCIO_BUFFERED"] = "1"
+    echo = subprocess.Popen([sys.executable, str(ECHO), str(disk), "8", "30"])
+    try:
+        out = subprocess.run([str(lcio), "clock", str(disk), "8"], env=env, timeout=60,
+                             capture_output=True, text=True)
+        assert echo.wait(timeout=30) == 0
+    finally:
+        if echo.poll() is None:
+            echo.kill()
+            echo.wait()
+    assert out.returncode == 0, out.stderr
+    m = re.fullmatch(r"lcio clock: dom0 is (-?[0-9.]+) ms ahead of the guest, within "
+                     r"([0-9.]+) ms \(best of 8 round trips\)\n", out.stderr)
+    assert m is not None, out.stderr
+    assert abs(float(m[1])) <= float(m[2]) + 0.2
+
+
+def test_the_clock_pings_say_so_when_nobody_answers(lcio: Path, tmp_path: Path):
+    disk = tmp_path / "ctl"
+    disk.write_bytes(bytes(MIB))
+    env = dict(os.environ, LCIO_BUFFERED="1")
+    out = subprocess.run([str(lcio), "clock", str(disk), "1"], env=env, timeout=60,
+                         capture_output=True, text=True)
+    assert (out.returncode, out.stderr) == (1, "lcio clock: no answer from dom0\n")
