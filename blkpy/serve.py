@@ -59,7 +59,7 @@ from blkpy.status import (
     DeviceStatus,
     StatusPublisher,
 )
-from blkpy.vbd import Vbd
+from blkpy.vbd import ReadyThread, Vbd
 from blkpy.xenbus import (
     Action,
     BackendStateMachine,
@@ -245,6 +245,7 @@ class DeviceServer:
         #: per queue, the predecessor's journal mapped ahead of an upgrade's hand-over
         self._journals_ahead: dict[int, RingJournal] = {}
         self._pages_ahead: dict[int, GrantMapper] = {}
+        self._threads_ahead: dict[int, ReadyThread] = {}
         self._saved_state: dict[str, object] | None = None  # as SUCCESSOR_FILE holds it
         self._disk_open = open_image
         self._runner: asyncio.Runner | None = None
@@ -481,8 +482,10 @@ class DeviceServer:
                     queue, _ring_slots(plan.abi, refs), plan.abi.entry_size, create=False)
             except (OSError, JournalError):
                 break  # (none yet, or of another ring): opened at the takeover
+        self._threads_ahead = {queue: ReadyThread() for queue in range(len(plan.rings))}
         self.note_timing(f"{len(self._premapped)} ring(s) and {len(self._journals_ahead)} "
-                         "journal(s) mapped ahead")
+                         f"journal(s) mapped ahead, {len(self._threads_ahead)} ring thread(s) "
+                         "started ahead")
         self._prepared_plan = plan
 
     def _log_timings(self) -> None:
@@ -706,6 +709,9 @@ class DeviceServer:
         for pages in self._pages_ahead.values():
             pages.close()
         self._pages_ahead.clear()
+        for thread in self._threads_ahead.values():
+            thread.cancel()
+        self._threads_ahead.clear()
 
     def _read_qos(self) -> None:
         """The operator's I/O limits (blkpy.qos), applied at once to every queue. A bad
@@ -1018,8 +1024,9 @@ class DeviceServer:
                   pages=self._pages_ahead.pop(queue, None))
         laps.lap("loop made")
         self.vbds.append(vbd)
-        vbd.start()
-        laps.lap("thread started")
+        ready = self._threads_ahead.pop(queue, None)
+        vbd.start(ready)
+        laps.lap("thread started" if ready is None else "thread woken")
         # where a takeover's time goes (the guest waits for all of it; logged once the
         # rings are served: under emulation each log line costs ms)
         self.note_timing(f"queue {queue} attached: {laps}", logging.DEBUG)

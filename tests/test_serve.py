@@ -553,7 +553,7 @@ def test_an_upgrade_takes_the_rings_over_from_a_serve_that_released_them(host, t
     guest, spec, old, fe = _attach(host, f"{fmt}:{image}")
     fe.connect(timeout=10)
     assert fe.write(8, b"\x11" * 4096).status == 0
-    new = host.start_backend(spec, ["--replace", str(old.proc.pid)])
+    new = host.start_backend(spec, ["--replace", str(old.proc.pid), "--log-level", "debug"])
     assert old.wait(20) == EXIT_HANDED_OVER
     deadline = time.monotonic() + 20
     while "took the device over" not in new.log_path.read_text():
@@ -562,7 +562,10 @@ def test_an_upgrade_takes_the_rings_over_from_a_serve_that_released_them(host, t
     assert re.search(rf"serve pid {old.proc.pid} handed over in \d+ ms \(released\)",
                      new.log_path.read_text())
     # its ring and the old serve's journal (read after the word) were mapped before it
-    assert "1 ring(s) and 1 journal(s) mapped ahead" in new.log_path.read_text()
+    assert ("1 ring(s) and 1 journal(s) mapped ahead, 1 ring thread(s) started ahead"
+            in new.log_path.read_text())
+    # and its ring is served on the thread started ahead
+    assert re.search(r"queue 0 attached: .*, thread woken \d+ ms", new.log_path.read_text())
     # the old serve's persistent grants were mapped before the word
     assert re.search(r"[1-9]\d* persistent grants mapped before the rings",
                      new.log_path.read_text())

@@ -3,6 +3,8 @@ every operation, and every hostile field answered with an error while the device
 serving."""
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ from blkpy.ring import (
     BLKIF_RSP_OKAY,
 )
 from blkpy.sim.inprocess import InProcessDevice as VbdHarness
-from blkpy.vbd import MAP_RUN_LIMIT, _touching_runs
+from blkpy.vbd import MAP_RUN_LIMIT, ReadyThread, _touching_runs
 
 OK, ERR, NOTSUPP = BLKIF_RSP_OKAY, BLKIF_RSP_ERROR, BLKIF_RSP_EOPNOTSUPP
 
@@ -347,3 +349,44 @@ def test_touching_writes_are_mapped_as_runs_covering_exactly_their_bytes(writes)
 
 def test_a_sequential_queue_is_one_run():
     assert _touching_runs([8 * i for i in range(31, 0, -1)], [4096] * 31) == [(4096, 31 * 4096)]
+
+
+def test_a_ready_thread_runs_its_one_target_when_given_it_and_can_be_let_go():
+    ran = []
+    ready = ReadyThread()
+    assert ready.thread.is_alive() and not ran  # started ahead, parked
+    thread = ready.run(lambda: ran.append(threading.current_thread().name))
+    thread.join(5)
+    assert ran == ["blkpy-ring"] and not thread.is_alive()
+    with pytest.raises(RuntimeError):
+        ready.run(lambda: ran.append("again"))
+    idle = ReadyThread()
+    idle.cancel()
+    idle.cancel()
+    idle.thread.join(5)
+    assert not idle.thread.is_alive() and ran == ["blkpy-ring"]
+    with pytest.raises(RuntimeError):
+        idle.run(lambda: ran.append("late"))
+
+
+def test_a_device_serves_on_a_ring_thread_started_ahead(raw_image):
+    h = VbdHarness(raw_image, persistent=True)
+    try:
+        frame, gref = h.data_page(fill=0x3C)
+        h.front.put_requests(h.request(BLKIF_OP_WRITE, 8, [(gref, 0, 7)]))
+        h.front.push_requests()  # waiting when the thread comes: its first run takes it
+        ready = ReadyThread()
+        h.vbd.start(ready)
+        assert h.vbd._thread is ready.thread
+        deadline = time.monotonic() + 10
+        while not len(rsp := h.front.consume_responses()):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert [int(s) for s in rsp["status"]] == [OK]
+        h.vbd.stop()
+        assert not ready.thread.is_alive()
+        with open(raw_image, "rb") as f:
+            f.seek(8 * 512)
+            assert f.read(4096) == bytes([0x3C]) * 4096
+    finally:
+        h.close()
