@@ -59,6 +59,7 @@ from blkpy.status import (
     DeviceStatus,
     StatusPublisher,
 )
+from blkpy.turn import HostTurn
 from blkpy.vbd import ReadyThread, Vbd
 from blkpy.xenbus import (
     Action,
@@ -87,6 +88,8 @@ STATUS_INTERVAL_S = 1.0  # how often `blkpy list`/xentop figures are refreshed
 #: disk learnt, for a dead serve's successor to map and learn before it serves (rewritten
 #: when they change, at most once a status interval)
 SUCCESSOR_FILE = "successor.json"
+#: in the run directory: the lock an upgrade holds while it hands over (blkpy.turn)
+HANDOVER_TURN_FILE = "handover.lock"
 #: how long a connecting frontend waits for another process to let go of the image (the
 #: serve of the guest's old domain during a migration to this host flushing and closing)
 IMAGE_WAIT_S = 60.0
@@ -493,6 +496,10 @@ class DeviceServer:
             log.log(level, "%s: %s", self.path, line)
         self._timings.clear()
 
+    def host_turn(self) -> HostTurn:
+        """The turn that has this host's upgrades hand over one at a time (blkpy.turn)."""
+        return HostTurn(self._run_dir / HANDOVER_TURN_FILE)
+
     def after_takeover(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once the takeover has served a while (TAKEOVER_SETTLE_S), or
         failed: an upgrade's predecessor waits for it to exit."""
@@ -505,8 +512,8 @@ class DeviceServer:
         started = [v.serving_since for v in self.vbds if v.serving_since is not None]
         if stopped_at is None or not started:
             return
-        # and on the wall clock, which a PV guest started after dom0 set its clock shares
-        # (the lab lines the guest's slow requests up with the windows by it)
+        # and on the wall clock (the lab lines the guest's slow requests up with the
+        # windows by it, once it has measured the guest's clock against dom0's)
         offset = time.time() - time.monotonic()
         self._guest_log.info("%s: hand-over window %.0f ms (%s to %s UTC): no request taken "
                              "from serve pid %d stopping to our rings served", self.path,
@@ -1339,10 +1346,20 @@ def serve(backend_path: str, platform: Platform, xenstore_path: str | None,
             predecessor = _Predecessor(options.replace, server.control_path)
             if predecessor.ready():
                 server.map_grants_ahead(predecessor.grants)
+            turn = server.host_turn()
+            waited = turn.take()
             _take_priority_of(options.replace)
             t0 = time.monotonic()
             how = predecessor.replace()
             server.after_takeover(predecessor.close)
+            # the next device's hand-over once ours has settled and the old serve goes
+            server.after_takeover(turn.release)
+            if waited is None:
+                log.warning("%s: handing over without the host's turn (another hand-over "
+                            "holds it, or no run directory)", server.path)
+            elif waited >= 0.001:
+                server.note_timing(f"waited {waited * 1000:.0f} ms for another device's "
+                                   "hand-over on this host")
             server.after_takeover(functools.partial(server.log_handover_window, options.replace,
                                                     predecessor.stopped_at))
             laps = Laps()
