@@ -500,6 +500,34 @@ class DeviceServer:
         """The turn that has this host's upgrades hand over one at a time (blkpy.turn)."""
         return HostTurn(self._run_dir / HANDOVER_TURN_FILE)
 
+    def release_when_gone(self, turn: HostTurn, pid: int) -> None:
+        """Let the host's turn go once process ``pid`` has exited (at most
+        HANDOVER_EXIT_WAIT_S): a predecessor's exit unmaps its grants, which under the
+        lab's emulation held up the next device's hand-over when it started meanwhile
+        (windows to 201 ms, median 112, against 108 and 74 without the turn)."""
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:  # gone already
+            turn.release()
+            return
+        loop = self._loop
+
+        def gone() -> None:
+            nonlocal fd
+            if fd < 0:
+                return
+            if loop is not None:
+                loop.remove_reader(fd)
+            os.close(fd)
+            fd = -1
+            turn.release()
+
+        if loop is None:
+            gone()
+            return
+        loop.add_reader(fd, gone)
+        loop.call_later(HANDOVER_EXIT_WAIT_S, gone)
+
     def after_takeover(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once the takeover has served a while (TAKEOVER_SETTLE_S), or
         failed: an upgrade's predecessor waits for it to exit."""
@@ -1352,8 +1380,9 @@ def serve(backend_path: str, platform: Platform, xenstore_path: str | None,
             t0 = time.monotonic()
             how = predecessor.replace()
             server.after_takeover(predecessor.close)
-            # the next device's hand-over once ours has settled and the old serve goes
-            server.after_takeover(turn.release)
+            # the next device's hand-over once ours has settled and the old serve is gone
+            server.after_takeover(functools.partial(server.release_when_gone, turn,
+                                                    options.replace))
             if waited is None:
                 log.warning("%s: handing over without the host's turn (another hand-over "
                             "holds it, or no run directory)", server.path)

@@ -546,7 +546,8 @@ def test_a_successor_takes_only_sane_saved_state(host, tmp_path, saved):
 def test_an_upgrade_hands_over_only_in_its_turn_on_the_host(host, tmp_path):
     """While another device's hand-over holds the host's turn (blkpy.turn), an upgrade's
     new serve waits for it ready, and the old serve answers the guest meanwhile; once
-    the turn is let go it hands over, and says how long it waited."""
+    the turn is let go it hands over, says how long it waited, and holds the turn until
+    the old serve has exited."""
     from blkpy.serve import HANDOVER_TURN_FILE
     from blkpy.turn import HostTurn
 
@@ -567,7 +568,15 @@ def test_an_upgrade_hands_over_only_in_its_turn_on_the_host(host, tmp_path):
     assert old.proc.poll() is None  # still the device's serve
     assert fe.write(8, b"\x33" * 4096).status == 0
     other.release()
+    while "took the device over" not in new.log_path.read_text():
+        assert time.monotonic() < deadline and new.proc.poll() is None, new.log_path.read_text()
+        time.sleep(0.02)
+    # the turn is held until the old serve has exited (a second after the takeover)
+    assert old.proc.poll() is None and HostTurn(lock).take(timeout=0) is None
     assert old.wait(20) == EXIT_HANDED_OVER
+    after = HostTurn(lock)
+    assert after.take(timeout=5) is not None
+    after.release()
     while "hand-over window" not in new.log_path.read_text():
         assert time.monotonic() < deadline and new.proc.poll() is None, new.log_path.read_text()
         time.sleep(0.05)
