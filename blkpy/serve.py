@@ -59,7 +59,6 @@ from blkpy.status import (
     DeviceStatus,
     StatusPublisher,
 )
-from blkpy.turn import HostTurn
 from blkpy.vbd import ReadyThread, Vbd
 from blkpy.xenbus import (
     Action,
@@ -88,8 +87,6 @@ STATUS_INTERVAL_S = 1.0  # how often `blkpy list`/xentop figures are refreshed
 #: disk learnt, for a dead serve's successor to map and learn before it serves (rewritten
 #: when they change, at most once a status interval)
 SUCCESSOR_FILE = "successor.json"
-#: in the run directory: the lock an upgrade holds while it hands over (blkpy.turn)
-HANDOVER_TURN_FILE = "handover.lock"
 #: how long a connecting frontend waits for another process to let go of the image (the
 #: serve of the guest's old domain during a migration to this host flushing and closing)
 IMAGE_WAIT_S = 60.0
@@ -495,38 +492,6 @@ class DeviceServer:
         for level, line in self._timings:
             log.log(level, "%s: %s", self.path, line)
         self._timings.clear()
-
-    def host_turn(self) -> HostTurn:
-        """The turn that has this host's upgrades hand over one at a time (blkpy.turn)."""
-        return HostTurn(self._run_dir / HANDOVER_TURN_FILE)
-
-    def release_when_gone(self, turn: HostTurn, pid: int) -> None:
-        """Let the host's turn go once process ``pid`` has exited (at most
-        HANDOVER_EXIT_WAIT_S): a predecessor's exit unmaps its grants, which under the
-        lab's emulation held up the next device's hand-over when it started meanwhile
-        (windows to 201 ms, median 112, against 108 and 74 without the turn)."""
-        try:
-            fd = os.pidfd_open(pid)
-        except OSError:  # gone already
-            turn.release()
-            return
-        loop = self._loop
-
-        def gone() -> None:
-            nonlocal fd
-            if fd < 0:
-                return
-            if loop is not None:
-                loop.remove_reader(fd)
-            os.close(fd)
-            fd = -1
-            turn.release()
-
-        if loop is None:
-            gone()
-            return
-        loop.add_reader(fd, gone)
-        loop.call_later(HANDOVER_EXIT_WAIT_S, gone)
 
     def after_takeover(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once the takeover has served a while (TAKEOVER_SETTLE_S), or
@@ -1374,21 +1339,10 @@ def serve(backend_path: str, platform: Platform, xenstore_path: str | None,
             predecessor = _Predecessor(options.replace, server.control_path)
             if predecessor.ready():
                 server.map_grants_ahead(predecessor.grants)
-            turn = server.host_turn()
-            waited = turn.take()
             _take_priority_of(options.replace)
             t0 = time.monotonic()
             how = predecessor.replace()
             server.after_takeover(predecessor.close)
-            # the next device's hand-over once ours has settled and the old serve is gone
-            server.after_takeover(functools.partial(server.release_when_gone, turn,
-                                                    options.replace))
-            if waited is None:
-                log.warning("%s: handing over without the host's turn (another hand-over "
-                            "holds it, or no run directory)", server.path)
-            elif waited >= 0.001:
-                server.note_timing(f"waited {waited * 1000:.0f} ms for another device's "
-                                   "hand-over on this host")
             server.after_takeover(functools.partial(server.log_handover_window, options.replace,
                                                     predecessor.stopped_at))
             laps = Laps()
