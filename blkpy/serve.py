@@ -410,7 +410,11 @@ class DeviceServer:
         self._resize_timer = self._loop.call_later(RESIZE_CHECK_S, self._periodic_resize)
         self._loop.add_reader(self.xs.fileno(), self._on_xenstore)
         self.start()
-        self._start_status()
+        if self.opts.resume or self.opts.replace:
+            # a takeover's first requests come first: the status files a second later
+            self._loop.call_later(TAKEOVER_SETTLE_S, self._start_status_if_serving)
+        else:
+            self._start_status()
         await self._start_control()
         self._on_xenstore()
         try:
@@ -495,7 +499,7 @@ class DeviceServer:
 
     def after_takeover(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once the takeover has served a while (TAKEOVER_SETTLE_S), or
-        failed: an upgrade's predecessor waits for it to exit."""
+        failed, or the serve ends before: an upgrade's predecessor waits for it to exit."""
         self._after_takeover.append(callback)
 
     def log_handover_window(self, pid: int, stopped_at: float | None) -> None:
@@ -836,9 +840,14 @@ class DeviceServer:
                     return
                 self._guest_log.info("%s: took the device over (%.0f ms to attach)", self.path,
                                      (time.monotonic() - t0) * 1000)
-                self._log_timings()
-                # once the first requests are served: the predecessor's exit and the
-                # heap's trim would take the CPU (and the memory map's lock) from them
+                # once the first requests are served: the predecessor's exit, the heap's
+                # trim and, in an upgrade, the timing lines (each a few ms under emulation)
+                # would take the CPU (and the memory map's lock, the GIL) from them; a dead
+                # serve's successor logs them at once (it may die within that second too)
+                if self.opts.replace:
+                    self.after_takeover(self._log_timings)
+                else:
+                    self._log_timings()
                 if self._loop is not None:
                     self._loop.call_later(TAKEOVER_SETTLE_S, self._run_after_takeover)
                 else:
@@ -1086,6 +1095,7 @@ class DeviceServer:
         self._journals.clear()
 
     def _teardown(self) -> None:
+        self._run_after_takeover()  # a takeover that ends within its first second
         if self._resize_timer is not None:
             self._resize_timer.cancel()
         if not self._handed_over and self.machine.finished:  # the device is gone for good
@@ -1231,6 +1241,11 @@ class DeviceServer:
         return {"ok": True, "paused": False, "image": self.image}
 
     # ---- statistics -------------------------------------------------------------------------
+
+    def _start_status_if_serving(self) -> None:
+        """A takeover's status, a second late: not if it has ended or handed over since."""
+        if not (self._handed_over or (self._done is not None and self._done.done())):
+            self._start_status()
 
     def _start_status(self) -> None:
         """Publish this device for `blkpy list`/`blkpy stats` and xentop (blkpy.status)."""
