@@ -59,6 +59,7 @@ from blkpy.status import (
     DeviceStatus,
     StatusPublisher,
 )
+from blkpy.turn import HostTurn
 from blkpy.vbd import ReadyThread, Vbd
 from blkpy.xenbus import (
     Action,
@@ -87,6 +88,8 @@ STATUS_INTERVAL_S = 1.0  # how often `blkpy list`/xentop figures are refreshed
 #: disk learnt, for a dead serve's successor to map and learn before it serves (rewritten
 #: when they change, at most once a status interval)
 SUCCESSOR_FILE = "successor.json"
+#: in the run directory: the lock an upgrade holds while it hands over (blkpy.turn)
+HANDOVER_TURN_FILE = "handover.lock"
 #: how long a connecting frontend waits for another process to let go of the image (the
 #: serve of the guest's old domain during a migration to this host flushing and closing)
 IMAGE_WAIT_S = 60.0
@@ -246,6 +249,7 @@ class DeviceServer:
         self._journals_ahead: dict[int, RingJournal] = {}
         self._pages_ahead: dict[int, GrantMapper] = {}
         self._threads_ahead: dict[int, ReadyThread] = {}
+        self._turn: HostTurn | None = None  # an upgrade's, until its rings are served
         self._saved_state: dict[str, object] | None = None  # as SUCCESSOR_FILE holds it
         self._disk_open = open_image
         self._runner: asyncio.Runner | None = None
@@ -496,6 +500,20 @@ class DeviceServer:
         for level, line in self._timings:
             log.log(level, "%s: %s", self.path, line)
         self._timings.clear()
+
+    @property
+    def run_dir(self) -> Path:
+        return self._run_dir
+
+    def hold_turn(self, turn: HostTurn) -> None:
+        """Keep the host's hand-over turn until our rings are served (or the takeover
+        failed, or we end)."""
+        self._turn = turn
+
+    def _release_turn(self) -> None:
+        turn, self._turn = self._turn, None
+        if turn is not None:
+            turn.release()
 
     def after_takeover(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once the takeover has served a while (TAKEOVER_SETTLE_S), or
@@ -833,11 +851,13 @@ class DeviceServer:
                 except (ConnectError, PlatformError, ring.RingOverflow, JournalError) as exc:
                     # Never Closing: the guest's disk would die. Leave everything as the
                     # dead serve left it; the operator (or the next successor) decides.
+                    self._release_turn()
                     self._run_after_takeover()
                     log.error("%s: cannot take the device over: %s", self.path, exc)
                     self._disconnect()
                     self._finish(EXIT_TAKEOVER_FAILED)
                     return
+                self._release_turn()  # our ring threads serve: the next device's turn
                 self._guest_log.info("%s: took the device over (%.0f ms to attach)", self.path,
                                      (time.monotonic() - t0) * 1000)
                 # once the first requests are served: the predecessor's exit, the heap's
@@ -1095,6 +1115,7 @@ class DeviceServer:
         self._journals.clear()
 
     def _teardown(self) -> None:
+        self._release_turn()
         self._run_after_takeover()  # a takeover that ends within its first second
         if self._resize_timer is not None:
             self._resize_timer.cancel()
@@ -1354,10 +1375,20 @@ def serve(backend_path: str, platform: Platform, xenstore_path: str | None,
             predecessor = _Predecessor(options.replace, server.control_path)
             if predecessor.ready():
                 server.map_grants_ahead(predecessor.grants)
+            # one hand-over at a time on the host (blkpy.turn), until our rings are served
+            turn = HostTurn(server.run_dir / HANDOVER_TURN_FILE)
+            waited = turn.take()
+            server.hold_turn(turn)
             _take_priority_of(options.replace)
             t0 = time.monotonic()
             how = predecessor.replace()
             server.after_takeover(predecessor.close)
+            if waited is None:
+                log.warning("%s: handing over without the host's turn (another hand-over "
+                            "holds it, or no run directory)", server.path)
+            elif waited >= 0.001:
+                server.note_timing(f"waited {waited * 1000:.0f} ms for another device's "
+                                   "hand-over on this host")
             server.after_takeover(functools.partial(server.log_handover_window, options.replace,
                                                     predecessor.stopped_at))
             laps = Laps()

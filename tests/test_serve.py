@@ -3,6 +3,7 @@ removal, SIGTERM, hostile frontend nodes and operator errors."""
 
 import contextlib
 import json
+import os
 import re
 import signal
 import socket
@@ -540,6 +541,57 @@ def test_a_successor_takes_only_sane_saved_state(host, tmp_path, saved):
         successor._unmap_premapped()
         successor.disk.close()
     assert fe.write(8, b"\x22" * 4096).status == 0
+
+
+def test_an_upgrade_hands_over_only_in_its_turn_on_the_host(host, tmp_path):
+    """While another device's hand-over holds the host's turn (blkpy.turn), an upgrade's
+    new serve waits for it ready, and the old serve answers the guest meanwhile; once
+    the turn is let go it hands over, lets the turn go as soon as its rings are served
+    (before the old serve has exited), and says how long it waited."""
+    from blkpy.serve import HANDOVER_TURN_FILE
+    from blkpy.turn import HostTurn
+
+    image = _image(tmp_path, "raw")
+    guest, spec, old, fe = _attach(host, f"raw:{image}")
+    fe.connect(timeout=10)
+    lock = Path(host.sim_dir) / "run" / HANDOVER_TURN_FILE
+    other = HostTurn(lock)
+    assert other.take() is not None
+    new = host.start_backend(spec, ["--replace", str(old.proc.pid)])
+    deadline = time.monotonic() + 30
+    fds = Path(f"/proc/{new.proc.pid}/fd")
+    # until the new serve has the turn's file open: it is asking for the turn
+    while not any(os.path.realpath(fd) == str(lock) for fd in _fds(fds)):
+        assert time.monotonic() < deadline and new.proc.poll() is None, new.log_path.read_text()
+        time.sleep(0.02)
+    time.sleep(0.3)
+    assert old.proc.poll() is None  # still the device's serve
+    assert fe.write(8, b"\x33" * 4096).status == 0
+    other.release()
+    while "took the device over" not in new.log_path.read_text():
+        assert time.monotonic() < deadline and new.proc.poll() is None, new.log_path.read_text()
+        time.sleep(0.02)
+    after = HostTurn(lock)
+    assert after.take(timeout=0.5) is not None
+    assert old.proc.poll() is None  # (it exits a second after the takeover)
+    after.release()
+    assert old.wait(20) == EXIT_HANDED_OVER
+    pattern = r"waited (\d+) ms for another device's hand-over on this host"
+    while not (waited := re.search(pattern, new.log_path.read_text())):
+        assert time.monotonic() < deadline and new.proc.poll() is None, new.log_path.read_text()
+        time.sleep(0.05)
+    assert int(waited[1]) >= 250, new.log_path.read_text()
+    assert bytes(fe.read(8, 4096).data) == b"\x33" * 4096
+    assert fe.close(timeout=10) == []
+    assert host.remove_disk(spec)
+    assert new.wait(10) == 0
+
+
+def _fds(fd_dir: Path) -> list[str]:
+    try:
+        return [str(p) for p in fd_dir.iterdir()]
+    except OSError:
+        return []
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
