@@ -527,13 +527,14 @@ class DeviceServer:
         started = [v.serving_since for v in self.vbds if v.serving_since is not None]
         if stopped_at is None or not started:
             return
+        served = min(started)
         # and on the wall clock (the lab lines the guest's slow requests up with the
         # windows by it, once it has measured the guest's clock against dom0's)
         offset = time.time() - time.monotonic()
         self._guest_log.info("%s: hand-over window %.0f ms (%s to %s UTC): no request taken "
                              "from serve pid %d stopping to our rings served", self.path,
-                             (min(started) - stopped_at) * 1000, _utc(stopped_at + offset),
-                             _utc(min(started) + offset), pid)
+                             (served - stopped_at) * 1000, _utc(stopped_at + offset),
+                             _utc(served + offset), pid)
 
     def _run_after_takeover(self) -> None:
         callbacks, self._after_takeover = self._after_takeover, []
@@ -630,8 +631,9 @@ class DeviceServer:
     def rehearse_takeover(self) -> list[str]:
         """Run, on throwaway objects, what a takeover runs first after its predecessor
         let go (a ring's attach from its journal, the grant table, a read-only look at the
-        image with an engine and a queue's loop and thread on it, a thread's start): a fresh process pays for first
-        touches (code pages, numpy's lazy set-ups, new heap and thread stacks) once, and
+        image with an engine and a queue's loop and thread on it, a thread's start): a
+        fresh process pays for first touches (code pages, numpy's lazy set-ups, new heap
+        and thread stacks) once, and
         profiled in the lab they were 100-150 ms of an upgrade's stall under emulation,
         and a standby's first image open took 170-180 ms against 55-60 ms for the next.
         Then the heap the takeover allocates from is faulted in (blkpy.heap) until the
@@ -675,8 +677,8 @@ class DeviceServer:
         """Open the image read-only, without its lock (the predecessor holds it), build
         an engine on it, read two pages, run a queue on a ring of our own on them, learn
         the regions saved for a successor, make the image's extent map ahead, and close
-        both; what of it was done. Not a network
-        disk's: that would be a connection to its server."""
+        both; what of it was done. Not a network disk's: that would be a connection to
+        its server."""
         if self.fmt not in LOCKED_FORMATS:
             return []
         try:

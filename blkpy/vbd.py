@@ -297,12 +297,7 @@ class Vbd:
         """Serve the ring on its own thread until close(): the control plane's event loop
         never sits between the event channel and the ring. ``ready``: a thread started
         ahead to serve on, else one is started now."""
-        if ready is not None:
-            self._thread = ready.run(self._thread_main)
-            return
-        self._thread = threading.Thread(target=self._thread_main, name="blkpy-ring",
-                                        daemon=True)
-        self._thread.start()
+        self._thread = (ready or ReadyThread()).run(self._thread_main)
 
     def _thread_main(self) -> None:
         self.serving_since = time.monotonic()

@@ -68,8 +68,11 @@ class HandoverStalls:
 
     @property
     def longest(self) -> SlowRequest | None:
-        found = [r for r in self.held if r is not None]
-        return max(found, key=lambda r: r.end - r.start) if found else None
+        return _longest([r for r in self.held if r is not None])
+
+
+def _longest(requests: list[SlowRequest]) -> SlowRequest | None:
+    return max(requests, key=lambda r: r.end - r.start) if requests else None
 
 
 def _seconds(clock: str) -> float:
@@ -117,7 +120,7 @@ def attribute(windows: list[Window], requests: list[SlowRequest],
     held = []
     for window in windows:
         mine = [r for r in requests if r.devid == window.devid and _overlaps(r, window)]
-        held.append(max(mine, key=lambda r: r.end - r.start) if mine else None)
+        held.append(_longest(mine))
     return HandoverStalls(windows, held, clock)
 
 
